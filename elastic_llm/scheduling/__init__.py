@@ -8,12 +8,34 @@ from elastic_llm.scheduling.base import (
     SchedulerOutput,
 )
 from elastic_llm.scheduling.fcfs import FCFS
+from elastic_llm.scheduling.mlfq import MLFQConfig, QueueEntryState, SkipJoinMLFQ
+from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
+from elastic_llm.scheduling.residency import (
+    KVResidencyPolicy,
+    ResidencyConfig,
+    ResidencyDecision,
+    attach_residency,
+    plan_iteration,
+)
+from elastic_llm.scheduling.workloads import WorkloadItem, make_workload
 
 __all__ = [
     "BatchLimits",
     "FCFS",
     "IterationOutcome",
+    "KVResidencyPolicy",
+    "LinearPrefillPredictor",
+    "MLFQConfig",
+    "PrefillPredictor",
+    "QueueEntryState",
     "RequestScheduler",
+    "ResidencyConfig",
+    "ResidencyDecision",
     "ScheduledWork",
     "SchedulerOutput",
+    "SkipJoinMLFQ",
+    "WorkloadItem",
+    "attach_residency",
+    "make_workload",
+    "plan_iteration",
 ]

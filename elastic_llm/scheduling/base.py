@@ -42,6 +42,12 @@ class SchedulerOutput:
 
     scheduled: tuple[ScheduledWork, ...] = ()  #: requests to run, in batch order
     preempted: tuple[str, ...] = ()  #: requests that ran last iteration and are paused now
+    # KV residency (filled by `scheduling.residency.attach_residency`; empty under plain FCFS).
+    # Carry out in this order: swap_out and drop, then swap_in, then prefetch.
+    swap_out: tuple[str, ...] = ()  #: move these requests' KV device -> host, latest-needed first
+    drop: tuple[str, ...] = ()  #: discard these requests' KV; they recompute it when next scheduled
+    swap_in: tuple[str, ...] = ()  #: host -> device, needed by this batch: finish before it runs
+    prefetch: tuple[str, ...] = ()  #: host -> device ahead of their turn, soonest first; may overlap
 
     @classmethod
     def empty(cls) -> SchedulerOutput:

@@ -1,0 +1,102 @@
+"""`LlamaNetwork`: a contiguous range of Llama-family layers, optionally with embedding and head.
+
+One class serves a whole model (layers 0..L, embedding and head), a pipeline stage (a layer range,
+the first stage with the embedding, the last with the head) and a tensor-parallel rank (a
+`TensorShard` of every layer). Its forward pass takes a flat batch: the new tokens of many
+requests packed one after another, each request attending to its own KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from elastic_llm.errors import ModelLoadError
+from elastic_llm.model.layers import (
+    DecoderLayer,
+    Embedding,
+    Linear,
+    Reduce,
+    RMSNorm,
+    Rotary,
+    SequenceSlice,
+    TensorShard,
+    no_reduce,
+)
+from elastic_llm.model.spec import ModelSpec
+from elastic_llm.model.weights import SafetensorsWeights
+
+
+class LlamaNetwork(nn.Module):
+    """Layers ``[layers.start, layers.stop)`` of a Llama-family model as held by one process."""
+
+    def __init__(self, spec: ModelSpec, rotary: Rotary, layers: range | None = None,
+                 shard: TensorShard | None = None, reduce: Reduce = no_reduce,
+                 has_embedding: bool = True, has_head: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rotary = rotary
+        self.layer_range = layers if layers is not None else range(spec.num_layers)
+        self.shard = shard or TensorShard.full(spec)
+        self.embed = Embedding(spec.vocab_size, spec.hidden_size) if has_embedding else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, i, self.shard, reduce) for i in self.layer_range
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_head else None
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False) if has_head else None
+
+    @classmethod
+    def from_checkpoint(cls, spec: ModelSpec, rotary: Rotary, weights: SafetensorsWeights,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        **kwargs: object) -> LlamaNetwork:
+        """Build with empty parameters, then fill every parameter with its slice from `weights`."""
+        network = cls(spec, rotary, **kwargs)  # type: ignore[arg-type]
+        network.load(weights, dtype)
+        network.to(device)
+        network.rotary.inv_freq = network.rotary.inv_freq.to(device)
+        return network.eval()
+
+    def load(self, weights: SafetensorsWeights, dtype: torch.dtype = torch.float32) -> None:
+        """Read this process's slices; raise `ModelLoadError` on any shape mismatch."""
+        expected = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        if self.embed is not None:
+            self.embed.weight.data = weights.get("model.embed_tokens.weight")
+        for layer in self.layers:
+            layer.load(weights)  # type: ignore[operator]
+        if self.norm is not None and self.lm_head is not None:
+            self.norm.weight.data = weights.get("model.norm.weight")
+            if self.spec.tie_word_embeddings and self.embed is not None:
+                self.lm_head.weight = self.embed.weight
+            else:
+                name = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
+                self.lm_head.weight.data = weights.get(name)
+        wrong = [f"{name}: checkpoint {tuple(p.shape)}, model {expected[name]}"
+                 for name, p in self.named_parameters() if tuple(p.shape) != expected[name]]
+        if wrong:
+            raise ModelLoadError("weights do not match config.json: " + "; ".join(wrong[:5]))
+        self.to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
+                seqs: Sequence[SequenceSlice], logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the held layers over a flat batch.
+
+        Args:
+            inputs: token ids [T] on the first stage, else hidden states [T, hidden].
+            positions: absolute position of each row [T].
+            seqs: each request's rows and KV cache (caches already reserved for the new rows).
+            logit_rows: rows whose next-token logits are wanted (last stage only).
+
+        Returns:
+            logits [len(logit_rows), vocab] on the last stage, else hidden states [T, hidden].
+        """
+        hidden = self.embed(inputs) if self.embed is not None else inputs
+        for layer in self.layers:
+            hidden = layer(hidden, positions, self.rotary, seqs)
+        if self.lm_head is None or self.norm is None:
+            return hidden
+        if logit_rows is not None:
+            hidden = hidden.index_select(0, logit_rows)
+        return self.lm_head(self.norm(hidden)).float()
