@@ -32,7 +32,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c 'import elasti
   exit 0
 fi
 
-pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" >&2; }
+# pip's failures stop the script (pipefail); the registry's find-links warnings are dropped.
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2; }
 
 if "$py" -c 'import torch' 2>/dev/null; then
   echo "[setup] keeping installed torch $("$py" -c 'import torch; print(torch.__version__)')" >&2

@@ -166,9 +166,8 @@ class LLMEngine:
             if len(chunk) == len(pending):
                 logit_rows.append(len(tokens) - 1)
                 samplers.append(request)
-        logits = self.model.network(
-            torch.tensor(tokens, device=self._device), torch.tensor(positions, device=self._device),
-            seqs, torch.tensor(logit_rows, device=self._device))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self._device)  # noqa: E731
+        logits = self.model.network(as_tensor(tokens), as_tensor(positions), seqs, as_tensor(logit_rows))
         for seq in seqs:
             seq.cache.advance(seq.num_new)
         chosen = sample_tokens(logits, [r.params for r in samplers],

@@ -47,7 +47,7 @@ class SchedulerOutput:
     swap_out: tuple[str, ...] = ()  #: move these requests' KV device -> host, latest-needed first
     drop: tuple[str, ...] = ()  #: discard these requests' KV; they recompute it when next scheduled
     swap_in: tuple[str, ...] = ()  #: host -> device, needed by this batch: finish before it runs
-    prefetch: tuple[str, ...] = ()  #: host -> device ahead of their turn, soonest first; may overlap
+    prefetch: tuple[str, ...] = ()  #: host -> device ahead of their turn, soonest first (async)
 
     @classmethod
     def empty(cls) -> SchedulerOutput:

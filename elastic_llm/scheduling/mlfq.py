@@ -66,7 +66,7 @@ class MLFQConfig:
             raise ValueError("preempt_margin must be >= 1")
 
     def quantum(self, level: int) -> float:
-        """Attained service (seconds) after which a request at `level` is demoted; inf at the bottom."""
+        """Attained service (seconds) that demotes a request at `level`; inf at the bottom."""
         if level >= self.num_levels - 1:
             return math.inf
         return self.base_quantum_s * 2.0**level
@@ -116,7 +116,7 @@ class SkipJoinMLFQ(RequestScheduler):
     ) -> None:
         self.config = config or MLFQConfig()
         if self.config.skip_join and predict_prefill_s is None:
-            raise ValueError("skip-join needs predict_prefill_s; pass skip_join=False for plain MLFQ")
+            raise ValueError("skip-join needs predict_prefill_s (or skip_join=False: plain MLFQ)")
         self._predict = predict_prefill_s
         self._entries: dict[str, _Entry] = {}  # {request_id: entry}
         self._next_seq = 0
@@ -141,6 +141,8 @@ class SkipJoinMLFQ(RequestScheduler):
     def remove_request(self, request_id: str) -> None:
         """Forget a finished, aborted or exported request; unknown ids are ignored."""
         self._entries.pop(request_id, None)
+        self._last_ran -= {request_id}  # a later request reusing the id starts afresh
+        self._incumbents -= {request_id}
 
     def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
         """Promote starving requests, then fill the batch from the highest level down."""

@@ -51,11 +51,14 @@ class LengthStats:
 
 
 LENGTH_STATS: dict[Dataset, LengthStats] = {
-    "sharegpt": LengthStats(mean_prompt=161.31, mean_output=337.99, sigma_prompt=1.1, sigma_output=1.0),
+    "sharegpt": LengthStats(
+        mean_prompt=161.31, mean_output=337.99, sigma_prompt=1.1, sigma_output=1.0
+    ),
     "alpaca": LengthStats(mean_prompt=19.31, mean_output=58.45, sigma_prompt=0.6, sigma_output=0.9),
 }
 SAMPLE_SIZE = 400  #: pairs in each bundled sample
-SAMPLE_SEED = {"sharegpt": 20230607, "alpaca": 20230608}  #: seeds the bundled samples were drawn with
+#: seeds the bundled samples were drawn with
+SAMPLE_SEED: dict[Dataset, int] = {"sharegpt": 20230607, "alpaca": 20230608}
 
 
 def poisson_arrivals(rate_per_s: float, n: int, seed: int, start_s: float = 0.0) -> np.ndarray:
@@ -66,7 +69,10 @@ def poisson_arrivals(rate_per_s: float, n: int, seed: int, start_s: float = 0.0)
 def gamma_arrivals(
     rate_per_s: float, cv: float, n: int, seed: int, start_s: float = 0.0
 ) -> np.ndarray:
-    """`n` arrival times of a renewal process with Gamma gaps: mean 1/rate, CV `cv` (1 = Poisson)."""
+    """`n` arrival times of a renewal process with Gamma gaps of mean 1/rate and CV `cv`.
+
+    `cv=1` is a Poisson process; `cv>1` is burstier. Gamma shape = 1/cv**2.
+    """
     if not rate_per_s > 0 or not cv > 0 or n < 0:
         raise ValueError("need rate_per_s > 0, cv > 0 and n >= 0")
     rng = np.random.default_rng(seed)
@@ -115,7 +121,8 @@ def load_length_sample(dataset: Dataset) -> tuple[tuple[int, int], ...]:
     """The bundled (prompt_tokens, output_tokens) pairs for `dataset` ("sharegpt" or "alpaca")."""
     if dataset not in LENGTH_STATS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(LENGTH_STATS)}")
-    text = resources.files(__package__).joinpath("data", f"{dataset}_like.csv").read_text()
+    path = resources.files("elastic_llm.scheduling").joinpath("data", f"{dataset}_like.csv")
+    text = path.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line and not line.startswith("#")]
     pairs = (row.split(",") for row in rows[1:])  # rows[0] is the column header
     return tuple((int(p), int(o)) for p, o in pairs)
@@ -142,7 +149,7 @@ def make_workload(
     arrivals = gamma_arrivals(rate_per_s, cv, n, int(arrival_seed.generate_state(1)[0]), start_s)
     sample = load_length_sample(dataset)
     picks = np.random.default_rng(length_seed).integers(0, len(sample), size=n)
-    items = []
+    items: list[WorkloadItem] = []
     for arrival, index in zip(arrivals, picks):
         prompt, output = sample[int(index)]
         if max_prompt_tokens is not None:
