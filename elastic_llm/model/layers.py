@@ -179,12 +179,14 @@ class Attention(nn.Module):
         k = qkv[:, q_width:q_width + kv_width].view(tokens, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_width + kv_width:].view(tokens, self.num_kv_heads, self.head_dim)
         q, k = rotary(q, k, positions)
-        out = torch.empty_like(q)
+        # head-major views of the whole batch: one transpose here, plain slices per request below
+        q_heads, k_heads, v_heads = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        out_heads = q.new_empty(self.num_heads, tokens, self.head_dim)
         for seq in seqs:
             rows = slice(seq.start, seq.start + seq.num_new)
-            keys, values = seq.cache.write_and_read(layer, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
-            out[rows] = self._attend(q[rows].transpose(0, 1), keys, values).transpose(0, 1)
-        return self.reduce(self.o(out.view(tokens, q_width)))
+            keys, values = seq.cache.write_and_read(layer, k_heads[:, rows], v_heads[:, rows])
+            out_heads[:, rows] = self._attend(q_heads[:, rows], keys, values)
+        return self.reduce(self.o(out_heads.transpose(0, 1).reshape(tokens, q_width)))
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """q [H, n, D] against keys/values [Hkv, L, D] -> [H, n, D]."""

@@ -1,0 +1,166 @@
+"""Decode throughput of our engine vs transformers `generate`, side by side in one run.
+
+Same model (the embedded SmolLM2-135M-Instruct, fp32, the same cached safetensors), same machine,
+same prompts, greedy decoding:
+
+1. static batches of 1, 8 and 32 requests, 64 new tokens each (tokens/s including prefill);
+2. a mixed workload: requests arrive spread out (Poisson), each wants 16-256 tokens. Our engine
+   batches continuously (requests join and leave at any iteration); transformers must batch
+   statically: each batch takes every request that has arrived and runs until its longest member
+   is done. Reported: useful tokens / makespan, and mean / P99 request latency.
+
+Run:  .venv/bin/python benchmarks/engine_throughput.py [--requests 24] [--rate 2.0] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from elastic_llm import LLMEngine, SamplingParams
+from elastic_llm.model.loader import load_model
+from elastic_llm.scheduling import BatchLimits
+
+BASE_PROMPTS = (
+    "Tell me a story about a dragon who learns to cook.",
+    "What is the capital of France?",
+    "Write a poem about autumn leaves falling in a quiet park.",
+    "Explain how a computer works to a ten-year-old.",
+    "Give me three ideas for a birthday party.",
+    "Why is the sky blue?",
+)
+
+
+@dataclass
+class WorkItem:
+    arrival: float
+    prompt_ids: list[int]
+    new_tokens: int
+
+
+def hf_generate(model, batch: list[list[int]], new_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """Left-padded static batch through transformers generate, exactly `new_tokens` each."""
+    width = max(len(p) for p in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(batch):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+
+
+def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]]) -> list[dict]:  # type: ignore[no-untyped-def]
+    rows = []
+    for batch_size in (1, 8, 32):
+        batch = [prompts[i % len(prompts)] for i in range(batch_size)]
+        params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+        engine.generate(batch[:1], SamplingParams(max_new_tokens=2))  # warm-up
+        started = time.perf_counter()
+        engine.generate(batch, params)
+        ours = batch_size * 64 / (time.perf_counter() - started)
+        hf_generate(hf_model, batch[:1], 2)
+        started = time.perf_counter()
+        hf_generate(hf_model, batch, 64)
+        theirs = batch_size * 64 / (time.perf_counter() - started)
+        rows.append({"batch": batch_size, "ours_tok_s": ours, "transformers_tok_s": theirs,
+                     "ratio": ours / theirs})
+        print(f"batch {batch_size:>2}: ours {ours:7.1f} tok/s  transformers {theirs:7.1f} tok/s  "
+              f"ratio {ours / theirs:.2f}x", flush=True)
+    return rows
+
+
+def make_workload(prompts: list[list[int]], n: int, rate: float, seed: int) -> list[WorkItem]:
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    arrivals -= arrivals[0]
+    lengths = rng.integers(16, 257, n)
+    return [WorkItem(float(a), prompts[i % len(prompts)], int(k))
+            for i, (a, k) in enumerate(zip(arrivals, lengths, strict=True))]
+
+
+def run_ours(engine: LLMEngine, work: list[WorkItem]) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    pending = list(enumerate(work))
+    latencies: list[float] = []
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and pending[0][1].arrival <= now:
+            i, item = pending.pop(0)
+            engine.add_request(str(i), item.prompt_ids,
+                               SamplingParams(max_new_tokens=item.new_tokens, ignore_eos=True))
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, pending[0][1].arrival - now))
+            continue
+        for output in engine.step():
+            if output.finished:
+                done = time.perf_counter() - start
+                latencies.append(done - work[int(output.request_id)].arrival)
+                engine.pop_completion(output.request_id)
+    return time.perf_counter() - start, latencies
+
+
+def run_static(hf_model, work: list[WorkItem], max_batch: int = 32) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    pending = list(work)
+    latencies: list[float] = []
+    while pending:
+        now = time.perf_counter() - start
+        if pending[0].arrival > now:
+            time.sleep(pending[0].arrival - now)
+            now = time.perf_counter() - start
+        batch = [w for w in pending if w.arrival <= now][:max_batch]
+        pending = pending[len(batch):]
+        hf_generate(hf_model, [w.prompt_ids for w in batch], max(w.new_tokens for w in batch))
+        done = time.perf_counter() - start
+        latencies.extend(done - w.arrival for w in batch)
+    return time.perf_counter() - start, latencies
+
+
+def summarize(name: str, makespan: float, latencies: list[float], tokens: int) -> dict:
+    row = {"system": name, "makespan_s": makespan, "useful_tok_s": tokens / makespan,
+           "mean_latency_s": float(np.mean(latencies)), "p99_latency_s": float(np.percentile(latencies, 99))}
+    print(f"mixed {name:>12}: {row['useful_tok_s']:6.1f} useful tok/s, makespan {makespan:6.1f} s, "
+          f"mean latency {row['mean_latency_s']:6.1f} s, P99 {row['p99_latency_s']:6.1f} s", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--rate", type=float, default=2.0, help="mixed-workload arrivals per second")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import LlamaForCausalLM
+
+    model = load_model("smollm2-135m-instruct")
+    engine = LLMEngine(model, limits=BatchLimits(max_batch_size=32, max_batch_tokens=4096))
+    hf_model = LlamaForCausalLM.from_pretrained(model.checkpoint_dir).eval()
+    assert model.tokenizer is not None
+    prompts = [model.tokenizer.chat_prompt_ids(p) for p in BASE_PROMPTS]
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}", flush=True)
+    static = static_batches(engine, hf_model, prompts)
+    work = make_workload(prompts, args.requests, args.rate, args.seed)
+    tokens = sum(w.new_tokens for w in work)
+    ours = summarize("elastic_llm", *run_ours(engine, work), tokens)
+    theirs = summarize("transformers", *run_static(hf_model, work), tokens)
+    print(f"mixed workload throughput ratio: {ours['useful_tok_s'] / theirs['useful_tok_s']:.2f}x, "
+          f"mean latency ratio (transformers / ours): {theirs['mean_latency_s'] / ours['mean_latency_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"static": static, "mixed": [ours, theirs], "args": vars(args)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
