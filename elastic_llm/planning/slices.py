@@ -32,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 
 from elastic_llm.model.spec import ModelSpec
-from elastic_llm.planning.config import ParallelConfig, Position
+from elastic_llm.planning.config import ParallelConfig, Position, stage_layer_range
 from elastic_llm.planning.errors import PlanningError
 
 #: DeepSpeed AutoTP's granule for splits that are not head-granular (``tp_shard.tp_grain_size``).
@@ -147,6 +147,8 @@ class SliceAlgebra:
             Part.KV_CACHE: model.kv_size,
         }
         self.interval = lru_cache(maxsize=None)(self._interval)  # type: ignore[method-assign]
+        self._weights = lru_cache(maxsize=4096)(self._weight_slices)
+        self._kv = lru_cache(maxsize=65536)(self._kv_slices)
         self._overlaps: dict[tuple[str, int, int, int, int], np.ndarray] = {}
 
     # ------------------------------------------------------------------ sizes and intervals
@@ -181,26 +183,48 @@ class SliceAlgebra:
                         kv_batch: int = -1, kv_tokens: int = 0) -> list[Slice]:
         """Every slice ``position`` holds under ``config``: its weights, then its share of the KV
         cache of batch ``kv_batch`` (``kv_tokens`` cached tokens) when ``kv_tokens > 0``."""
-        L, M, rank = self.model.num_layers, config.M, position.rank
-        layers = config.stage_layers(L, position.stage)
+        return [*self.weight_slices(config, position),
+                *self.kv_slices(config, position, kv_batch, kv_tokens)]
+
+    def weight_slices(self, config: ParallelConfig, position: Position) -> tuple[Slice, ...]:
+        """The weight slices of ``position`` (embedding, layers front to back, LM head). The tuple
+        is cached and shared: positions with equal (P, M, stage, rank) get the same object."""
+        return self._weights(config.P, config.M, position.stage, position.rank)
+
+    def kv_slices(self, config: ParallelConfig, position: Position, batch: int,
+                  tokens: int) -> tuple[Slice, ...]:
+        """The position's share of batch ``batch``'s KV cache (empty when ``tokens`` is 0 or the
+        batch is -1); cached and shared like `weight_slices`."""
+        if tokens <= 0 or batch < 0:
+            return ()
+        return self._kv(config.P, config.M, position.stage, position.rank, batch, tokens)
+
+    def _weight_slices(self, stages: int, degree: int, stage: int, rank: int) -> tuple[Slice, ...]:
+        """Weight slices of (stage, rank) with ``stages`` x ``degree`` per replica (cached)."""
+        L = self.model.num_layers
         out: list[Slice] = []
-        if position.stage == 0:
+        if stage == 0:
             out.append(Slice(-1, Part.EMBED, 0, 1))
-        for layer in layers:
+        for layer in stage_layer_range(L, stages, stage):
             for part in (*LAYER_SHARDED_PARTS, Part.NORM):
-                start, stop = self.interval(part, M, rank)
+                start, stop = self.interval(part, degree, rank)
                 if stop > start:
                     out.append(Slice(layer, part, start, stop))
-        if position.stage == config.P - 1:
-            start, stop = self.interval(Part.HEAD, M, rank)
+        if stage == stages - 1:
+            start, stop = self.interval(Part.HEAD, degree, rank)
             if stop > start:
                 out.append(Slice(L, Part.HEAD, start, stop))
             out.append(Slice(L, Part.FINAL_NORM, 0, 1))
-        start, stop = self.interval(Part.KV_CACHE, M, rank)
-        if kv_tokens > 0 and kv_batch >= 0 and stop > start:
-            out.extend(Slice(layer, Part.KV_CACHE, start, stop, kv_batch, kv_tokens)
-                       for layer in layers)
-        return out
+        return tuple(out)
+
+    def _kv_slices(self, stages: int, degree: int, stage: int, rank: int, batch: int,
+                   tokens: int) -> tuple[Slice, ...]:
+        """KV-cache slices of (stage, rank) for ``batch`` with ``tokens`` cached (cached)."""
+        start, stop = self.interval(Part.KV_CACHE, degree, rank)
+        if stop <= start:
+            return ()
+        return tuple(Slice(layer, Part.KV_CACHE, start, stop, batch, tokens)
+                     for layer in stage_layer_range(self.model.num_layers, stages, stage))
 
     def weight_bytes(self, config: ParallelConfig, stage: int, rank: int) -> int:
         """Weight bytes of the position (any replica, ``stage``, ``rank``) under ``config``."""
