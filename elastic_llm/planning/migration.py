@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from elastic_llm.model.spec import ModelSpec
@@ -213,14 +213,8 @@ class MigrationPlanner:
             for have, want in zip(mine, needs[name], strict=True):
                 if have is want:
                     continue
-                own = {s.key: s for s in have}
-                for need in want:
-                    got = own.get(need.key)
-                    gaps = ([(need.start, need.stop)] if got is None
-                            else subtract_interval(need.start, need.stop, got.start, got.stop))
-                    for a, b in gaps:
-                        out += self._fetch(need.with_range(a, b), alive[name], index, sent, alive,
-                                           local)
+                for piece in _uncovered(want, have):
+                    out += self._fetch(piece, alive[name], index, sent, alive, local)
         return out
 
     # ------------------------------------------------------------------ order under memory bounds
@@ -286,13 +280,10 @@ class MigrationPlanner:
             for have, want in zip(mine, needs.get(name, ((), ())), strict=True):
                 if have is want:
                     continue
-                wanted = {s.key: s for s in want}
                 for s in have:
-                    keep = wanted.get(s.key)
-                    pieces = ([(s.start, s.stop)] if keep is None
-                              else subtract_interval(s.start, s.stop, keep.start, keep.stop))
+                    pieces = list(_uncovered((s,), want))
                     if pieces:
-                        stale[(name, s.key)] = [s.with_range(a, b) for a, b in pieces]
+                        stale[(name, s.key)] = pieces
         return stale
 
     # ------------------------------------------------------------------ timing and the plan
@@ -377,3 +368,14 @@ def _readiness(new: Placement, ordered: Sequence[Transfer],
                        max(finish.get(n, 0.0) for n in names))
         for (replica, stage), names in sorted(stages.items())
     )
+
+
+def _uncovered(slices: Iterable[Slice], cover: Iterable[Slice]) -> Iterator[Slice]:
+    """The pieces of `slices` that the same-key slice in `cover` does not cover."""
+    by_key = {s.key: s for s in cover}
+    for s in slices:
+        other = by_key.get(s.key)
+        gaps = ([(s.start, s.stop)] if other is None
+                else subtract_interval(s.start, s.stop, other.start, other.stop))
+        for a, b in gaps:
+            yield s.with_range(a, b)
