@@ -13,16 +13,27 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from elastic_llm.engine.executor import Executor, StepWork, SwappingExecutor
+from elastic_llm.engine.local_executor import LocalExecutor
 from elastic_llm.engine.sampler import sample_tokens
 from elastic_llm.engine.sequence import EngineRequest, RequestState
+from elastic_llm.engine.stats import EngineCounters, EngineStats
 from elastic_llm.errors import InvalidRequestError, UnknownRequestError
 from elastic_llm.model.checkpoint import DEFAULT_MODEL
-from elastic_llm.model.kv_cache import KVCache, KVState
-from elastic_llm.model.layers import SequenceSlice
+from elastic_llm.model.kv_cache import KVState
 from elastic_llm.model.loader import LoadedModel, load_model
 from elastic_llm.request import Completion, RequestOutput
 from elastic_llm.sampling import SamplingParams, validate_prompt_ids
-from elastic_llm.scheduling import FCFS, BatchLimits, IterationOutcome, RequestScheduler
+from elastic_llm.scheduling import (
+    FCFS,
+    BatchLimits,
+    IterationOutcome,
+    KVResidencyPolicy,
+    RequestScheduler,
+    ResidencyConfig,
+    SchedulerOutput,
+    plan_iteration,
+)
 
 Prompt = str | Sequence[int]
 
@@ -34,24 +45,31 @@ class LLMEngine:
         model: a `LoadedModel`, an embedded model name, a checkpoint directory or a GGUF file.
         scheduler: the request policy (default `FCFS`); same class the simulator runs.
         limits: batch size and per-iteration token budget.
+        residency: a device KV budget and what to do when it is short (swap to host or drop and
+            recompute); needs a scheduler that estimates next scheduled times (`SkipJoinMLFQ`).
+            None: every request's KV stays on the device.
         seed: seeds the choice of per-request seeds for sampled requests that gave none.
         clock: time source in seconds (monotonic); the scheduler gets its readings.
+        executor: what runs the network and holds the KV (default: `LocalExecutor`, this process).
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike[str] = DEFAULT_MODEL, *,
                  scheduler: RequestScheduler | None = None, limits: BatchLimits | None = None,
-                 seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 residency: ResidencyConfig | None = None, seed: int = 0,
+                 clock: Callable[[], float] = time.monotonic,
+                 executor: Executor | None = None) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.spec = self.model.spec
         self.tokenizer = self.model.tokenizer
         self.scheduler = scheduler or FCFS()
         self.limits = limits or BatchLimits()
+        self.executor: Executor = executor or LocalExecutor(self.model.network, self.spec)
+        self._residency = self._residency_policy(residency)
         self.clock = clock
         self._seeds = random.Random(seed)
         self._requests: dict[str, EngineRequest] = {}
         self._finished: dict[str, Completion] = {}
-        self._device = next(self.model.network.parameters()).device
-        self._dtype = next(self.model.network.parameters()).dtype
+        self._counters = EngineCounters()
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None:
             eos |= self.tokenizer.eos_token_ids
@@ -98,17 +116,21 @@ class LLMEngine:
         request.restore_output(state.output_token_ids)
         if state.kv is not None:
             self._check_kv(state.kv, request.num_tokens)
-            request.cache = KVCache.from_state(state.kv.to(self._device), self._device)
+            self.executor.import_kv(request.request_id, state.kv)
+            request.num_computed = state.kv.length
         self._admit(request)
 
     def export_request(self, request_id: str, include_kv: bool = True) -> RequestState:
         """Remove an unfinished request and return its state (committed tokens, optionally KV)."""
         request = self._take(request_id)
-        return request.export(include_kv)
+        kv = self.executor.export_kv(request_id) if include_kv else None
+        self.executor.release(request_id)
+        return request.export(kv)
 
     def abort(self, request_id: str) -> Completion:
         """Cancel a request; returns its completion with finish_reason ABORT."""
         request = self._take(request_id)
+        self.executor.release(request_id)
         request.finish_aborted()
         return request.completion(self.clock())
 
@@ -130,49 +152,69 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> list[RequestOutput]:
-        """Run one iteration: schedule, execute one flat batch, commit the sampled tokens."""
-        decision = self.scheduler.schedule(self.clock(), self.limits)
+        """Run one iteration: schedule, move KV as decided, execute one flat batch, commit tokens."""
+        decision = self._decide(self.clock())
+        self._move_kv(decision)
         if not decision.scheduled:
             return []
         started = self.clock()
-        batch = [(self._requests[w.request_id], w.num_tokens) for w in decision.scheduled]
-        sampled = self._execute(batch)
+        works = [self._work(self._requests[w.request_id], w.num_tokens) for w in decision.scheduled]
+        logits = self.executor.execute(works)
+        samplers = [self._requests[w.request_id] for w in works if w.sample]
+        chosen = sample_tokens(logits, [r.params for r in samplers], [len(r.output_ids) for r in samplers])
+        for work in works:
+            self._requests[work.request_id].num_computed += len(work.token_ids)
         now = self.clock()
-        outputs = [req.append(token, now) for req, token in sampled]
+        outputs = [req.append(token, now) for req, token in zip(samplers, chosen, strict=True)]
         for output in outputs:
             if output.finished:
                 self._retire(output.request_id, now)
+        self._counters.record_iteration(works, len(decision.preempted), self._device_kv_bytes())
         self.scheduler.update(IterationOutcome(
             now=now, duration=now - started,
-            computed={req.request_id: n for req, n in batch},
-            sampled=tuple(req.request_id for req, _ in sampled)))
+            computed={w.request_id: len(w.token_ids) for w in works},
+            sampled=tuple(req.request_id for req in samplers)))
         return outputs
 
-    def _execute(self, batch: list[tuple[EngineRequest, int]]) -> list[tuple[EngineRequest, int]]:
-        """Forward the scheduled tokens; return (request, sampled token) for requests caught up."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        seqs: list[SequenceSlice] = []
-        logit_rows: list[int] = []
-        samplers: list[EngineRequest] = []
-        for request, budget in batch:
-            pending = request.pending_tokens()
-            chunk = pending[:budget]
-            start = len(tokens)
-            tokens.extend(chunk)
-            positions.extend(range(request.num_computed, request.num_computed + len(chunk)))
-            request.cache.reserve(len(chunk))
-            seqs.append(SequenceSlice(start, len(chunk), request.cache))
-            if len(chunk) == len(pending):
-                logit_rows.append(len(tokens) - 1)
-                samplers.append(request)
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self._device)  # noqa: E731
-        logits = self.model.network(as_tensor(tokens), as_tensor(positions), seqs, as_tensor(logit_rows))
-        for seq in seqs:
-            seq.cache.advance(seq.num_new)
-        chosen = sample_tokens(logits, [r.params for r in samplers],
-                               [len(r.output_ids) for r in samplers])
-        return list(zip(samplers, chosen, strict=True))
+    def _decide(self, now: float) -> SchedulerOutput:
+        """The scheduler's batch, with KV moves attached when a device KV budget is set."""
+        if self._residency is None:
+            return self.scheduler.schedule(now, self.limits)
+        return plan_iteration(
+            self.scheduler, self._residency, now=now, limits=self.limits,  # type: ignore[arg-type]
+            kv_tokens={rid: self.executor.kv_length(rid) for rid in self._requests},
+            kv_bytes_per_token=self.executor.kv_bytes_per_token,
+            on_host=self.executor.on_host(),  # type: ignore[attr-defined]
+        )
+
+    def _move_kv(self, decision: SchedulerOutput) -> None:
+        """Carry out a residency decision: swap out and drop, then swap in, then prefetch."""
+        if not (decision.swap_out or decision.drop or decision.swap_in or decision.prefetch):
+            return
+        executor: SwappingExecutor = self.executor  # type: ignore[assignment]
+        executor.swap_out(decision.swap_out)
+        for request_id in decision.drop:
+            request = self._requests[request_id]
+            self._counters.tokens_dropped += request.num_computed
+            executor.release(request_id)
+            request.num_computed = 0
+            self.scheduler.mark_kv_dropped(request_id, len(request.pending_tokens()))  # type: ignore[attr-defined]
+        executor.swap_in(decision.swap_in)
+        executor.prefetch(decision.prefetch)
+
+    @staticmethod
+    def _work(request: EngineRequest, budget: int) -> StepWork:
+        pending = request.pending_tokens()
+        chunk = tuple(pending[:budget])
+        return StepWork(request.request_id, chunk, request.num_computed, len(chunk) == len(pending))
+
+    def _device_kv_bytes(self) -> int:
+        measure = getattr(self.executor, "device_kv_bytes", None)
+        return measure() if measure is not None else 0
+
+    def stats(self) -> EngineStats:
+        """Counters since the engine started (iterations, tokens, preemptions, swapping)."""
+        return self._counters.snapshot(self.executor)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: Iterable[Prompt],
@@ -194,12 +236,22 @@ class LLMEngine:
     # ------------------------------------------------------------------ internals
     def _new_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                      arrival: float) -> EngineRequest:
-        cache = KVCache(0, self.spec.num_layers, self.model.network.shard.num_kv_heads,
-                        self.spec.head_dim, self._dtype, self._device,
-                        capacity=len(prompt_ids) + min(params.max_new_tokens, 64))
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        return EngineRequest(request_id, prompt_ids, params, cache, arrival, self._eos_ids,
+        return EngineRequest(request_id, prompt_ids, params, arrival, self._eos_ids,
                              self.spec.max_position_embeddings, decode)
+
+    def _residency_policy(self, config: ResidencyConfig | None) -> KVResidencyPolicy | None:
+        if config is None:
+            return None
+        if not hasattr(self.scheduler, "estimate_next_scheduled"):
+            raise ValueError("a KV residency budget needs a scheduler that estimates next scheduled "
+                             f"times (SkipJoinMLFQ); {type(self.scheduler).__name__} does not")
+        if config.mode == "recompute" and not hasattr(self.scheduler, "mark_kv_dropped"):
+            raise ValueError(f"recompute mode needs a scheduler with mark_kv_dropped; "
+                             f"{type(self.scheduler).__name__} has none")
+        if config.mode == "swap" and not hasattr(self.executor, "swap_out"):
+            raise ValueError(f"swap mode needs an executor that swaps; {type(self.executor).__name__} does not")
+        return KVResidencyPolicy(config)
 
     def _admit(self, request: EngineRequest) -> None:
         self._requests[request.request_id] = request
@@ -214,10 +266,11 @@ class LLMEngine:
 
     def _retire(self, request_id: str, now: float) -> None:
         request = self._take(request_id)
+        self.executor.release(request_id)
         self._finished[request_id] = request.completion(now)
 
     def _check_kv(self, kv: KVState, num_tokens: int) -> None:
-        held = self.model.network.shard.num_kv_heads
+        held = self.spec.num_kv_heads
         shape_ok = (kv.layer_start == 0 and len(kv.keys) == self.spec.num_layers
                     and all(k.shape == (held, kv.length, self.spec.head_dim) for k in kv.keys))
         if not shape_ok or not 0 < kv.length < num_tokens:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from elastic_llm.model.kv_cache import KVCache, KVState
+from elastic_llm.model.kv_cache import KVState
 from elastic_llm.request import Completion, FinishReason, RequestOutput
 from elastic_llm.sampling import SamplingParams
 
@@ -30,13 +30,13 @@ class EngineRequest:
     """Mutable engine-side state of one request (never crosses a process boundary)."""
 
     def __init__(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
-                 cache: KVCache, arrival_time: float, eos_ids: frozenset[int],
+                 arrival_time: float, eos_ids: frozenset[int],
                  max_context: int, decode: Callable[[Sequence[int]], str] | None) -> None:
         self.request_id = request_id
         self.prompt_ids = tuple(prompt)
         self.params = params
         self.output_ids: list[int] = []
-        self.cache = cache
+        self.num_computed = 0  #: tokens whose keys/values the executor holds
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None
         self.finish_reason: FinishReason | None = None
@@ -45,11 +45,6 @@ class EngineRequest:
         self._decode = decode
         self._text = ""  # text of output_ids, cut at a stop string once found
         self._sent = 0  # characters of _text already returned
-
-    @property
-    def num_computed(self) -> int:
-        """Tokens whose keys/values are in the cache."""
-        return self.cache.length
 
     @property
     def num_tokens(self) -> int:
@@ -112,7 +107,7 @@ class EngineRequest:
         return Completion(self.request_id, self.prompt_ids, tuple(self.output_ids), self._text,
                           self.finish_reason, self.arrival_time, self.first_token_time, now)
 
-    def export(self, include_kv: bool) -> RequestState:
-        """Cut the request out as plain data."""
+    def export(self, kv: KVState | None) -> RequestState:
+        """Cut the request out as plain data, with `kv` (its cache) if given."""
         return RequestState(self.request_id, self.prompt_ids, tuple(self.output_ids), self.params,
-                            self.cache.export() if include_kv else None, self.arrival_time)
+                            kv, self.arrival_time)

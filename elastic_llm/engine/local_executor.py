@@ -1,0 +1,195 @@
+"""`LocalExecutor`: the whole model in this process, with KV caches that can live on the host.
+
+Swapping: `swap_out` copies a request's valid KV into host memory (pinned on CUDA) and frees the
+device copy; `prefetch` starts the copy back on a background thread (on CUDA on its own stream),
+so it overlaps the next forward pass; `swap_in` waits for a prefetch in flight or copies at once.
+On a CPU-only machine "device" and "host" are the same RAM: the copies are real and timed, and the
+device budget the engine enforces is a logical one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from elastic_llm.engine.executor import StepWork
+from elastic_llm.model.kv_cache import KVCache, KVState
+from elastic_llm.model.layers import SequenceSlice
+from elastic_llm.model.llama import LlamaNetwork
+from elastic_llm.model.spec import ModelSpec
+
+
+class LocalExecutor:
+    """Runs a `LlamaNetwork` holding every layer and keeps per-request KV caches by id."""
+
+    def __init__(self, network: LlamaNetwork, spec: ModelSpec) -> None:
+        self.network = network
+        self.spec = spec
+        first = next(network.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self._kv_heads = network.shard.num_kv_heads
+        self._caches: dict[str, KVCache] = {}
+        self._host: dict[str, KVState] = {}
+        self._incoming: dict[str, Future[KVCache]] = {}
+        self._copier: ThreadPoolExecutor | None = None
+        self.swap_seconds = 0.0  #: time the engine thread spent blocked on swap copies
+        self.bytes_swapped_out = 0  #: KV bytes moved device -> host so far
+        self.bytes_swapped_in = 0  #: KV bytes moved host -> device so far
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes per token of one request (all layers, keys and values)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.spec.num_layers * self._kv_heads * self.spec.head_dim * element
+
+    # ------------------------------------------------------------------ forward
+    def execute(self, works: Sequence[StepWork]) -> torch.Tensor:
+        """One forward pass over the packed new tokens of `works`."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[SequenceSlice] = []
+        logit_rows: list[int] = []
+        for work in works:
+            cache = self._device_cache(work.request_id, len(work.token_ids))
+            if cache.length != work.start_position:
+                raise RuntimeError(f"request {work.request_id!r}: KV holds {cache.length} "
+                                   f"positions, work starts at {work.start_position}")
+            start = len(tokens)
+            tokens.extend(work.token_ids)
+            positions.extend(range(work.start_position, work.start_position + len(work.token_ids)))
+            cache.reserve(len(work.token_ids))
+            seqs.append(SequenceSlice(start, len(work.token_ids), cache))
+            if work.sample:
+                logit_rows.append(len(tokens) - 1)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        logits = self.network(as_tensor(tokens), as_tensor(positions), seqs, as_tensor(logit_rows))
+        for seq in seqs:
+            seq.cache.advance(seq.num_new)
+        return logits
+
+    def _device_cache(self, request_id: str, upcoming: int) -> KVCache:
+        if request_id in self._host or request_id in self._incoming:
+            self.swap_in([request_id])
+        cache = self._caches.get(request_id)
+        if cache is None:
+            cache = KVCache(0, self.spec.num_layers, self._kv_heads, self.spec.head_dim,
+                            self.dtype, self.device, capacity=upcoming + 16)
+            self._caches[request_id] = cache
+        return cache
+
+    # ------------------------------------------------------------------ KV by request
+    def kv_length(self, request_id: str) -> int:
+        """Positions cached for `request_id`, wherever they are (0 if none)."""
+        if request_id in self._caches:
+            return self._caches[request_id].length
+        if request_id in self._host:
+            return self._host[request_id].length
+        if request_id in self._incoming:
+            return self._incoming[request_id].result().length
+        return 0
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's KV everywhere."""
+        incoming = self._incoming.pop(request_id, None)
+        if incoming is not None:
+            incoming.result()
+        self._caches.pop(request_id, None)
+        self._host.pop(request_id, None)
+
+    def export_kv(self, request_id: str) -> KVState | None:
+        """A CPU copy of the request's KV, or None if it has none."""
+        if request_id in self._incoming:
+            self.swap_in([request_id])
+        if request_id in self._host:
+            return self._host[request_id].to("cpu")
+        cache = self._caches.get(request_id)
+        if cache is None or cache.length == 0:
+            return None
+        return cache.export().to("cpu")
+
+    def import_kv(self, request_id: str, state: KVState) -> None:
+        """Adopt `state` as the request's KV cache (on device)."""
+        self.release(request_id)
+        self._caches[request_id] = KVCache.from_state(state.to(self.device), self.device)
+
+    # ------------------------------------------------------------------ swapping
+    def on_host(self) -> frozenset[str]:
+        """Requests whose KV sits in host memory (prefetches in flight count as on device)."""
+        return frozenset(self._host)
+
+    def swap_out(self, request_ids: Sequence[str]) -> None:
+        """Copy each request's valid KV to host memory and free the device buffers."""
+        started = time.perf_counter()
+        for request_id in request_ids:
+            if request_id in self._incoming:
+                self.swap_in([request_id])
+            cache = self._caches.pop(request_id, None)
+            if cache is None or cache.length == 0:
+                continue
+            state = cache.export()
+            self._host[request_id] = self._to_host(state)
+            self.bytes_swapped_out += state.nbytes
+        self.swap_seconds += time.perf_counter() - started
+
+    def prefetch(self, request_ids: Sequence[str]) -> None:
+        """Start copying these requests' KV back to the device on the background thread."""
+        for request_id in request_ids:
+            state = self._host.pop(request_id, None)
+            if state is None:
+                continue
+            if self._copier is None:
+                self._copier = ThreadPoolExecutor(1, thread_name_prefix="kv-prefetch")
+            self.bytes_swapped_in += state.nbytes
+            self._incoming[request_id] = self._copier.submit(self._to_device, state)
+
+    def swap_in(self, request_ids: Sequence[str]) -> None:
+        """Make these requests' KV usable on the device now."""
+        started = time.perf_counter()
+        for request_id in request_ids:
+            incoming = self._incoming.pop(request_id, None)
+            if incoming is not None:
+                self._caches[request_id] = incoming.result()
+                continue
+            state = self._host.pop(request_id, None)
+            if state is not None:
+                self.bytes_swapped_in += state.nbytes
+                self._caches[request_id] = self._to_device(state)
+        self.swap_seconds += time.perf_counter() - started
+
+    def device_kv_bytes(self) -> int:
+        """Valid KV bytes held in device memory now (prefetches in flight included)."""
+        per_token = self.kv_bytes_per_token
+        resident = sum(cache.length for cache in self._caches.values())
+        resident += sum(future.result().length for future in self._incoming.values())
+        return resident * per_token
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
+
+    def _to_host(self, state: KVState) -> KVState:
+        if self.device.type != "cuda":
+            return state  # `export` already copied the valid part into fresh host buffers
+        pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (*state.keys, *state.values)]
+        for dst, src in zip(pinned, (*state.keys, *state.values), strict=True):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        half = len(state.keys)
+        return KVState(state.layer_start, tuple(pinned[:half]), tuple(pinned[half:]), state.length)
+
+    def _to_device(self, state: KVState) -> KVCache:
+        if self.device.type != "cuda":
+            return KVCache.from_state(state, self.device)
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            cache = KVCache.from_state(state, self.device)
+        stream.synchronize()
+        return cache
