@@ -61,9 +61,9 @@ class LLMEngine:
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.spec = self.model.spec
         self.tokenizer = self.model.tokenizer
-        self.scheduler = scheduler or FCFS()
+        self.scheduler = scheduler if scheduler is not None else FCFS()
         self.limits = limits or BatchLimits()
-        self.executor: Executor = executor or LocalExecutor(self.model.network, self.spec)
+        self.executor: Executor = executor if executor is not None else LocalExecutor(self.model.network, self.spec)
         self._residency = self._residency_policy(residency)
         self.clock = clock
         self._seeds = random.Random(seed)
@@ -240,6 +240,18 @@ class LLMEngine:
         return EngineRequest(request_id, prompt_ids, params, arrival, self._eos_ids,
                              self.spec.max_position_embeddings, decode)
 
+    def _check_fits_budget(self, request: EngineRequest) -> None:
+        """Refuse a request whose KV at its longest could never be resident (it would wait forever)."""
+        if self._residency is None:
+            return
+        longest = min(len(request.prompt_ids) + request.params.max_new_tokens, self.spec.max_position_embeddings)
+        need = longest * self.executor.kv_bytes_per_token
+        budget = self._residency.config.device_budget_bytes
+        if need > budget:
+            raise InvalidRequestError(
+                f"request {request.request_id!r} needs up to {need} bytes of KV ({longest} tokens), "
+                f"more than the device KV budget of {budget} bytes: lower max_new_tokens or raise the budget")
+
     def _residency_policy(self, config: ResidencyConfig | None) -> KVResidencyPolicy | None:
         if config is None:
             return None
@@ -254,6 +266,7 @@ class LLMEngine:
         return KVResidencyPolicy(config)
 
     def _admit(self, request: EngineRequest) -> None:
+        self._check_fits_budget(request)
         self._requests[request.request_id] = request
         self.scheduler.add_request(request.request_id, len(request.pending_tokens()), self.clock())
 

@@ -1,0 +1,421 @@
+"""`ElasticController`: the scheduler plugin that serves requests on a churning fleet of workers.
+
+It keeps the request table (committed tokens are the source of truth), one `ReplicaActor` per
+worker, and reacts to membership: a new worker gets a replica; a worker that announced its
+preemption stops taking requests and, before its deadline, hands its running requests WITH their
+KV cache to the surviving replicas (actor to actor, worker to worker: stateful recovery, nothing
+recomputed); a worker that vanished without notice loses its KV, and its requests resume elsewhere
+from prompt + committed tokens (recompute).
+
+Clients talk to it through scheduler handlers (`elastic_llm_submit`, `_cancel`, `_poll`, `_status`,
+`_preemption_notice`); replicas commit tokens through the stream handler `elastic_llm_commit`, one
+message per replica per iteration. Every handler and background task logs its exceptions and keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from elastic_llm.cluster.contracts import PreemptionNotice
+from elastic_llm.cluster.cost import CostLedger
+from elastic_llm.cluster.instance import fleet_info, instance_info
+from elastic_llm.cluster.notices import NoticeBoard
+from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaActor, ReplicaOptions
+from elastic_llm.cluster.request_table import RequestRecord, RequestStatus, RequestTable
+from elastic_llm.engine.sequence import RequestState
+from elastic_llm.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "elastic_llm"
+POLICIES = ("spotserve", "reroute", "reparallelize")
+
+
+class ReplicaState(str, enum.Enum):
+    """Life of a replica."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  #: its worker got a preemption notice: no new requests
+    LOST = "lost"
+
+
+@dataclass
+class ReplicaHandle:
+    """The controller's view of one replica."""
+
+    replica_id: str
+    worker: str
+    state: ReplicaState = ReplicaState.STARTING
+    actor: Any = None
+    future: Any = None  # keeps the actor alive
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class NoticeRecord:
+    """A preemption notice as the controller handled it."""
+
+    worker: str  #: the worker to be preempted
+    deadline: float  #: wall time it disappears
+    received: float  #: wall time the notice arrived
+    migrated: int = 0  #: requests whose KV moved to other replicas
+
+
+class ElasticController(SchedulerPlugin):
+    """Controller of elastic LLM serving on the Dask scheduler (register with `Client.register_plugin`).
+
+    Args:
+        model: embedded model name or checkpoint directory (every worker must see the same path).
+        policy: "spotserve" (stateful migration on notice), "reroute" (requests of a lost or
+            preempted replica restart elsewhere from scratch) or "reparallelize" (any membership
+            change restarts every replica and every request).
+        replica: engine settings of each replica.
+        migration_margin_s: seconds before a noticed deadline by which migration must be done.
+        on_demand_price_per_hour: price of the on-demand counterfactual in the cost report.
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self, model: str, policy: str = "spotserve", replica: ReplicaOptions | None = None,
+                 migration_margin_s: float = 5.0, on_demand_price_per_hour: float = 3.912) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+        self.model = model
+        self.policy = policy
+        self.replica_options = replica or ReplicaOptions(model=model)
+        self.migration_margin_s = migration_margin_s
+        self.table = RequestTable()
+        self.replicas: dict[str, ReplicaHandle] = {}
+        self.notices: list[NoticeRecord] = []
+        self.ledger = CostLedger()
+        self.on_demand_price = on_demand_price_per_hour
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._client: Client | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._client_events: dict[str, asyncio.Event] = {}
+        self._started_at = time.time()
+
+    # ------------------------------------------------------------------ plugin hooks
+    async def start(self, scheduler: Any) -> None:
+        """Install handlers, connect an internal client, and place replicas on current workers."""
+        self.scheduler = scheduler
+        scheduler.handlers.update({
+            "elastic_llm_submit": self._handler(self.submit),
+            "elastic_llm_cancel": self._handler(self.cancel),
+            "elastic_llm_poll": self.poll,
+            "elastic_llm_status": self._handler(self.status),
+        })
+        scheduler.stream_handlers[COMMIT_OP] = self.on_commit
+        self._wakeup = asyncio.Event()
+        with contextlib.suppress(LookupError):  # notices arrive through the NoticeBoard plugin
+            NoticeBoard.of(scheduler).subscribe(self.on_notice)
+        for address, info in fleet_info(scheduler).items():
+            self.ledger.join(address, info.market, info.price_per_hour, time.time())
+        self._client = await Client(scheduler.address, asynchronous=True, name="elastic-llm-controller")
+        for address in list(scheduler.workers):
+            self._spawn(self._place_replica(address))
+        self._spawn(self._dispatch_loop())
+
+    async def close(self) -> None:
+        """Stop background work and the internal client."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._client is not None:
+            await self._client.close()
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        """A worker joined: place a replica on it (restart all under reparallelize)."""
+        info = instance_info(scheduler.workers[worker])
+        self.ledger.join(worker, info.market, info.price_per_hour, time.time())
+        if self.policy == "reparallelize":
+            self._spawn(self._restart_everything())
+        self._spawn(self._place_replica(worker))
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        """A worker left: its replica's requests resume elsewhere (recompute unless already moved)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.ledger.leave(worker, time.time())
+        for handle in [h for h in self.replicas.values() if h.worker == worker]:
+            handle.state = ReplicaState.LOST
+            lost = self.table.unfinished(handle.replica_id)
+            for record in lost:
+                self._requeue(record, lost_kv=True)
+            if lost:
+                logger.warning("replica %s on %s lost %d requests: they resume from committed tokens",
+                               handle.replica_id, worker, len(lost))
+            del self.replicas[handle.replica_id]
+        if self.policy == "reparallelize":
+            self._spawn(self._restart_everything())
+        self._wake()
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        """A client disconnected: cancel its unfinished requests."""
+        ids = self.table.forget_client(client)
+        if ids:
+            self.cancel(ids)
+        self._client_events.pop(client, None)
+
+    def valid_workers_downscaling(self, scheduler: Any, workers: list[Any]) -> list[Any]:
+        """Workers that hold no replica may be retired (actors cannot be moved by Dask)."""
+        held = {h.worker for h in self.replicas.values() if h.state is not ReplicaState.LOST}
+        return [ws for ws in workers if ws.address not in held]
+
+    # ------------------------------------------------------------------ client handlers
+    def submit(self, client: str, requests: list[dict[str, Any]]) -> list[str]:
+        """Accept requests: [{request_id, prompt_token_ids, params}] (validated by the client)."""
+        now = time.time()
+        accepted = []
+        for item in requests:
+            params = SamplingParams(**item["params"])
+            record = RequestRecord(item["request_id"], client, tuple(item["prompt_token_ids"]), params, now)
+            self.table.add(record)
+            accepted.append(record.request_id)
+        self._client_events.setdefault(client, asyncio.Event())
+        self._wake()
+        return accepted
+
+    def cancel(self, request_ids: list[str]) -> int:
+        """Abort requests wherever they are; returns how many were still running."""
+        cancelled = 0
+        by_replica: dict[str, list[str]] = {}
+        for request_id in request_ids:
+            if request_id not in self.table:
+                continue
+            record = self.table.get(request_id)
+            replica = record.replica
+            if self.table.finish(request_id, "abort", "", time.time()):
+                cancelled += 1
+                if replica is not None:
+                    by_replica.setdefault(replica, []).append(request_id)
+                self._notify(record.client)
+        for replica_id, ids in by_replica.items():
+            handle = self.replicas.get(replica_id)
+            if handle is not None and handle.actor is not None:
+                self._spawn(self._call(handle.actor.cancel(ids)))
+        return cancelled
+
+    async def poll(self, client: str, cursor: int, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Events of `client`'s requests from `cursor` on; waits up to `timeout` s for the first."""
+        events = self.table.events_since(client, cursor)
+        if not events:
+            event = self._client_events.setdefault(client, asyncio.Event())
+            event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+            events = self.table.events_since(client, cursor)
+        return [e.to_wire() for e in events]
+
+    def status(self) -> dict[str, Any]:
+        """Deployment, per-replica load, queue, latency and counters."""
+        finished = [r for r in self.table.records() if r.status is RequestStatus.FINISHED
+                    and r.finish_time is not None]
+        latencies = [r.finish_time - r.arrival for r in finished]  # type: ignore[operator]
+        tokens = sum(len(r.committed) for r in finished)
+        return {
+            "policy": self.policy,
+            "replicas": [{"replica": h.replica_id, "worker": h.worker, "state": h.state.value,
+                          "requests": len(self.table.unfinished(h.replica_id))}
+                         for h in self.replicas.values()],
+            "queued": len(self.table.queued()),
+            "running": len(self.table.unfinished()) - len(self.table.queued()),
+            "finished": len(finished),
+            "latency_mean_s": float(np.mean(latencies)) if latencies else None,
+            "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
+            "tokens_recomputed": sum(r.tokens_recomputed for r in self.table.records()),
+            "restarts": sum(r.restarts for r in self.table.records()),
+            "notices": [asdict(n) for n in self.notices],
+            "cost": asdict(self.ledger.report(time.time(), on_demand_price_per_hour=self.on_demand_price,
+                                              tokens=tokens)),
+        }
+
+    def on_notice(self, notice: PreemptionNotice) -> None:
+        """A preemption notice (from the NoticeBoard): evacuate the worker's replicas in time."""
+        for handle in [h for h in self.replicas.values() if h.worker == notice.worker]:
+            if handle.state is not ReplicaState.DRAINING:
+                handle.state = ReplicaState.DRAINING
+                self._spawn(self._evacuate(handle, notice.deadline))
+
+    # ------------------------------------------------------------------ replica commits
+    def on_commit(self, worker: str | None = None, replica: str = "", tokens: list[Any] | None = None,
+                  finished: list[Any] | None = None, failed: list[Any] | None = None, **_: Any) -> None:
+        """One replica's iteration: new tokens, finished and failed requests."""
+        try:
+            now = time.time()
+            touched = set()
+            for request_id, start, token_ids in tokens or ():
+                if self._owned_by(request_id, replica) and self.table.commit(request_id, start, token_ids, now):
+                    touched.add(request_id)
+            for request_id, reason, text in finished or ():
+                if self._owned_by(request_id, replica) and self.table.finish(request_id, reason, text, now):
+                    touched.add(request_id)
+            for request_id, error in failed or ():
+                if self._owned_by(request_id, replica) and self.table.fail(request_id, error, now):
+                    touched.add(request_id)
+            for client in {self.table.get(r).client for r in touched}:
+                self._notify(client)
+            if finished or failed:
+                self._wake()
+        except Exception:  # noqa: BLE001 - a bad message must not break the scheduler's stream
+            logger.exception("elastic_llm: commit from %s failed", replica)
+
+    def _owned_by(self, request_id: str, replica: str) -> bool:
+        """Commits count only from the replica the table says runs the request."""
+        return request_id in self.table and self.table.get(request_id).replica == replica
+
+    # ------------------------------------------------------------------ background work
+    async def _place_replica(self, worker: str) -> None:
+        replica_id = f"r{next(self._ids)}"
+        handle = ReplicaHandle(replica_id, worker)
+        self.replicas[replica_id] = handle
+        assert self._client is not None
+        try:
+            handle.future = self._client.submit(ReplicaActor, replica_id, self.replica_options, actor=True,
+                                                workers=[worker], allow_other_workers=False, pure=False,
+                                                key=f"elastic-llm-replica-{replica_id}")
+            handle.actor = await handle.future
+            await handle.actor.wait_ready()
+        except Exception as exc:  # noqa: BLE001 - the worker may die while the replica starts
+            logger.warning("replica %s on %s did not start: %s", replica_id, worker, exc)
+            self.replicas.pop(replica_id, None)
+            return
+        if handle.state is ReplicaState.STARTING:
+            handle.state = ReplicaState.READY
+        self._wake()
+
+    async def _dispatch_loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), 0.5)
+            self._wakeup.clear()
+            try:
+                await self._dispatch()
+            except Exception:  # noqa: BLE001
+                logger.exception("elastic_llm: dispatch failed")
+
+    async def _dispatch(self) -> None:
+        ready = [h for h in self.replicas.values() if h.state is ReplicaState.READY]
+        queued = self.table.queued()
+        if not ready or not queued:
+            return
+        load = {h.replica_id: self._outstanding(h.replica_id) for h in ready}
+        batches: dict[str, list[RequestState]] = {}
+        for record in queued:
+            target = min(load, key=load.__getitem__)
+            load[target] += len(record.prompt_token_ids) + record.params.max_new_tokens
+            self.table.assign(record.request_id, target)
+            batches.setdefault(target, []).append(RequestState(
+                record.request_id, record.prompt_token_ids, tuple(record.committed), record.params))
+        for replica_id, states in batches.items():
+            self._spawn(self._hand_over(self.replicas[replica_id], states))
+
+    async def _hand_over(self, handle: ReplicaHandle, states: list[RequestState]) -> None:
+        try:
+            await handle.actor.start_requests(states)
+        except Exception as exc:  # noqa: BLE001 - replica died: the requests go back to the queue
+            logger.warning("hand-over to %s failed: %s", handle.replica_id, exc)
+            for state in states:
+                self._requeue(self.table.get(state.request_id), lost_kv=False)
+            self._wake()
+
+    def _outstanding(self, replica_id: str) -> int:
+        return sum(len(r.prompt_token_ids) + r.params.max_new_tokens - len(r.committed)
+                   for r in self.table.unfinished(replica_id))
+
+    async def _evacuate(self, source: ReplicaHandle, deadline: float) -> None:
+        """Keep decoding until close to the deadline, then move every request with its KV."""
+        received = time.time()
+        moved = 0
+        await asyncio.sleep(max(0.0, deadline - self.migration_margin_s - time.time()))
+        targets = [h for h in self.replicas.values() if h.state is ReplicaState.READY and h is not source]
+        records = self.table.unfinished(source.replica_id)
+        if self.policy != "spotserve" or not targets:
+            for record in records:
+                self._requeue(record, lost_kv=True, restart=self.policy != "spotserve")
+        else:
+            groups = np.array_split(np.array([r.request_id for r in records], dtype=object), len(targets))
+            for target, ids in zip(targets, groups, strict=False):
+                if len(ids):
+                    moved += await self._migrate(source, target, [str(i) for i in ids])
+        self.notices.append(NoticeRecord(source.worker, deadline, received, moved))
+        self._wake()
+
+    async def _migrate(self, source: ReplicaHandle, target: ReplicaHandle, request_ids: list[str]) -> int:
+        """Target pulls the requests (KV included) from source; on failure they recompute."""
+        try:
+            pulled = await target.actor.pull_from(source.actor, request_ids, True)
+        except Exception as exc:  # noqa: BLE001 - a side died mid-migration: fall back to recompute
+            logger.warning("migration %s -> %s failed (%s): requests recompute", source.replica_id,
+                           target.replica_id, exc)
+            for request_id in request_ids:
+                self._requeue(self.table.get(request_id), lost_kv=True)
+            return 0
+        for request_id in pulled:
+            record = self.table.get(request_id)
+            if record.status is RequestStatus.RUNNING:
+                self.table.assign(request_id, target.replica_id)
+        for request_id in set(request_ids) - set(pulled):  # finished meanwhile, or never arrived
+            record = self.table.get(request_id)
+            if record.status is RequestStatus.RUNNING and record.replica == source.replica_id:
+                self._requeue(record, lost_kv=True)
+        return len(pulled)
+
+    async def _restart_everything(self) -> None:
+        """Reparallelize baseline: every request starts over (the fleet changed)."""
+        for record in self.table.unfinished():
+            self._requeue(record, lost_kv=True, restart=True)
+        self._wake()
+
+    def _requeue(self, record: RequestRecord, lost_kv: bool, restart: bool = False) -> None:
+        replica = record.replica
+        self.table.requeue(record.request_id, lost_kv)
+        if restart:
+            record.committed.clear()
+        if replica is not None and replica in self.replicas and self.replicas[replica].actor is not None:
+            self._spawn(self._call(self.replicas[replica].actor.cancel([record.request_id])))
+
+    # ------------------------------------------------------------------ small utilities
+    def _handler(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """A scheduler handler around `method`: keyword arguments only, the comm dropped."""
+        def handle(comm: Any = None, **kwargs: Any) -> Any:
+            return method(**kwargs)
+        return handle
+
+    async def _call(self, awaitable: Awaitable[Any]) -> None:
+        with contextlib.suppress(Exception):
+            await awaitable
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                logger.error("elastic_llm: background task failed", exc_info=finished.exception())
+
+        task.add_done_callback(done)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _notify(self, client: str) -> None:
+        event = self._client_events.get(client)
+        if event is not None:
+            event.set()

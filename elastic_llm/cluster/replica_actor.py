@@ -1,0 +1,209 @@
+"""`ReplicaActor`: a Dask actor that holds one model replica on its worker and serves requests.
+
+Actor methods on a worker share one thread, so the decode loop never runs inside a method: it runs
+in a thread the actor owns. Methods only hand it commands (through a queue) and, where they need
+an answer (export at a token boundary), wait for the loop to give it.
+
+Every iteration the loop commits the new tokens to the controller in ONE message over the worker's
+batched stream to the scheduler (fire-and-forget, ordered per worker). A request resumed here
+re-sends its whole output with its first commit, so the controller's table never misses tokens that
+an old replica committed just before it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from elastic_llm.engine.sequence import RequestState
+from elastic_llm.request import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+COMMIT_OP = "elastic_llm_commit"
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """How a replica's engine is built."""
+
+    model: str  #: embedded model name or checkpoint directory
+    max_batch_size: int = 16  #: requests per iteration
+    max_batch_tokens: int = 1024  #: tokens per iteration
+    scheduler: str = "fcfs"  #: "fcfs" or "skip-join" (MLFQ)
+    threads: int = 1  #: torch threads in this worker process
+    min_step_seconds: float = 0.0  #: pace iterations to at least this long (emulates a slower instance)
+
+
+class ReplicaActor:
+    """One replica of the model on this worker, serving requests the controller hands it."""
+
+    def __init__(self, replica_id: str, options: ReplicaOptions) -> None:
+        from distributed import get_worker
+
+        self.replica_id = replica_id
+        self._options = options
+        self._worker = get_worker()
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._unsent: dict[str, tuple[int, list[int]]] = {}  # request -> (start, tokens) not yet sent
+        self._counts: dict[str, int] = {}  # request -> output tokens known here
+        self._stopped = threading.Event()
+        self._ready: Future[None] = Future()
+        self._error: str | None = None
+        self._iterations = 0
+        self._busy_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ methods (actor thread)
+    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Block until the model is loaded; returns this replica's description."""
+        self._ready.result(timeout)
+        return {"replica": self.replica_id, "worker": self._worker.address,
+                "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token}
+
+    def start_requests(self, states: Sequence[RequestState]) -> int:
+        """Queue requests (new, or resumed from committed tokens, with or without KV)."""
+        states = list(states)
+        self._commands.put(lambda: self._resume(states))
+        return len(states)
+
+    def cancel(self, request_ids: Sequence[str]) -> None:
+        """Abort these requests if they are here."""
+        ids = list(request_ids)
+        self._commands.put(lambda: self._cancel(ids))
+
+    def export_requests(self, request_ids: Sequence[str] | None = None, include_kv: bool = True,
+                        timeout: float = 60.0) -> list[RequestState]:
+        """Pause at the next token boundary and cut these requests (all if None) out of the engine."""
+        answer: Future[list[RequestState]] = Future()
+        ids = None if request_ids is None else list(request_ids)
+        self._commands.put(lambda: answer.set_result(self._export(ids, include_kv)))
+        return answer.result(timeout)
+
+    def pull_from(self, source: Any, request_ids: Sequence[str] | None, include_kv: bool = True) -> list[str]:
+        """Take requests (with their KV) straight from another replica's actor, worker to worker."""
+        states = source.export_requests(request_ids, include_kv).result()
+        self._commands.put(lambda: self._resume(states))
+        return [s.request_id for s in states]
+
+    def stats(self) -> dict[str, Any]:
+        """Iterations, busy time and requests held."""
+        engine = getattr(self, "_engine", None)
+        return {"replica": self.replica_id, "iterations": self._iterations,
+                "busy_seconds": self._busy_seconds, "error": self._error,
+                "requests": engine.num_requests if engine is not None else 0}
+
+    def stop(self) -> None:
+        """Stop the loop thread."""
+        self._stopped.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ the loop (own thread)
+    def _run(self) -> None:
+        try:
+            self._engine = self._build_engine()
+            self._ready.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - reported to whoever waits
+            self._error = f"{type(exc).__name__}: {exc}"
+            self._ready.set_exception(exc)
+            return
+        while not self._stopped.is_set():
+            self._drain(block=not self._engine.has_unfinished())
+            if self._stopped.is_set() or not self._engine.has_unfinished():
+                continue
+            started = time.perf_counter()
+            outputs = self._engine.step()
+            elapsed = time.perf_counter() - started
+            self._busy_seconds += elapsed
+            if elapsed < self._options.min_step_seconds:
+                time.sleep(self._options.min_step_seconds - elapsed)
+            self._iterations += 1
+            self._commit(outputs)
+
+    def _build_engine(self):  # type: ignore[no-untyped-def]
+        import torch
+
+        from elastic_llm.engine.llm_engine import LLMEngine
+        from elastic_llm.model.loader import load_model
+        from elastic_llm.scheduling import FCFS, BatchLimits, MLFQConfig, SkipJoinMLFQ
+
+        torch.set_num_threads(self._options.threads)
+        limits = BatchLimits(self._options.max_batch_size, self._options.max_batch_tokens)
+        scheduler = FCFS() if self._options.scheduler == "fcfs" else SkipJoinMLFQ(MLFQConfig(skip_join=False))
+        return LLMEngine(load_model(self._options.model), scheduler=scheduler, limits=limits)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                command()
+            except Exception:  # noqa: BLE001 - one bad command must not kill the replica
+                logger.exception("replica %s: command failed", self.replica_id)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _resume(self, states: list[RequestState]) -> None:
+        for state in states:
+            try:
+                self._engine.resume_request(state)
+            except Exception as exc:  # noqa: BLE001 - reported to the controller as a failure
+                self._send({"failed": [[state.request_id, f"{type(exc).__name__}: {exc}"]]})
+                continue
+            self._counts[state.request_id] = len(state.output_token_ids)
+            if state.output_token_ids:
+                self._unsent[state.request_id] = (0, list(state.output_token_ids))
+
+    def _cancel(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if request_id in self._counts:
+                self._engine.abort(request_id)
+                self._forget(request_id)
+
+    def _export(self, request_ids: list[str] | None, include_kv: bool) -> list[RequestState]:
+        self._flush()
+        ids = list(self._counts) if request_ids is None else [i for i in request_ids if i in self._counts]
+        states = [self._engine.export_request(i, include_kv) for i in ids]
+        for request_id in ids:
+            self._forget(request_id)
+        return states
+
+    def _forget(self, request_id: str) -> None:
+        self._counts.pop(request_id, None)
+        self._unsent.pop(request_id, None)
+
+    def _commit(self, outputs: list[RequestOutput]) -> None:
+        finished = []
+        for output in outputs:
+            start = self._counts[output.request_id]
+            self._counts[output.request_id] = start + len(output.new_token_ids)
+            pending_start, pending = self._unsent.get(output.request_id, (start, []))
+            self._unsent[output.request_id] = (pending_start, pending + list(output.new_token_ids))
+            if output.finished:
+                done = self._engine.pop_completion(output.request_id)
+                finished.append([output.request_id, done.finish_reason.value, done.text])
+        self._flush(finished)
+        for request_id, _, _ in finished:
+            self._forget(request_id)
+
+    def _flush(self, finished: list[list[str]] | None = None) -> None:
+        tokens = [[rid, start, ids] for rid, (start, ids) in self._unsent.items() if ids]
+        self._unsent.clear()
+        if tokens or finished:
+            self._send({"tokens": tokens, "finished": finished or []})
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        message = {"op": COMMIT_OP, "replica": self.replica_id, **payload}
+        self._worker.loop.add_callback(self._worker.batched_stream.send, message)

@@ -1,0 +1,113 @@
+"""Elastic serving end to end on a real LocalCluster with worker processes and a tiny model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_llm import InvalidRequestError, LLMEngine, SamplingParams
+from elastic_llm.cluster.emulator import SpotEmulator
+from elastic_llm.cluster.replica_actor import ReplicaOptions
+from elastic_llm.cluster.serving_client import ServingClient
+from elastic_llm.cluster.traces import SpotTrace
+from elastic_llm.model.loader import load_model
+
+from .helpers import local_cluster, wait_for
+
+NEW_TOKENS = 110
+
+
+def _prompts(n: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(1, 320, (int(k),), generator=generator).tolist()
+            for k in torch.randint(3, 20, (n,), generator=generator)]
+
+
+def _reference(checkpoint: Path, prompts: list[list[int]]) -> list[tuple[int, ...]]:
+    engine = LLMEngine(load_model(checkpoint))
+    done = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    return [c.token_ids for c in done]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Callable[[str], Path]) -> Path:
+    return tiny_checkpoint("llama-gqa-untied")
+
+
+@pytest.fixture()
+def fleet(checkpoint: Path) -> Iterator[tuple[SpotEmulator, ServingClient]]:
+    """Three spot workers (a, b, c) with ready replicas, paced to 25 ms per iteration."""
+    with local_cluster(0, processes=True) as (cluster, client):
+        emulator = SpotEmulator(cluster, SpotTrace("manual", 0.0, ()), grace_s=2.0, memory_bytes=2**30)
+        for name in "abc":
+            emulator.acquire(name, market="spot", price_per_hour=1.9)
+        options = ReplicaOptions(model=str(checkpoint), max_batch_size=4, min_step_seconds=0.025)
+        llm = ServingClient(client, model=str(checkpoint), replica=options, chat=False, migration_margin_s=1.0)
+        wait_for(lambda: sum(r["state"] == "ready" for r in llm.status()["replicas"]) == 3, timeout=120)
+        yield emulator, llm
+        llm.close()
+
+
+@pytest.mark.timeout(240)
+def test_churn_loses_nothing_and_matches_a_churn_free_run(
+        fleet: tuple[SpotEmulator, ServingClient], checkpoint: Path) -> None:
+    emulator, llm = fleet
+    prompts = _prompts(20)
+    futures = llm.map(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+    def churn() -> None:
+        emulator.preempt("a", notice=True)   # notice, 2 s grace, then SIGKILL
+        emulator.acquire("d", market="spot", price_per_hour=1.9)
+        emulator.preempt("c", notice=False)  # SIGKILL without notice
+        emulator.preempt("b", notice=True)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    results = [f.result(timeout=200) for f in futures]
+    churner.join(timeout=120)
+
+    assert [r.token_ids for r in results] == _reference(checkpoint, prompts)
+    status = llm.status()
+    assert status["finished"] == 20 and status["queued"] == 0 and status["running"] == 0
+    migrated = [n["migrated"] for n in status["notices"]]
+    assert len(migrated) == 2 and sum(migrated) > 0, status["notices"]
+    assert status["tokens_recomputed"] > 0  # the worker killed without notice lost its KV
+    assert status["cost"]["spot_usd"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_noticed_preemption_migrates_kv_and_recomputes_nothing(
+        fleet: tuple[SpotEmulator, ServingClient], checkpoint: Path) -> None:
+    emulator, llm = fleet
+    prompts = _prompts(9)
+    futures = llm.map(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    wait_for(lambda: all(r["requests"] > 0 for r in llm.status()["replicas"]), timeout=30)
+    emulator.preempt("a", notice=True)
+    results = [f.result(timeout=150) for f in futures]
+    assert [r.token_ids for r in results] == _reference(checkpoint, prompts)
+    status = llm.status()
+    assert status["tokens_recomputed"] == 0
+    assert status["notices"][0]["migrated"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_stream_cancel_and_bad_input(fleet: tuple[SpotEmulator, ServingClient], checkpoint: Path) -> None:
+    _, llm = fleet
+    prompt = _prompts(1)[0]
+    with pytest.raises(InvalidRequestError):
+        llm.submit(prompt, max_new_tokens=0)
+    with pytest.raises(InvalidRequestError):
+        llm.submit([10**6])
+    with pytest.raises(InvalidRequestError):
+        llm.submit("text needs a tokenizer")
+    long = llm.submit(prompt, max_new_tokens=200, ignore_eos=True)
+    wait_for(lambda: llm.status()["running"] > 0, timeout=30)
+    assert long.cancel()
+    cancelled = long.result(timeout=30)
+    assert cancelled.finish_reason.value == "abort" and len(cancelled.token_ids) < 200
+    short = llm.submit(prompt, max_new_tokens=12, ignore_eos=True)
+    assert short.result(timeout=60).token_ids == _reference(checkpoint, [prompt])[0][:12]
