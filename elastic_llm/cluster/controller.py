@@ -102,6 +102,8 @@ class ElasticController(SchedulerPlugin):
         self.replicas: dict[str, ReplicaHandle] = {}
         self.notices: list[NoticeRecord] = []
         self.ledger = CostLedger()
+        self._loop_counters: dict[str, tuple[float, float]] = {}  # replica -> (step s, overhead s)
+        self.kv_bytes_migrated = 0  #: KV bytes moved between replicas by stateful migration
         self.on_demand_price = on_demand_price_per_hour
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -154,7 +156,7 @@ class ElasticController(SchedulerPlugin):
             handle.state = ReplicaState.LOST
             lost = self.table.unfinished(handle.replica_id)
             for record in lost:
-                self._requeue(record, lost_kv=True)
+                self._requeue(record, lost_kv=True, restart=self.policy != "spotserve")
             if lost:
                 logger.warning("replica %s on %s lost %d requests: they resume from committed tokens",
                                handle.replica_id, worker, len(lost))
@@ -238,10 +240,28 @@ class ElasticController(SchedulerPlugin):
             "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
             "tokens_recomputed": sum(r.tokens_recomputed for r in self.table.records()),
             "restarts": sum(r.restarts for r in self.table.records()),
+            "requests_restarted": sum(r.restarts > 0 for r in self.table.records()),
+            "kv_bytes_migrated": self.kv_bytes_migrated,
+            "tokens_committed": sum(len(r.committed) for r in self.table.records()),
             "notices": [asdict(n) for n in self.notices],
-            "cost": asdict(self.ledger.report(time.time(), on_demand_price_per_hour=self.on_demand_price,
-                                              tokens=tokens)),
+            "cost": self._cost(tokens),
+            "controller_overhead": self._overhead(),
         }
+
+    def _cost(self, tokens: int) -> dict[str, Any]:
+        report = self.ledger.report(time.time(), on_demand_price_per_hour=self.on_demand_price, tokens=tokens)
+        return {"spot_usd": report.spot_usd, "on_demand_usd": report.on_demand_usd,
+                "spot_instance_seconds": report.spot_instance_seconds,
+                "on_demand_instance_seconds": report.on_demand_instance_seconds,
+                "on_demand_only_usd": report.on_demand_only_usd, "usd_per_1k_tokens": report.usd_per_1k_tokens,
+                "on_demand_only_usd_per_1k_tokens": report.on_demand_only_usd_per_1k_tokens,
+                "savings_vs_on_demand": report.savings_vs_on_demand}
+
+    def _overhead(self) -> float:
+        """Replica loop time outside `step()` (commands, commits) per second inside it."""
+        step = sum(busy for busy, _ in self._loop_counters.values())
+        overhead = sum(extra for _, extra in self._loop_counters.values())
+        return overhead / step if step > 0 else 0.0
 
     def on_notice(self, notice: PreemptionNotice) -> None:
         """A preemption notice (from the NoticeBoard): evacuate the worker's replicas in time."""
@@ -252,9 +272,12 @@ class ElasticController(SchedulerPlugin):
 
     # ------------------------------------------------------------------ replica commits
     def on_commit(self, worker: str | None = None, replica: str = "", tokens: list[Any] | None = None,
-                  finished: list[Any] | None = None, failed: list[Any] | None = None, **_: Any) -> None:
-        """One replica's iteration: new tokens, finished and failed requests."""
+                  finished: list[Any] | None = None, failed: list[Any] | None = None,
+                  loop: list[float] | None = None, **_: Any) -> None:
+        """One replica's iteration: new tokens, finished and failed requests, loop counters."""
         try:
+            if loop is not None:
+                self._loop_counters[replica] = (loop[1], loop[2])
             now = time.time()
             touched = set()
             for request_id, start, token_ids in tokens or ():
@@ -358,13 +381,15 @@ class ElasticController(SchedulerPlugin):
     async def _migrate(self, source: ReplicaHandle, target: ReplicaHandle, request_ids: list[str]) -> int:
         """Target pulls the requests (KV included) from source; on failure they recompute."""
         try:
-            pulled = await target.actor.pull_from(source.actor, request_ids, True)
+            received = await target.actor.pull_from(source.actor, request_ids, True)
         except Exception as exc:  # noqa: BLE001 - a side died mid-migration: fall back to recompute
             logger.warning("migration %s -> %s failed (%s): requests recompute", source.replica_id,
                            target.replica_id, exc)
             for request_id in request_ids:
                 self._requeue(self.table.get(request_id), lost_kv=True)
             return 0
+        pulled = [request_id for request_id, _ in received]
+        self.kv_bytes_migrated += sum(nbytes for _, nbytes in received)
         for request_id in pulled:
             record = self.table.get(request_id)
             if record.status is RequestStatus.RUNNING:
@@ -376,10 +401,23 @@ class ElasticController(SchedulerPlugin):
         return len(pulled)
 
     async def _restart_everything(self) -> None:
-        """Reparallelize baseline: every request starts over (the fleet changed)."""
+        """Reparallelize baseline: every replica reloads from the checkpoint, every request restarts."""
         for record in self.table.unfinished():
             self._requeue(record, lost_kv=True, restart=True)
+        live = [h for h in self.replicas.values() if h.state is ReplicaState.READY]
+        for handle in live:
+            handle.state = ReplicaState.STARTING
+        await asyncio.gather(*(self._reload(h) for h in live))
         self._wake()
+
+    async def _reload(self, handle: ReplicaHandle) -> None:
+        try:
+            await handle.actor.reload()
+        except Exception as exc:  # noqa: BLE001 - its worker died meanwhile
+            logger.warning("reload of %s failed: %s", handle.replica_id, exc)
+            return
+        if handle.state is ReplicaState.STARTING:
+            handle.state = ReplicaState.READY
 
     def _requeue(self, record: RequestRecord, lost_kv: bool, restart: bool = False) -> None:
         replica = record.replica

@@ -39,6 +39,9 @@ class ReplicaOptions:
     scheduler: str = "fcfs"  #: "fcfs" or "skip-join" (MLFQ)
     threads: int = 1  #: torch threads in this worker process
     min_step_seconds: float = 0.0  #: pace iterations to at least this long (emulates a slower instance)
+    #: bytes/s at which weights come from the checkpoint store (None: as fast as local disk);
+    #: a real fleet reads object storage, so a fair baseline pays that on every reload
+    checkpoint_bandwidth: float | None = None
 
 
 class ReplicaActor:
@@ -57,7 +60,8 @@ class ReplicaActor:
         self._ready: Future[None] = Future()
         self._error: str | None = None
         self._iterations = 0
-        self._busy_seconds = 0.0
+        self._busy_seconds = 0.0  # inside engine.step()
+        self._overhead_seconds = 0.0  # the loop's own work while serving: commands and commits
         self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
         self._thread.start()
 
@@ -87,18 +91,35 @@ class ReplicaActor:
         self._commands.put(lambda: answer.set_result(self._export(ids, include_kv)))
         return answer.result(timeout)
 
-    def pull_from(self, source: Any, request_ids: Sequence[str] | None, include_kv: bool = True) -> list[str]:
-        """Take requests (with their KV) straight from another replica's actor, worker to worker."""
+    def pull_from(self, source: Any, request_ids: Sequence[str] | None,
+                  include_kv: bool = True) -> list[tuple[str, int]]:
+        """Take requests (with their KV) straight from another replica's actor, worker to worker;
+        returns (request id, KV bytes received) for each request taken."""
         states = source.export_requests(request_ids, include_kv).result()
         self._commands.put(lambda: self._resume(states))
-        return [s.request_id for s in states]
+        return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
 
     def stats(self) -> dict[str, Any]:
         """Iterations, busy time and requests held."""
         engine = getattr(self, "_engine", None)
         return {"replica": self.replica_id, "iterations": self._iterations,
-                "busy_seconds": self._busy_seconds, "error": self._error,
+                "busy_seconds": self._busy_seconds, "overhead_seconds": self._overhead_seconds,
+                "error": self._error,
                 "requests": engine.num_requests if engine is not None else 0}
+
+    def reload(self, timeout: float = 600.0) -> None:
+        """Drop every request and load the weights again from the checkpoint (reparallelize)."""
+        answer: Future[None] = Future()
+
+        def rebuild() -> None:
+            for request_id in list(self._counts):
+                self._engine.abort(request_id)
+                self._forget(request_id)
+            self._engine = self._build_engine()
+            answer.set_result(None)
+
+        self._commands.put(rebuild)
+        answer.result(timeout)
 
     def stop(self) -> None:
         """Stop the loop thread."""
@@ -116,17 +137,22 @@ class ReplicaActor:
             self._ready.set_exception(exc)
             return
         while not self._stopped.is_set():
-            self._drain(block=not self._engine.has_unfinished())
+            idle = not self._engine.has_unfinished()
+            mark = time.perf_counter()
+            self._drain(block=idle)
+            if not idle:
+                self._overhead_seconds += time.perf_counter() - mark
             if self._stopped.is_set() or not self._engine.has_unfinished():
                 continue
             started = time.perf_counter()
             outputs = self._engine.step()
             elapsed = time.perf_counter() - started
             self._busy_seconds += elapsed
-            if elapsed < self._options.min_step_seconds:
-                time.sleep(self._options.min_step_seconds - elapsed)
             self._iterations += 1
             self._commit(outputs)
+            self._overhead_seconds += time.perf_counter() - started - elapsed
+            if elapsed < self._options.min_step_seconds:
+                time.sleep(self._options.min_step_seconds - elapsed)
 
     def _build_engine(self):  # type: ignore[no-untyped-def]
         import torch
@@ -136,9 +162,15 @@ class ReplicaActor:
         from elastic_llm.scheduling import FCFS, BatchLimits, MLFQConfig, SkipJoinMLFQ
 
         torch.set_num_threads(self._options.threads)
+        started = time.perf_counter()
+        model = load_model(self._options.model)
+        if self._options.checkpoint_bandwidth:
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())
+            time.sleep(max(0.0, weight_bytes / self._options.checkpoint_bandwidth
+                           - (time.perf_counter() - started)))
         limits = BatchLimits(self._options.max_batch_size, self._options.max_batch_tokens)
         scheduler = FCFS() if self._options.scheduler == "fcfs" else SkipJoinMLFQ(MLFQConfig(skip_join=False))
-        return LLMEngine(load_model(self._options.model), scheduler=scheduler, limits=limits)
+        return LLMEngine(model, scheduler=scheduler, limits=limits)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -205,5 +237,6 @@ class ReplicaActor:
             self._send({"tokens": tokens, "finished": finished or []})
 
     def _send(self, payload: dict[str, Any]) -> None:
-        message = {"op": COMMIT_OP, "replica": self.replica_id, **payload}
+        message = {"op": COMMIT_OP, "replica": self.replica_id,
+                   "loop": [self._iterations, self._busy_seconds, self._overhead_seconds], **payload}
         self._worker.loop.add_callback(self._worker.batched_stream.send, message)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -111,3 +113,45 @@ def test_stream_cancel_and_bad_input(fleet: tuple[SpotEmulator, ServingClient], 
     assert cancelled.finish_reason.value == "abort" and len(cancelled.token_ids) < 200
     short = llm.submit(prompt, max_new_tokens=12, ignore_eos=True)
     assert short.result(timeout=60).token_ids == _reference(checkpoint, [prompt])[0][:12]
+
+
+def _ask_from_a_task(checkpoint: str, prompt: list[int]) -> tuple[int, ...]:
+    """Runs inside a Dask task: the service is usable from workflows' own tasks."""
+    from distributed import get_client
+
+    with ServingClient(get_client(), model=checkpoint, chat=False) as llm:
+        return llm.submit(prompt, max_new_tokens=10, ignore_eos=True).result(timeout=60).token_ids
+
+
+async def _watch_metadata(url: str, dask_worker: Any) -> None:
+    """Install the AWS metadata watcher on this one worker."""
+    from elastic_llm.cluster.metadata import MetadataWatcher
+
+    await dask_worker.plugin_add(MetadataWatcher("aws", base_url=url, poll_interval_s=0.05))
+
+
+@pytest.mark.timeout(180)
+def test_usable_from_inside_dask_tasks_and_watcher_notice_migrates(
+        fleet: tuple[SpotEmulator, ServingClient], checkpoint: Path) -> None:
+    from .helpers import FakeMetadataServer
+
+    emulator, llm = fleet
+    client = llm._dask  # noqa: SLF001 - the fixture's Dask client
+    prompts = _prompts(3)
+    from_tasks = client.gather(client.map(_ask_from_a_task, [str(checkpoint)] * 3, prompts, pure=False))
+    assert list(from_tasks) == [ids[:10] for ids in _reference(checkpoint, prompts)]
+
+    [address_a] = [a for a, ws in client.cluster.scheduler.workers.items() if ws.name == "a"]
+    with FakeMetadataServer("aws") as server:
+        client.run(_watch_metadata, server.url, workers=[address_a])
+        prompts = _prompts(9)
+        futures = llm.map(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        wait_for(lambda: all(r["requests"] > 0 for r in llm.status()["replicas"]), timeout=30)
+        server.announce(time.time() + 2.0)
+        results = [f.result(timeout=150) for f in futures]
+    assert [r.token_ids for r in results] == _reference(checkpoint, prompts)
+    status = llm.status()
+    [notice] = status["notices"]
+    assert notice["worker"] == address_a and notice["migrated"] > 0
+    assert status["tokens_recomputed"] == 0
+    assert {r["worker"] for r in status["replicas"] if r["state"] == "draining"} == {address_a}
