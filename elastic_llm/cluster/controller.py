@@ -36,6 +36,14 @@ from elastic_llm.cluster.notices import NoticeBoard
 from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaActor, ReplicaOptions
 from elastic_llm.cluster.request_table import RequestRecord, RequestStatus, RequestTable
 from elastic_llm.engine.sequence import RequestState
+from elastic_llm.planning.arrangement import (
+    Arrangement,
+    GracePeriod,
+    MigrationTimeModel,
+    RunningBatch,
+    RunningRequest,
+    arrange,
+)
 from elastic_llm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,6 +70,7 @@ class ReplicaHandle:
     state: ReplicaState = ReplicaState.STARTING
     actor: Any = None
     future: Any = None  # keeps the actor alive
+    kv_bytes_per_token: int = 0  #: reported by the replica once ready
     started_at: float = field(default_factory=time.time)
 
 
@@ -73,6 +82,7 @@ class NoticeRecord:
     deadline: float  #: wall time it disappears
     received: float  #: wall time the notice arrived
     migrated: int = 0  #: requests whose KV moved to other replicas
+    recomputed: int = 0  #: requests the arrangement sent to recompute (KV would not fit in time)
 
 
 class ElasticController(SchedulerPlugin):
@@ -84,25 +94,32 @@ class ElasticController(SchedulerPlugin):
             preempted replica restart elsewhere from scratch) or "reparallelize" (any membership
             change restarts every replica and every request).
         replica: engine settings of each replica.
-        migration_margin_s: seconds before a noticed deadline by which migration must be done.
+        migration_margin_s: fixed part of a migration's time estimate (seconds): pausing, the
+            actor calls, resuming; the KV part is its bytes over `kv_bandwidth`.
+        kv_bandwidth: bytes/s at which KV moves between workers (for the grace-period arrangement).
+        prefill_seconds_per_token: estimate of recompute cost per cached token (arrangement).
         on_demand_price_per_hour: price of the on-demand counterfactual in the cost report.
     """
 
     name = PLUGIN_NAME
 
     def __init__(self, model: str, policy: str = "spotserve", replica: ReplicaOptions | None = None,
-                 migration_margin_s: float = 5.0, on_demand_price_per_hour: float = 3.912) -> None:
+                 migration_margin_s: float = 2.0, kv_bandwidth: float = 2e8,
+                 prefill_seconds_per_token: float = 2e-3, on_demand_price_per_hour: float = 3.912) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.model = model
         self.policy = policy
         self.replica_options = replica or ReplicaOptions(model=model)
         self.migration_margin_s = migration_margin_s
+        self.kv_bandwidth = kv_bandwidth
+        self.prefill_seconds_per_token = prefill_seconds_per_token
         self.table = RequestTable()
         self.replicas: dict[str, ReplicaHandle] = {}
         self.notices: list[NoticeRecord] = []
         self.ledger = CostLedger()
-        self._loop_counters: dict[str, tuple[float, float]] = {}  # replica -> (step s, overhead s)
+        # replica -> (iterations, seconds in step(), loop seconds outside step())
+        self._loop_counters: dict[str, tuple[int, float, float]] = {}
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas by stateful migration
         self.on_demand_price = on_demand_price_per_hour
         self._ids = itertools.count()
@@ -259,8 +276,8 @@ class ElasticController(SchedulerPlugin):
 
     def _overhead(self) -> float:
         """Replica loop time outside `step()` (commands, commits) per second inside it."""
-        step = sum(busy for busy, _ in self._loop_counters.values())
-        overhead = sum(extra for _, extra in self._loop_counters.values())
+        step = sum(busy for _, busy, _ in self._loop_counters.values())
+        overhead = sum(extra for _, _, extra in self._loop_counters.values())
         return overhead / step if step > 0 else 0.0
 
     def on_notice(self, notice: PreemptionNotice) -> None:
@@ -277,7 +294,7 @@ class ElasticController(SchedulerPlugin):
         """One replica's iteration: new tokens, finished and failed requests, loop counters."""
         try:
             if loop is not None:
-                self._loop_counters[replica] = (loop[1], loop[2])
+                self._loop_counters[replica] = (int(loop[0]), loop[1], loop[2])
             now = time.time()
             touched = set()
             for request_id, start, token_ids in tokens or ():
@@ -311,7 +328,8 @@ class ElasticController(SchedulerPlugin):
                                                 workers=[worker], allow_other_workers=False, pure=False,
                                                 key=f"elastic-llm-replica-{replica_id}")
             handle.actor = await handle.future
-            await handle.actor.wait_ready()
+            info = await handle.actor.wait_ready()
+            handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
         except Exception as exc:  # noqa: BLE001 - the worker may die while the replica starts
             logger.warning("replica %s on %s did not start: %s", replica_id, worker, exc)
             self.replicas.pop(replica_id, None)
@@ -361,22 +379,49 @@ class ElasticController(SchedulerPlugin):
                    for r in self.table.unfinished(replica_id))
 
     async def _evacuate(self, source: ReplicaHandle, deadline: float) -> None:
-        """Keep decoding until close to the deadline, then move every request with its KV."""
+        """Decode as long as the grace period allows (SpotServe's arrangement), then move the
+        requests whose KV fits the remaining window; the others recompute elsewhere."""
         received = time.time()
         moved = 0
-        await asyncio.sleep(max(0.0, deadline - self.migration_margin_s - time.time()))
+        recompute: set[str] = set()
+        if self.policy == "spotserve":
+            plan = self._arrangement(source, received, deadline)
+            recompute = set(plan.recompute)
+            await asyncio.sleep(max(0.0, plan.migration_start - time.time()))
+        else:
+            await asyncio.sleep(max(0.0, deadline - self.migration_margin_s - time.time()))
         targets = [h for h in self.replicas.values() if h.state is ReplicaState.READY and h is not source]
         records = self.table.unfinished(source.replica_id)
         if self.policy != "spotserve" or not targets:
             for record in records:
                 self._requeue(record, lost_kv=True, restart=self.policy != "spotserve")
         else:
-            groups = np.array_split(np.array([r.request_id for r in records], dtype=object), len(targets))
+            for record in (r for r in records if r.request_id in recompute):
+                self._requeue(record, lost_kv=True)
+            keep = [r.request_id for r in records if r.request_id not in recompute]
+            groups = np.array_split(np.array(keep, dtype=object), len(targets))
             for target, ids in zip(targets, groups, strict=False):
                 if len(ids):
                     moved += await self._migrate(source, target, [str(i) for i in ids])
-        self.notices.append(NoticeRecord(source.worker, deadline, received, moved))
+        self.notices.append(NoticeRecord(source.worker, deadline, received, moved, len(recompute)))
         self._wake()
+
+    def _arrangement(self, source: ReplicaHandle, now: float, deadline: float) -> Arrangement:
+        """How long `source` keeps decoding and whose KV migrates (planning core's `arrange`)."""
+        step = self._step_seconds(source.replica_id)
+        requests = [RunningRequest(
+            r.request_id, 0, len(r.prompt_token_ids) + len(r.committed),
+            max(0, r.params.max_new_tokens - len(r.committed)), source.kv_bytes_per_token,
+            (len(r.prompt_token_ids) + len(r.committed)) * self.prefill_seconds_per_token)
+            for r in self.table.unfinished(source.replica_id)]
+        migration = MigrationTimeModel(self.migration_margin_s, self.kv_bandwidth)
+        return arrange(now, GracePeriod(now, max(0.0, deadline - now)), [RunningBatch(0, step, now)],
+                       requests, migration)
+
+    def _step_seconds(self, replica_id: str) -> float:
+        """Mean decode-iteration time the replica reported (a default before it reported any)."""
+        iterations, busy, _ = self._loop_counters.get(replica_id, (0, 0.0, 0.0))
+        return busy / iterations if iterations else 0.05
 
     async def _migrate(self, source: ReplicaHandle, target: ReplicaHandle, request_ids: list[str]) -> int:
         """Target pulls the requests (KV included) from source; on failure they recompute."""
