@@ -39,12 +39,14 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_tiny_checkpoint(directory: Path, name: str, seed: int = 0) -> Path:
-    """Save a randomly initialised transformers model of `TINY_CONFIGS[name]` to `directory`."""
+def build_tiny_checkpoint(directory: Path, name: str, seed: int = 0,
+                          fields: dict[str, Any] | None = None) -> Path:
+    """Save a randomly initialised transformers model of `TINY_CONFIGS[name]` (or of `fields`,
+    a config of the same form) to `directory`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(TINY_CONFIGS[name])
+    fields = dict(TINY_CONFIGS[name] if fields is None else fields)
     model_type = fields.pop("model_type")
     fields.setdefault("num_hidden_layers", 3)
     fields.setdefault("vocab_size", 320)

@@ -29,6 +29,7 @@ import numpy as np
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from elastic_llm.cluster import metrics
 from elastic_llm.cluster.contracts import PreemptionNotice
 from elastic_llm.cluster.cost import CostLedger
 from elastic_llm.cluster.instance import fleet_info, instance_info
@@ -128,6 +129,7 @@ class ElasticController(SchedulerPlugin):
         self._wakeup: asyncio.Event | None = None
         self._client_events: dict[str, asyncio.Event] = {}
         self._started_at = time.time()
+        self._unregister_metrics: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ plugin hooks
     async def start(self, scheduler: Any) -> None:
@@ -140,6 +142,7 @@ class ElasticController(SchedulerPlugin):
             "elastic_llm_status": self._handler(self.status),
         })
         scheduler.stream_handlers[COMMIT_OP] = self.on_commit
+        self._unregister_metrics = metrics.register(self.status)
         self._wakeup = asyncio.Event()
         with contextlib.suppress(LookupError):  # notices arrive through the NoticeBoard plugin
             NoticeBoard.of(scheduler).subscribe(self.on_notice)
@@ -151,7 +154,9 @@ class ElasticController(SchedulerPlugin):
         self._spawn(self._dispatch_loop())
 
     async def close(self) -> None:
-        """Stop background work and the internal client."""
+        """Stop background work, the metrics collector and the internal client."""
+        if self._unregister_metrics is not None:
+            self._unregister_metrics()
         for task in list(self._tasks):
             task.cancel()
         if self._client is not None:

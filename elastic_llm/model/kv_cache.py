@@ -17,13 +17,15 @@ class KVState:
     """A request's KV cache as plain tensors, detached from any engine.
 
     ``keys[i]`` / ``values[i]`` belong to layer ``layer_start + i`` and are shaped
-    ``[num_kv_heads_held, length, head_dim]`` (contiguous, CPU or device).
+    ``[num_kv_heads_held, length, head_dim]`` (contiguous, CPU or device); their first head is KV
+    head ``head_start`` (a tensor-parallel rank holds a range of KV heads).
     """
 
     layer_start: int  #: first layer held
     keys: tuple[torch.Tensor, ...]  #: one tensor per layer held
     values: tuple[torch.Tensor, ...]  #: one tensor per layer held
     length: int  #: positions cached
+    head_start: int = 0  #: first KV head held
 
     @property
     def nbytes(self) -> int:
@@ -33,7 +35,7 @@ class KVState:
     def to(self, device: torch.device | str) -> KVState:
         """A copy on `device`."""
         return KVState(self.layer_start, tuple(k.to(device) for k in self.keys),
-                       tuple(v.to(device) for v in self.values), self.length)
+                       tuple(v.to(device) for v in self.values), self.length, self.head_start)
 
 
 class KVCache:

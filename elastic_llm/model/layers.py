@@ -34,11 +34,16 @@ class TensorShard:
     heads: tuple[int, int]  #: query heads [start, stop)
     kv_heads: tuple[int, int]  #: key/value heads [start, stop)
     intermediate: tuple[int, int]  #: MLP inner columns [start, stop)
+    vocab: tuple[int, int] | None = None  #: LM-head vocabulary rows [start, stop); None: all
 
     @classmethod
     def full(cls, spec: ModelSpec) -> TensorShard:
         """The whole model (tensor degree 1)."""
         return cls((0, spec.num_heads), (0, spec.num_kv_heads), (0, spec.intermediate_size))
+
+    def vocab_rows(self, vocab_size: int) -> tuple[int, int]:
+        """LM-head rows held: `vocab`, or every row when it is None."""
+        return self.vocab if self.vocab is not None else (0, vocab_size)
 
     @property
     def num_heads(self) -> int:
@@ -225,7 +230,8 @@ class MLP(nn.Module):
         self.down.weight.data = weights.get(f"{prefix}down_proj.weight", 1, lo, hi).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.width, dim=-1)
+        fused = self.gate_up(x)
+        gate, up = fused[..., : self.width], fused[..., self.width:]  # width 0: an empty AutoTP rank
         return self.reduce(self.down(F.silu(gate) * up))
 
 

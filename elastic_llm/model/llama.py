@@ -44,8 +44,10 @@ class LlamaNetwork(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(spec, i, self.shard, reduce) for i in self.layer_range
         )
+        self.head_rows = self.shard.vocab_rows(spec.vocab_size)  #: vocabulary rows of the LM head
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_head else None
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False) if has_head else None
+        self.lm_head = (Linear(spec.hidden_size, self.head_rows[1] - self.head_rows[0], bias=False)
+                        if has_head else None)
 
     @classmethod
     def from_checkpoint(cls, spec: ModelSpec, rotary: Rotary, weights: SafetensorsWeights,
@@ -67,11 +69,15 @@ class LlamaNetwork(nn.Module):
             layer.load(weights)  # type: ignore[operator]
         if self.norm is not None and self.lm_head is not None:
             self.norm.weight.data = weights.get("model.norm.weight")
+            lo, hi = self.head_rows
+            whole = (lo, hi) == (0, self.spec.vocab_size)
             if self.spec.tie_word_embeddings and self.embed is not None:
-                self.lm_head.weight = self.embed.weight
+                # tied: the head is the embedding (or a view of its rows), never a second copy
+                self.lm_head.weight = (self.embed.weight if whole else
+                                       nn.Parameter(self.embed.weight.data[lo:hi], requires_grad=False))
             else:
                 name = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
-                self.lm_head.weight.data = weights.get(name)
+                self.lm_head.weight.data = weights.get(name) if whole else weights.get(name, 0, lo, hi)
         wrong = [f"{name}: checkpoint {tuple(p.shape)}, model {expected[name]}"
                  for name, p in self.named_parameters() if tuple(p.shape) != expected[name]]
         if wrong:
@@ -90,7 +96,8 @@ class LlamaNetwork(nn.Module):
             logit_rows: rows whose next-token logits are wanted (last stage only).
 
         Returns:
-            logits [len(logit_rows), vocab] on the last stage, else hidden states [T, hidden].
+            logits [len(logit_rows), vocab] on the last stage (only the held vocabulary rows'
+            columns when the shard's `vocab` is set), else hidden states [T, hidden].
         """
         hidden = self.embed(inputs) if self.embed is not None else inputs
         for layer in self.layers:

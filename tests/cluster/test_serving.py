@@ -113,6 +113,26 @@ def test_stream_cancel_and_bad_input(fleet: tuple[SpotEmulator, ServingClient], 
     assert cancelled.finish_reason.value == "abort" and len(cancelled.token_ids) < 200
     short = llm.submit(prompt, max_new_tokens=12, ignore_eos=True)
     assert short.result(timeout=60).token_ids == _reference(checkpoint, [prompt])[0][:12]
+    _check_monitoring(llm)
+
+
+def _check_monitoring(llm: ServingClient) -> None:
+    """The prometheus collector (scheduler process = this process) and the Streamlit page."""
+    from prometheus_client import generate_latest
+    from streamlit.testing.v1 import AppTest
+
+    metrics = generate_latest().decode()
+    finished = [line for line in metrics.splitlines() if line.startswith("elastic_llm_requests_finished_total")]
+    assert finished and float(finished[0].split()[-1]) == llm.status()["finished"] >= 2
+    address = llm._dask.scheduler.address  # noqa: SLF001
+    app = AppTest.from_file(str(Path(__file__).parents[2] / "dashboards" / "app.py"),
+                            default_timeout=60)
+    app.run()
+    app.sidebar.text_input[0].set_value(address)
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    labels = {m.label: m.value for m in app.metric}
+    assert labels["finished"] == str(llm.status()["finished"])
 
 
 def _ask_from_a_task(checkpoint: str, prompt: list[int]) -> tuple[int, ...]:

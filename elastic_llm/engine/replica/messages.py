@@ -1,0 +1,78 @@
+"""Plain frozen messages between the driver and the shard runtimes (picklable, no tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elastic_llm.engine.executor import StepWork
+from elastic_llm.engine.replica.layout import ShardLayout
+from elastic_llm.model.spec import ModelSpec
+from elastic_llm.planning.migration import Transfer
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a shard runtime reads its model from."""
+
+    checkpoint_dir: str  #: directory of config.json and safetensors
+    spec: ModelSpec  #: the model's shapes (bytes_per_param matches `dtype`)
+    config: dict[str, Any]  #: config.json (RoPE settings)
+    dtype: str = "float32"  #: torch dtype name of weights and KV
+    device: str = "cpu"  #: "cpu" or "cuda" (a CUDA worker takes GPU `index % device_count`)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One configuration epoch's `torch.distributed` process group, as seen by one member."""
+
+    host: str  #: TCPStore host (the driver's)
+    port: int  #: TCPStore port
+    epoch: int  #: configuration epoch: the store prefix, so every epoch rendezvouses afresh
+    rank: int  #: this process's rank in the group
+    world_size: int  #: members
+    backend: str  #: "gloo" (CPU) or "nccl" (CUDA)
+    tensor_groups: tuple[tuple[int, ...], ...] = ()  #: ranks of each tensor-parallel group (M > 1)
+    timeout_s: float = 120.0  #: every collective and receive gives up after this
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Works that walk the pipeline together."""
+
+    works: tuple[StepWork, ...]  #: in the step's order
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of the flat batch."""
+        return sum(len(w.token_ids) for w in self.works)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One forward pass of the replica, split into micro-batches kept in flight together."""
+
+    micro_batches: tuple[MicroBatch, ...]  #: contiguous, in the step's order
+
+
+@dataclass(frozen=True)
+class MigrationOrders:
+    """What one process does in a reconfiguration: its part of the global transfer list, then
+    rebuild itself as `layout` (None: it leaves the replica and only sends)."""
+
+    layout: ShardLayout | None  #: the new holding
+    transfers: tuple[Transfer, ...]  #: every transfer, in the one global order all members follow
+    ranks: tuple[tuple[str, int], ...]  #: worker name -> rank in the migration group
+    kv_lengths: tuple[tuple[str, int], ...]  #: requests whose KV is kept, sorted by id
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """What one process did in a reconfiguration."""
+
+    worker: str  #: who reports
+    bytes_sent: int  #: to peers
+    bytes_received: int  #: from peers
+    bytes_read: int  #: from the checkpoint
+    transfer_seconds: tuple[tuple[int, float], ...]  #: (transfer index, seconds) it received
+    seconds: float  #: transfers and rebuild

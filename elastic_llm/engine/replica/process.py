@@ -1,0 +1,154 @@
+"""Launching shard runtimes as local processes and talking to them over pipes.
+
+This is the only module that knows about processes: `worker_main` runs a `ShardRuntime` behind a
+pipe (one call at a time, tensors packed by `wire`), `WorkerProcess` is the driver's handle, and
+`collect` waits for one reply from each of several workers with a deadline, watching the
+processes' sentinels so that a dead child raises `ReplicaWorkerError` at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from elastic_llm.engine.replica.errors import ReplicaTimeoutError, ReplicaWorkerError
+from elastic_llm.engine.replica.messages import ModelSource
+from elastic_llm.engine.replica.wire import from_wire, to_wire
+
+#: `ShardRuntime` methods a driver may call through the pipe.
+RUNTIME_METHODS = frozenset({"join", "leave", "step", "migrate", "export_kv", "import_kv",
+                             "release", "kv_lengths", "describe"})
+
+
+@dataclass(frozen=True)
+class Call:
+    """A method call on the worker's runtime (`release` is applied first, piggybacked)."""
+
+    method: str  #: one of `RUNTIME_METHODS`, or "shutdown"
+    kwargs: dict[str, Any] = field(default_factory=dict)  #: arguments, tensors packed
+    release: tuple[str, ...] = ()  #: request ids whose KV to drop before the call
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The result of a `Call` (or of starting up)."""
+
+    ok: bool  #: False: `error` holds the worker's traceback
+    value: Any = None  #: the method's return value, tensors packed
+    error: str = ""  #: formatted traceback when not ok
+
+
+def worker_main(conn: multiprocessing.connection.Connection, name: str, source: ModelSource,
+                device_index: int) -> None:
+    """Entry point of a worker process: serve `Call`s on `conn` until "shutdown" or EOF."""
+    import torch
+
+    from elastic_llm.engine.replica.runtime import ShardRuntime
+
+    torch.set_num_threads(1)  # P*M processes share a few cores: one thread each
+    try:
+        runtime = ShardRuntime(name, source, device_index)
+    except Exception:
+        conn.send(Reply(False, error=traceback.format_exc()))
+        return
+    conn.send(Reply(True, os.getpid()))
+    while True:
+        try:
+            call: Call = conn.recv()
+        except (EOFError, OSError):  # the driver is gone
+            break
+        if call.method == "shutdown":  # the driver joins the process; no reply
+            break
+        try:
+            if call.method not in RUNTIME_METHODS:
+                raise ValueError(f"unknown runtime method {call.method!r}")
+            if call.release:
+                runtime.release(call.release)
+            value = getattr(runtime, call.method)(**from_wire(call.kwargs))
+            conn.send(Reply(True, to_wire(value)))
+        except Exception:
+            conn.send(Reply(False, error=traceback.format_exc()))
+    runtime.close()
+
+
+class WorkerProcess:
+    """The driver's handle on one worker process."""
+
+    def __init__(self, name: str, context: BaseContext, source: ModelSource, device_index: int) -> None:
+        self.name = name
+        parent, child = context.Pipe()
+        self.process = context.Process(target=worker_main, args=(child, name, source, device_index),
+                                       name=f"elastic-llm-{name}", daemon=True)  # type: ignore[attr-defined]
+        self.process.start()
+        child.close()
+        self.conn = parent
+
+    def post(self, call: Call) -> None:
+        """Send `call` (the reply is read by `collect`)."""
+        try:
+            self.conn.send(call)
+        except (BrokenPipeError, OSError) as exc:
+            raise ReplicaWorkerError(f"worker {self.name} is gone ({self.exit_text()}): {exc}") from None
+
+    def exit_text(self) -> str:
+        """How the process ended, for error messages."""
+        code = self.process.exitcode
+        if code is None:
+            return "still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to shut down; terminate, then kill it if it does not within the timeout."""
+        if self.process.is_alive():
+            try:
+                self.conn.send(Call("shutdown"))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2.0)
+        self.conn.close()
+
+
+def collect(workers: Sequence[WorkerProcess], what: str, timeout_s: float) -> list[Any]:
+    """One reply from each worker, in order. Raises `ReplicaWorkerError` as soon as a worker fails
+    or dies, `ReplicaTimeoutError` when the deadline passes first."""
+    values: dict[str, Any] = {}
+    pending = {w.conn: w for w in workers}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            names = ", ".join(sorted(w.name for w in pending.values()))
+            raise ReplicaTimeoutError(f"no answer to {what!r} from {names} within {timeout_s:.0f} s")
+        sentinels = {w.process.sentinel: w for w in pending.values()}
+        ready = multiprocessing.connection.wait([*pending, *sentinels], remaining)
+        for handle in ready:
+            worker = pending.get(handle) or sentinels[handle]  # type: ignore[call-overload]
+            if worker.conn not in pending:
+                continue
+            if handle is not worker.conn and not worker.conn.poll():
+                worker.process.join(1.0)
+                raise ReplicaWorkerError(f"worker {worker.name} died during {what!r} "
+                                         f"({worker.exit_text()})")
+            try:
+                reply: Reply = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.process.join(1.0)
+                raise ReplicaWorkerError(f"worker {worker.name} died during {what!r} "
+                                         f"({worker.exit_text()})") from None
+            if not reply.ok:
+                raise ReplicaWorkerError(f"worker {worker.name} failed in {what!r}:\n{reply.error}")
+            values[worker.name] = from_wire(reply.value)
+            del pending[worker.conn]
+    return [values[w.name] for w in workers]

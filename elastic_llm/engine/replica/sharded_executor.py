@@ -1,0 +1,381 @@
+"""`ShardedExecutor`: one replica as P pipeline stages x M tensor ranks in P*M local processes.
+
+It implements the engine's `Executor` contract, so ``LLMEngine(model, executor=ShardedExecutor(
+model, ParallelConfig(D=1, P=2, M=2, B=8)))`` serves with it. The driver (this object, in the
+engine's process) holds no weights: it splits each step into micro-batches, sends the step to
+every worker over its pipe, and gathers the last stage's logits. Hidden states hop stage to stage
+and the tensor-parallel all-reduce runs inside the workers' `torch.distributed` group.
+
+`reconfigure` switches the live replica to another (P, M): a new configuration epoch in the same
+processes (more are started or some stopped when P*M changes), the KM mapper and the migration
+planner decide who sits where and which slices move, and the requests' KV stays without
+recompute. Starting up is the same path from nothing: every slice comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from elastic_llm.engine.executor import StepWork
+from elastic_llm.engine.replica.errors import ReplicaError, ReplicaWorkerError
+from elastic_llm.engine.replica.kv import full_kv_check, merge_kv, slice_kv
+from elastic_llm.engine.replica.layout import ShardLayout, check_config, replica_layouts
+from elastic_llm.engine.replica.messages import (
+    GroupSpec,
+    MicroBatch,
+    MigrationOrders,
+    MigrationStats,
+    ModelSource,
+    StepPlan,
+)
+from elastic_llm.engine.replica.process import Call, WorkerProcess, collect
+from elastic_llm.engine.replica.reconfig import WorkerAssignment, plan_reconfiguration
+from elastic_llm.engine.replica.wire import to_wire
+from elastic_llm.model.checkpoint import resolve_checkpoint
+from elastic_llm.model.kv_cache import KVState
+from elastic_llm.model.loader import LoadedModel, read_config
+from elastic_llm.model.spec import ModelSpec
+from elastic_llm.planning.config import ParallelConfig, Placement
+from elastic_llm.planning.migration import Transfer
+from elastic_llm.planning.slices import Slice
+
+#: Modules the forkserver imports once, so that each worker starts in milliseconds.
+_PRELOAD = ["torch", "torch.distributed", "elastic_llm.engine.replica.runtime"]
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """One slice moved in a reconfiguration."""
+
+    src: str | None  #: sending worker; None: read from the checkpoint
+    dst: str  #: receiving worker
+    slice: Slice  #: what moved (planning core's slice: layer, part, unit range, KV tokens)
+    nbytes: int  #: bytes
+    seconds: float  #: time the receiver spent on it (receive or checkpoint read)
+
+
+@dataclass(frozen=True)
+class ReconfigurationReport:
+    """What one reconfiguration (or the start, from the checkpoint) did."""
+
+    old: ParallelConfig | None  #: configuration before (None at the start)
+    new: ParallelConfig  #: configuration after
+    epoch: int  #: process-group epoch now running
+    assignments: tuple[WorkerAssignment, ...]  #: every worker's old and new position
+    transfers: tuple[TransferRecord, ...]  #: in execution order
+    kv_requests: int  #: requests whose KV was carried over
+    received_bytes: int  #: bytes the workers actually received or read (equals `moved_bytes`)
+    started_workers: tuple[str, ...]  #: processes started for it
+    stopped_workers: tuple[str, ...]  #: processes stopped after it
+    spawn_seconds: float  #: starting new processes
+    plan_seconds: float  #: mapping and migration planning
+    group_seconds: float  #: forming the process groups (all epochs)
+    migrate_seconds: float  #: transfers and rebuilding networks and KV
+    seconds: float  #: all of it, wall clock
+
+    @property
+    def weight_bytes(self) -> int:
+        """Weight bytes sent worker to worker."""
+        return sum(t.nbytes for t in self.transfers if t.src is not None and not t.slice.is_kv)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Weight bytes read from the checkpoint (slices no live worker held)."""
+        return sum(t.nbytes for t in self.transfers if t.src is None)
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV bytes sent worker to worker."""
+        return sum(t.nbytes for t in self.transfers if t.slice.is_kv)
+
+    @property
+    def moved_bytes(self) -> int:
+        """Everything that reached a worker that lacked it."""
+        return sum(t.nbytes for t in self.transfers)
+
+
+class ShardedExecutor:
+    """Runs one replica on P*M local worker processes behind the `Executor` contract.
+
+    Args:
+        model: a `LoadedModel` (its checkpoint directory, spec and dtype are used; the workers
+            read their own slices) or a checkpoint name / directory / GGUF file (fp32).
+        parallel: the configuration (D must be 1; B is not used here, the engine batches).
+        device: "cpu" (gloo) or "cuda" (NCCL; worker i uses GPU i modulo the GPU count).
+        micro_batches: micro-batches per step (default P, capped at the step's works).
+        timeout_s: limit on every answer from a worker and on every collective.
+        start_method: multiprocessing start method ("forkserver": fast starts after the first).
+    """
+
+    def __init__(self, model: LoadedModel | str | os.PathLike[str], parallel: ParallelConfig, *,
+                 device: str = "cpu", micro_batches: int | None = None, timeout_s: float = 120.0,
+                 start_method: str = "forkserver") -> None:
+        self._source = _model_source(model, device)
+        self.spec: ModelSpec = self._source.spec
+        self.timeout_s = timeout_s
+        #: micro-batches per step (None: P); may be changed between steps
+        self.micro_batches = micro_batches
+        self._backend = "nccl" if device == "cuda" else "gloo"
+        self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._context.set_forkserver_preload(_PRELOAD)  # type: ignore[attr-defined]
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=timeout_s))
+        self._workers: dict[str, WorkerProcess] = {}
+        self._names = (f"w{i}" for i in itertools.count())
+        self._device_slots = itertools.count()
+        self._placement: Placement | None = None
+        self._layouts: tuple[ShardLayout, ...] = ()
+        self._lengths: dict[str, int] = {}
+        self._released: list[str] = []
+        self._epoch = 0
+        self._failure: str | None = None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+        try:
+            #: the start-up report (every slice read from the checkpoint)
+            self.start_report = self.reconfigure(parallel)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The configuration running now."""
+        assert self._placement is not None
+        return self._placement.config
+
+    @property
+    def placement(self) -> Placement:
+        """Which worker holds which position now."""
+        assert self._placement is not None
+        return self._placement
+
+    @property
+    def epoch(self) -> int:
+        """The process-group epoch running now (grows with every reconfiguration)."""
+        return self._epoch
+
+    def worker_pids(self) -> dict[str, int | None]:
+        """Worker name -> process id."""
+        return {name: w.process.pid for name, w in self._workers.items()}
+
+    def describe(self) -> list[dict[str, object]]:
+        """Each worker's layout and bytes held, in canonical position order."""
+        return self._call("describe")
+
+    # ------------------------------------------------------------------ Executor contract
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token of one request over all shards (all layers, all KV heads)."""
+        element = torch.empty((), dtype=getattr(torch, self._source.dtype)).element_size()
+        return 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * element
+
+    def execute(self, works: Sequence[StepWork]) -> torch.Tensor:
+        """One replica step over `works`; logits ``[n_sampled, vocab]`` (float32, CPU) in order."""
+        self._check_usable()
+        if not works:
+            return torch.empty(0, self.spec.vocab_size)
+        if len({w.request_id for w in works}) != len(works):
+            raise ValueError("a request appears twice in one step")
+        for work in works:
+            held = self._lengths.get(work.request_id, 0)
+            if held != work.start_position:
+                raise RuntimeError(f"request {work.request_id!r}: KV holds {held} positions, "
+                                   f"work starts at {work.start_position}")
+        plan = StepPlan(split_micro_batches(works, self.micro_batches or self.parallel.P))
+        results = self._call("step", plan=plan)
+        for work in works:
+            self._lengths[work.request_id] = work.start_position + len(work.token_ids)
+        heads = [r for r, layout in zip(results, self._layouts, strict=True) if layout.has_head]
+        return torch.cat(heads, dim=1) if len(heads) > 1 else heads[0]
+
+    def kv_length(self, request_id: str) -> int:
+        """Positions cached for `request_id` (0 if none)."""
+        return self._lengths.get(request_id, 0)
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's KV; the workers drop it with the next call they get."""
+        if self._lengths.pop(request_id, None) is not None:
+            self._released.append(request_id)
+
+    def export_kv(self, request_id: str) -> KVState | None:
+        """The request's whole KV (all layers, all KV heads) assembled from the shards, on CPU."""
+        self._check_usable()
+        if not self._lengths.get(request_id):
+            return None
+        blocks = self._call("export_kv", request_id=request_id)
+        return merge_kv([b for b in blocks if b is not None], range(self.spec.num_layers),
+                        (0, self.spec.num_kv_heads), self.spec.head_dim)
+
+    def import_kv(self, request_id: str, state: KVState) -> None:
+        """Adopt a whole KV `state`: each shard gets its layers x KV heads."""
+        self._check_usable()
+        full_kv_check(state, self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim)
+        state = state.to("cpu")
+        per_worker = {name: {"request_id": request_id,
+                             "state": slice_kv(state, layout.layers, layout.shard.kv_heads)}
+                      for name, layout in zip(self.placement.workers, self._layouts, strict=True)}
+        self._call("import_kv", per_worker=per_worker)
+        self._lengths[request_id] = state.length
+
+    # ------------------------------------------------------------------ reconfiguration
+    def reconfigure(self, parallel: ParallelConfig) -> ReconfigurationReport:
+        """Switch the live replica to `parallel`, keeping every request's KV (no recompute).
+
+        Only the slices a new position lacks move (worker to worker, or from the checkpoint when
+        no live worker holds them); process groups are re-formed as a new epoch inside the same
+        processes; processes are started or stopped when P*M changes.
+        """
+        self._check_usable()
+        check_config(self.spec, parallel)
+        started = time.perf_counter()
+        old = self._placement
+        try:
+            spawned = self._spawn(parallel.num_positions - len(self._workers))
+            spawn_done = time.perf_counter()
+            kv_lengths = tuple(sorted((rid, n) for rid, n in self._lengths.items() if n > 0))
+            plan = plan_reconfiguration(self.spec, old, parallel, list(self._workers),
+                                        sum(n for _, n in kv_lengths))
+            plan_done = time.perf_counter()
+            layouts = replica_layouts(self.spec, parallel)
+            members = [*plan.placement.workers, *plan.leaving]
+            group_seconds = self._join(members, parallel if not plan.leaving else None)
+            migrate_began = time.perf_counter()
+            ranks = tuple((name, i) for i, name in enumerate(members))
+            orders = {name: {"orders": MigrationOrders(layout, plan.transfers, ranks, kv_lengths)}
+                      for name, layout in zip(plan.placement.workers, layouts, strict=True)}
+            orders.update({name: {"orders": MigrationOrders(None, plan.transfers, ranks, kv_lengths)}
+                           for name in plan.leaving})
+            stats: list[MigrationStats] = self._call("migrate", per_worker=orders, workers=members)
+            migrate_seconds = time.perf_counter() - migrate_began
+            self._placement, self._layouts = plan.placement, layouts
+            if plan.leaving:
+                for name in plan.leaving:
+                    self._workers.pop(name).stop(self.timeout_s)
+                group_seconds += self._join(list(plan.placement.workers), parallel)
+        except Exception as exc:
+            self._fail(exc)
+            raise
+        return ReconfigurationReport(
+            old=None if old is None else old.config, new=parallel, epoch=self._epoch,
+            assignments=plan.assignments,
+            transfers=_records(plan.transfers, stats), kv_requests=len(kv_lengths),
+            received_bytes=sum(s.bytes_received + s.bytes_read for s in stats),
+            started_workers=spawned, stopped_workers=plan.leaving,
+            spawn_seconds=spawn_done - started, plan_seconds=plan_done - spawn_done,
+            group_seconds=group_seconds, migrate_seconds=migrate_seconds,
+            seconds=time.perf_counter() - started)
+
+    def _spawn(self, count: int) -> tuple[str, ...]:
+        """Start `count` workers and wait until each is ready."""
+        fresh = [WorkerProcess(next(self._names), self._context, self._source, next(self._device_slots))
+                 for _ in range(max(0, count))]
+        self._workers.update((w.name, w) for w in fresh)
+        collect(fresh, "start", self.timeout_s)
+        return tuple(w.name for w in fresh)
+
+    def _join(self, members: Sequence[str], parallel: ParallelConfig | None) -> float:
+        """Form the next epoch's group of `members` (ranks in that order); with `parallel`, also
+        its tensor-parallel groups (then `members` must be in canonical position order)."""
+        began = time.perf_counter()
+        self._epoch += 1
+        groups: tuple[tuple[int, ...], ...] = ()
+        if parallel is not None and parallel.M > 1:
+            groups = tuple(tuple(range(s * parallel.M, (s + 1) * parallel.M)) for s in range(parallel.P))
+        per_worker = {name: {"group": GroupSpec("127.0.0.1", self._store.port, self._epoch, rank,
+                                                len(members), self._backend, groups, self.timeout_s)}
+                      for rank, name in enumerate(members)}
+        self._call("join", per_worker=per_worker, workers=members)
+        return time.perf_counter() - began
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, method: str, *, per_worker: dict[str, dict[str, object]] | None = None,
+              workers: Sequence[str] | None = None, **kwargs: object) -> list:  # type: ignore[type-arg]
+        """Call `method` on `workers` (default: the placement's, canonical order); one reply each."""
+        names = list(workers) if workers is not None else list(self.placement.workers)
+        handles = [self._workers[n] for n in names]
+        release, self._released = tuple(self._released), []
+        try:
+            for handle in handles:
+                args = per_worker[handle.name] if per_worker is not None else kwargs
+                handle.post(Call(method, to_wire(args), release))
+            return collect(handles, method, self.timeout_s)
+        except ReplicaError as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = f"{type(exc).__name__}: {exc}"
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ReplicaError("the sharded executor is closed")
+        if self._failure is not None:
+            raise ReplicaWorkerError(f"the replica failed earlier and must be closed: {self._failure}")
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Stop every worker (asked first, then terminated, then killed) and the store."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> ShardedExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split_micro_batches(works: Sequence[StepWork], count: int) -> tuple[MicroBatch, ...]:
+    """Cut `works` into at most `count` contiguous, non-empty micro-batches of similar token counts."""
+    count = max(1, min(count, len(works)))
+    total = sum(len(w.token_ids) for w in works)
+    chunks: list[list[StepWork]] = [[]]
+    done = 0
+    for i, work in enumerate(works):
+        if chunks[-1] and len(chunks) < count and (
+                done >= total * len(chunks) / count or len(works) - i <= count - len(chunks)):
+            chunks.append([])
+        chunks[-1].append(work)
+        done += len(work.token_ids)
+    return tuple(MicroBatch(tuple(c)) for c in chunks)
+
+
+def _records(transfers: Sequence[Transfer], stats: Sequence[MigrationStats]) -> tuple[TransferRecord, ...]:
+    seconds = {index: s for st in stats for index, s in st.transfer_seconds}
+    return tuple(TransferRecord(t.src, t.dst, t.slice, t.nbytes, seconds.get(i, 0.0))
+                 for i, t in enumerate(transfers))
+
+
+def _model_source(model: LoadedModel | str | os.PathLike[str], device: str) -> ModelSource:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if isinstance(model, LoadedModel):
+        dtype = next(model.network.parameters()).dtype
+        return ModelSource(str(model.checkpoint_dir), model.spec, dict(model.config),
+                           str(dtype).removeprefix("torch."), device)
+    path = resolve_checkpoint(model)
+    config = read_config(path)
+    spec = ModelSpec.from_hf_config(config, name=Path(os.fspath(model)).name, bytes_per_param=4)
+    return ModelSource(str(path), spec, config, "float32", device)
+
+
+def _stop_all(workers: dict[str, WorkerProcess]) -> None:
+    for worker in list(workers.values()):
+        worker.stop(timeout_s=5.0)
+    workers.clear()
