@@ -22,6 +22,7 @@ from elastic_llm.errors import InvalidRequestError, UnknownRequestError
 from elastic_llm.model.checkpoint import DEFAULT_MODEL
 from elastic_llm.model.kv_cache import KVState
 from elastic_llm.model.loader import LoadedModel, load_model
+from elastic_llm.planning.config import ParallelConfig
 from elastic_llm.request import Completion, RequestOutput
 from elastic_llm.sampling import SamplingParams, validate_prompt_ids
 from elastic_llm.scheduling import (
@@ -51,19 +52,22 @@ class LLMEngine:
         seed: seeds the choice of per-request seeds for sampled requests that gave none.
         clock: time source in seconds (monotonic); the scheduler gets its readings.
         executor: what runs the network and holds the KV (default: `LocalExecutor`, this process).
+        parallel: run the replica as P pipeline stages x M tensor ranks in P*M local processes
+            (`ParallelConfig` with D = 1, or a (P, M) pair); None or (1, 1): this process.
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike[str] = DEFAULT_MODEL, *,
                  scheduler: RequestScheduler | None = None, limits: BatchLimits | None = None,
                  residency: ResidencyConfig | None = None, seed: int = 0,
                  clock: Callable[[], float] = time.monotonic,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 parallel: ParallelConfig | tuple[int, int] | None = None) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.spec = self.model.spec
         self.tokenizer = self.model.tokenizer
         self.scheduler = scheduler if scheduler is not None else FCFS()
         self.limits = limits or BatchLimits()
-        self.executor: Executor = executor if executor is not None else LocalExecutor(self.model.network, self.spec)
+        self.executor: Executor = executor if executor is not None else self._make_executor(parallel)
         self._residency = self._residency_policy(residency)
         self.clock = clock
         self._seeds = random.Random(seed)
@@ -239,6 +243,37 @@ class LLMEngine:
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         return EngineRequest(request_id, prompt_ids, params, arrival, self._eos_ids,
                              self.spec.max_position_embeddings, decode)
+
+    def _make_executor(self, parallel: ParallelConfig | tuple[int, int] | None) -> Executor:
+        config = self._parallel_config(parallel) if parallel is not None else None
+        if config is None or (config.P, config.M) == (1, 1):
+            return LocalExecutor(self.model.network, self.spec)
+        from elastic_llm.engine.replica.sharded_executor import ShardedExecutor
+
+        return ShardedExecutor(self.model, config)
+
+    def _parallel_config(self, parallel: ParallelConfig | tuple[int, int]) -> ParallelConfig:
+        if isinstance(parallel, ParallelConfig):
+            if parallel.D != 1:
+                raise ValueError("one engine is one replica: ParallelConfig.D must be 1")
+            return parallel
+        pipeline, tensor = parallel
+        return ParallelConfig(D=1, P=pipeline, M=tensor, B=self.limits.max_batch_size)
+
+    def reconfigure(self, parallel: ParallelConfig | tuple[int, int]) -> object:
+        """Switch the running replica to another (P, M) between iterations; in-flight requests keep
+        their KV (moved by slice, nothing recomputed). Returns the executor's report."""
+        reconfigure = getattr(self.executor, "reconfigure", None)
+        if reconfigure is None:
+            raise ValueError(f"{type(self.executor).__name__} cannot reconfigure: build the engine "
+                             "with parallel=... to run a sharded replica")
+        return reconfigure(self._parallel_config(parallel))
+
+    def close(self) -> None:
+        """Release the executor's processes and threads."""
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
 
     def _check_fits_budget(self, request: EngineRequest) -> None:
         """Refuse a request whose KV at its longest could never be resident (it would wait forever)."""

@@ -173,10 +173,13 @@ class Placement:
         index = self._index.get(worker)
         return None if index is None else self.config.position_at(index)
 
+    def index_of_worker(self, worker: str) -> int | None:
+        """Canonical index of the position ``worker`` holds, or None when it has none."""
+        return self._index.get(worker)
+
     def items(self) -> Iterator[tuple[Position, str]]:
         """(position, worker) pairs in canonical order."""
-        for index, worker in enumerate(self.workers):
-            yield self.config.position_at(index), worker
+        yield from zip(self.config.positions(), self.workers)
 
     @cached_property
     def as_dict(self) -> dict[Position, str]:

@@ -16,13 +16,20 @@ Plans are data (`MigrationPlan`); the controller executes them in order and may 
 * **Time**: transfers replayed in plan order on per-device send/receive queues (full duplex),
   each at the lower of both ends' bandwidth (the intra-instance link within an instance, the
   storage bandwidth for checkpoint reads).
+
+Cost: per plan, the Python work is per transfer and per release, not per held slice. Workers
+whose slice tuples are unchanged are skipped; the uncovered pieces and their cuts along holder
+intervals are computed once per pair of shared slice tuples (`_Gaps`) and per piece; holders are
+indexed lazily, one batch of KV at a time (`_HolderIndex`); the least-loaded sender comes from a
+lazy heap per holder list (`_Senders`) instead of a scan; the three timelines are one pass.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from elastic_llm.model.spec import ModelSpec
@@ -35,6 +42,7 @@ from elastic_llm.planning.slices import Part, Slice, SliceAlgebra, subtract_inte
 Key = tuple[int, Part, int]  #: Slice.key: (layer, part, batch)
 Holding = tuple[tuple[Slice, ...], tuple[Slice, ...]]  #: (weight slices, KV slices) of a worker
 Holder = tuple[int, int, list[str]]  #: (start, stop, workers holding exactly that interval)
+_Segment = tuple[Slice, int, "list[str] | None"]  #: (piece, bytes, holders; None = checkpoint)
 
 
 @dataclass(frozen=True)
@@ -140,82 +148,62 @@ class MigrationPlanner:
         return {pos.replica for pos, name in old.items()
                 if name not in alive and kv_tokens.get(pos.replica, 0) > 0}
 
-    @staticmethod
-    def _index(held: Mapping[str, Holding]) -> dict[Key, list[Holder]]:
-        """{slice key: [(start, stop, live holders)]} sorted by start; shard intervals of one key
-        never partly overlap. Weight slices are indexed once per group of workers holding the same
-        (shared) tuple, i.e. per old (stage, rank)."""
-        index: dict[Key, list[Holder]] = defaultdict(list)
-        groups: dict[int, tuple[tuple[Slice, ...], list[str]]] = {}
-        for name, (weights, kv) in held.items():
-            groups.setdefault(id(weights), (weights, []))[1].append(name)
-            for s in kv:
-                index[s.key].append((s.start, s.stop, [name]))
-        for weights, names in groups.values():
-            names.sort()  # one shared list per group (callers cache per list)
-            for s in weights:
-                index[s.key].append((s.start, s.stop, names))
-        shared: dict[tuple[int, ...], list[str]] = {}  # one merged list per set of groups
-        for key, entries in index.items():
-            if len(entries) > 1:  # e.g. replicated parts: one interval, many groups
-                by_range: dict[tuple[int, int], list[list[str]]] = defaultdict(list)
-                for start, stop, names in entries:
-                    by_range[(start, stop)].append(names)
-                index[key] = [(a, b, shared.setdefault(tuple(sorted(map(id, lists))),
-                                                       sorted(n for ns in lists for n in ns)))
-                              for (a, b), lists in sorted(by_range.items())]
-        return index
-
-    def _fetch(self, need: Slice, dst: Worker, index: Mapping[Key, list[Holder]],
-               sent: dict[str | None, int], alive: Mapping[str, Worker],
-               local: dict[tuple[int, str], list[str]] | None) -> list[Transfer]:
-        """Transfers bringing ``need`` (which ``dst`` lacks entirely) from its holders; ``local``
-        caches each holder list's members on one instance (None: no intra-instance link)."""
-        out, cursor = [], need.start
-        for start, stop, names in index.get(need.key, ()):
-            lo, hi = max(start, cursor), min(stop, need.stop)
-            if lo >= hi:
-                continue
-            if lo > cursor:
-                out.append(self._transfer(None, dst.name, need.with_range(cursor, lo)))
-            if local is not None:  # a holder on the same instance is faster
-                cache_key = (id(names), dst.instance_id)
-                if cache_key not in local:
-                    local[cache_key] = [n for n in names
-                                        if alive[n].instance_id == dst.instance_id] or names
-                names = local[cache_key]
-            src = min(names, key=sent.__getitem__)
-            out.append(self._transfer(src, dst.name, need.with_range(lo, hi)))
-            sent[src] += out[-1].nbytes
-            cursor = hi
-        if cursor < need.stop:
-            if need.is_kv:
-                raise PlanningError(f"KV slice {need} has no holder and no checkpoint")
-            out.append(self._transfer(None, dst.name, need.with_range(cursor, need.stop)))
-        return out
-
-    def _transfer(self, src: str | None, dst: str, piece: Slice) -> Transfer:
-        return Transfer(src, dst, piece, self.algebra.nbytes(piece))
-
     def transfers(self, held: Mapping[str, Holding],
                   needs: Mapping[str, Holding], alive: Mapping[str, Worker]) -> list[Transfer]:
         """Every transfer needed (unordered): the missing pieces of every required slice.
 
-        A worker whose new slices are the very tuples it already holds needs nothing.
+        A worker whose new slices are the very tuples it already holds needs nothing. Workers are
+        served in name order; each piece goes to the holder that has sent the fewest bytes so
+        far (the first such in name order), preferring holders on the target's instance when an
+        intra-instance link is given.
         """
-        index = self._index(held)
-        local: dict[tuple[int, str], list[str]] | None = (
-            {} if self.intra_bandwidth is not None else None)
-        sent: dict[str | None, int] = defaultdict(int)
+        index = _HolderIndex(held)
+        senders = _Senders({n: w.instance_id for n, w in alive.items()}
+                           if self.intra_bandwidth is not None else None)
+        gaps = _Gaps()
+        segments: dict[int, tuple[Slice, list[_Segment]]] = {}  # id(piece) -> (piece, its cuts)
         out: list[Transfer] = []
         for name in sorted(needs):
-            mine = held.get(name, ((), ()))
-            for have, want in zip(mine, needs[name], strict=True):
+            instance = alive[name].instance_id
+            for have, want in zip(held.get(name, ((), ())), needs[name], strict=True):
                 if have is want:
                     continue
-                for piece in _uncovered(want, have):
-                    out += self._fetch(piece, alive[name], index, sent, alive, local)
+                for _, pieces in gaps(want, have):
+                    for piece in pieces:
+                        if id(piece) not in segments:
+                            segments[id(piece)] = (piece, self._segments(piece, index))
+                        for cut, nbytes, holders in segments[id(piece)][1]:
+                            src = None if holders is None else senders.pick(holders, instance,
+                                                                           nbytes)
+                            out.append(Transfer(src, name, cut, nbytes))
         return out
+
+    def _segments(self, need: Slice, index: _HolderIndex) -> list[_Segment]:
+        """``need`` cut along its holders' shard boundaries: (piece, bytes, holders or None for the
+        checkpoint). Raises `PlanningError` when a KV piece has no holder."""
+        out: list[_Segment] = []
+        cursor = need.start
+        for start, stop, names in index.entries(need.key):
+            if start >= need.stop:
+                break  # entries are sorted by start
+            lo, hi = max(start, cursor), min(stop, need.stop)
+            if lo >= hi:
+                continue
+            if lo > cursor:
+                out.append(self._segment(need, cursor, lo, None))
+            out.append(self._segment(need, lo, hi, names))
+            cursor = hi
+        if cursor < need.stop:
+            if need.is_kv:
+                raise PlanningError(f"KV slice {need} has no holder and no checkpoint")
+            out.append(self._segment(need, cursor, need.stop, None))
+        return out
+
+    def _segment(self, need: Slice, start: int, stop: int,
+                 holders: list[str] | None) -> _Segment:
+        """Units ``[start, stop)`` of ``need`` (``need`` itself when whole), bytes, holders."""
+        piece = need if (start, stop) == (need.start, need.stop) else need.with_range(start, stop)
+        return (piece, self.algebra.nbytes(piece), holders)
 
     # ------------------------------------------------------------------ order under memory bounds
     def order(self, transfers: list[Transfer], held: Mapping[str, Holding],
@@ -227,46 +215,56 @@ class MigrationPlanner:
         """
         pending = sorted(transfers, key=lambda t: (t.slice.batch < 0, t.slice.layer, t.dst,
                                                    t.slice.part, t.slice.start))  # KV first
-        sizes: dict[int, int] = {}  # id(shared slice tuple) -> bytes
-        for group in (g for h in held.values() for g in h):
-            if id(group) not in sizes:
-                sizes[id(group)] = sum(map(self.algebra.nbytes, group))
-        usage = {name: sum(sizes[id(g)] for g in held.get(name, ())) for name in alive}
+        usage = {name: sum(map(self.algebra.tuple_bytes, held.get(name, ()))) for name in alive}
         peak = dict(usage)
+        bound = {name: w.memory_bytes for name, w in alive.items()}
         stale = self._stale(held, needs)
-        uses: dict[tuple[str, Key], int] = defaultdict(int)
-        for t in pending:
-            if t.src is not None:
-                uses[(t.src, t.slice.key)] += 1
+        owners: dict[tuple[str, Key], int] = {}  # (sender, key) -> its number
+        owner_of = [-1 if t.src is None else owners.setdefault((t.src, t.slice.key), len(owners))
+                    for t in pending]
+        uses = [0] * len(owners)  # transfers left that read each (sender, key)
+        for o in owner_of:
+            if o >= 0:
+                uses[o] += 1
         releases: list[Release] = []
+        freed: dict[int, int] = {}  # id(stale piece list) -> its bytes (the lists are shared)
 
         def release(after: int, owner: tuple[str, Key]) -> None:
-            for piece in stale.get(owner, ()):
-                releases.append(Release(after, owner[0], piece))
-                usage[owner[0]] -= self.algebra.nbytes(piece)
+            pieces = stale.get(owner)
+            if pieces:
+                releases.extend(Release(after, owner[0], piece) for piece in pieces)
+                if id(pieces) not in freed:
+                    freed[id(pieces)] = self.algebra.total_bytes(pieces)
+                usage[owner[0]] -= freed[id(pieces)]
 
-        for owner in sorted(stale):
-            if not uses[owner]:
-                release(-1, owner)  # nobody reads it: free before the first transfer
+        for owner in sorted(o for o in stale if o not in owners):
+            release(-1, owner)  # nobody reads it: free before the first transfer
+        dst_of = [t.dst for t in pending]
+        size_of = [t.nbytes for t in pending]
+        senders = list(owners)
         done, ordered, first = [False] * len(pending), [], 0
         while first < len(pending):
-            pick = next((i for i in range(first, len(pending)) if not done[i] and
-                         usage[pending[i].dst] + pending[i].nbytes <= alive[pending[i].dst].memory_bytes),
-                        None)
+            dst = dst_of[first]  # the earliest transfer that fits (``first`` is never done)
+            pick = first if usage[dst] + size_of[first] <= bound[dst] else next(
+                (i for i in range(first + 1, len(pending))
+                 if not done[i] and usage[dst_of[i]] + size_of[i] <= bound[dst_of[i]]), None)
             if pick is None:
                 t = pending[first]
                 raise MemoryBoundError(
                     f"no transfer fits: e.g. {t.nbytes} bytes to {t.dst} holding {usage[t.dst]} "
                     f"of {alive[t.dst].memory_bytes}"
                 )
-            t, done[pick] = pending[pick], True
-            ordered.append(t)
-            usage[t.dst] += t.nbytes
-            peak[t.dst] = max(peak[t.dst], usage[t.dst])
-            if t.src is not None:
-                uses[(t.src, t.slice.key)] -= 1
-                if not uses[(t.src, t.slice.key)]:
-                    release(len(ordered) - 1, (t.src, t.slice.key))  # its last read is done
+            done[pick] = True
+            ordered.append(pending[pick])
+            dst = dst_of[pick]
+            usage[dst] += size_of[pick]
+            if usage[dst] > peak[dst]:
+                peak[dst] = usage[dst]
+            owner = owner_of[pick]
+            if owner >= 0:
+                uses[owner] -= 1
+                if not uses[owner]:
+                    release(len(ordered) - 1, senders[owner])  # its last read is done
             while first < len(pending) and done[first]:
                 first += 1
         return ordered, releases, peak
@@ -276,38 +274,51 @@ class MigrationPlanner:
                needs: Mapping[str, Holding]) -> dict[tuple[str, Key], list[Slice]]:
         """{(worker, key): held pieces its new position does not need}."""
         stale: dict[tuple[str, Key], list[Slice]] = {}
+        gaps = _Gaps()
         for name, mine in held.items():
             for have, want in zip(mine, needs.get(name, ((), ())), strict=True):
                 if have is want:
                     continue
-                for s in have:
-                    pieces = list(_uncovered((s,), want))
+                for key, pieces in gaps(have, want):
                     if pieces:
-                        stale[(name, s.key)] = pieces
+                        stale[(name, key)] = pieces
         return stale
 
     # ------------------------------------------------------------------ timing and the plan
     def schedule(self, ordered: Sequence[Transfer], alive: Mapping[str, Worker]) -> list[float]:
         """End time (seconds from the start) of each transfer, replayed in order on per-device
         full-duplex queues at the lower of both ends' bandwidth."""
-        send_free: dict[str, float] = defaultdict(float)
-        recv_free: dict[str, float] = defaultdict(float)
+        return self._timeline(ordered, alive)[0]
+
+    def _timeline(self, ordered: Sequence[Transfer], alive: Mapping[str, Worker]
+                  ) -> tuple[list[float], float, float]:
+        """`schedule`, plus when the weight transfers and the KV transfers would end if each kind
+        were replayed alone (one pass; each kind on queues of its own)."""
+        together, weights, kv = _Queues(), _Queues(), _Queues()
+        rates: dict[tuple[str | None, str], float] = {}
         ends = []
+        weight_end = kv_end = 0.0
         for t in ordered:
-            dst = alive[t.dst]
-            if t.src is None:
-                rate, start = min(self.storage_bandwidth, dst.bandwidth), recv_free[t.dst]
+            rate = rates.get((t.src, t.dst))
+            if rate is None:
+                rate = rates[(t.src, t.dst)] = self._rate(t.src, t.dst, alive)
+            seconds = t.nbytes / rate
+            ends.append(together.run(t.src, t.dst, seconds))
+            if t.slice.batch >= 0:  # KV cache
+                kv_end = max(kv_end, kv.run(t.src, t.dst, seconds))
             else:
-                src = alive[t.src]
-                same = self.intra_bandwidth is not None and src.instance_id == dst.instance_id
-                rate = self.intra_bandwidth if same else min(src.bandwidth, dst.bandwidth)
-                start = max(send_free[t.src], recv_free[t.dst])
-            end = start + t.nbytes / rate  # type: ignore[operator]
-            recv_free[t.dst] = end
-            if t.src is not None:
-                send_free[t.src] = end
-            ends.append(end)
-        return ends
+                weight_end = max(weight_end, weights.run(t.src, t.dst, seconds))
+        return ends, weight_end, kv_end
+
+    def _rate(self, src: str | None, dst: str, alive: Mapping[str, Worker]) -> float:
+        """Bytes/s from ``src`` (None: the checkpoint) to ``dst``."""
+        target = alive[dst]
+        if src is None:
+            return min(self.storage_bandwidth, target.bandwidth)
+        source = alive[src]
+        if self.intra_bandwidth is not None and source.instance_id == target.instance_id:
+            return self.intra_bandwidth
+        return min(source.bandwidth, target.bandwidth)
 
     def plan(self, new: Placement, workers: Sequence[Worker], old: Placement | None = None,
              kv_tokens: Mapping[int, int] | None = None,
@@ -335,9 +346,7 @@ class MigrationPlanner:
         needs = self.required(new, inherits, kv_tokens, lost)
         moves = self.transfers(held, needs, alive)
         ordered, releases, peak = self.order(moves, held, needs, alive)
-        ends = self.schedule(ordered, alive)
-        kv_only = [t for t in ordered if t.slice.is_kv]
-        weights_only = [t for t in ordered if not t.slice.is_kv]
+        ends, weight_seconds, kv_seconds = self._timeline(ordered, alive)
         kept = {b for b in inherits if b is not None and b not in lost}
         return MigrationPlan(
             transfers=tuple(ordered),
@@ -345,8 +354,8 @@ class MigrationPlanner:
             readiness=_readiness(new, ordered, ends),
             peak_bytes=peak,
             estimated_seconds=max(ends, default=0.0),
-            weight_seconds=max(self.schedule(weights_only, alive), default=0.0),
-            kv_seconds=max(self.schedule(kv_only, alive), default=0.0),
+            weight_seconds=weight_seconds,
+            kv_seconds=kv_seconds,
             kv_total_bytes=sum(kv_tokens.get(b, 0) for b in kept) * self.model.kv_bytes_per_token,
             lost_batches=tuple(sorted(lost)),
         )
@@ -356,26 +365,156 @@ def _readiness(new: Placement, ordered: Sequence[Transfer],
                ends: Sequence[float]) -> tuple[StageReadiness, ...]:
     """Per new (replica, stage): index of its last incoming transfer and when all of them end."""
     last: dict[str, int] = {}
-    finish: dict[str, float] = defaultdict(float)
+    finish: dict[str, float] = {}
     for i, t in enumerate(ordered):
         last[t.dst] = i
-        finish[t.dst] = max(finish[t.dst], ends[i])
-    stages: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for pos, name in new.items():
-        stages[(pos.replica, pos.stage)].append(name)
-    return tuple(
-        StageReadiness(replica, stage, max(last.get(n, -1) for n in names),
-                       max(finish.get(n, 0.0) for n in names))
-        for (replica, stage), names in sorted(stages.items())
-    )
+        finish[t.dst] = max(finish.get(t.dst, 0.0), ends[i])
+    ranks, stages = new.config.M, new.config.P
+    out = []
+    for group in range(new.config.D * stages):  # canonical order: replica, then stage
+        names = new.workers[group * ranks:(group + 1) * ranks]
+        out.append(StageReadiness(group // stages, group % stages,
+                                  max(last.get(n, -1) for n in names),
+                                  max(finish.get(n, 0.0) for n in names)))
+    return tuple(out)
 
 
-def _uncovered(slices: Iterable[Slice], cover: Iterable[Slice]) -> Iterator[Slice]:
-    """The pieces of `slices` that the same-key slice in `cover` does not cover."""
-    by_key = {s.key: s for s in cover}
-    for s in slices:
-        other = by_key.get(s.key)
-        gaps = ([(s.start, s.stop)] if other is None
-                else subtract_interval(s.start, s.stop, other.start, other.stop))
-        for a, b in gaps:
-            yield s.with_range(a, b)
+class _Queues:
+    """Per-device full-duplex link queues: when each device's sending and receiving side is free.
+    The checkpoint (``src`` None) has no queue of its own."""
+
+    def __init__(self) -> None:
+        """Every queue free from time 0."""
+        self.send_free: dict[str, float] = {}
+        self.recv_free: dict[str, float] = {}
+
+    def run(self, src: str | None, dst: str, seconds: float) -> float:
+        """Queue a transfer of ``seconds`` from ``src`` to ``dst``; returns when it ends."""
+        if src is None:
+            end = self.recv_free.get(dst, 0.0) + seconds
+        else:
+            end = max(self.send_free.get(src, 0.0), self.recv_free.get(dst, 0.0)) + seconds
+            self.send_free[src] = end
+        self.recv_free[dst] = end
+        return end
+
+
+class _Gaps:
+    """Per-call cache of the pieces of each slice of a tuple that another tuple leaves uncovered.
+
+    Keyed by the identity of both tuples (the planners share one tuple per position shape, so
+    workers moving alike share the answer); the tuples are kept alive with the answer so that no
+    identity is reused while the cache lives. An uncovered whole slice is returned as itself.
+    """
+
+    def __init__(self) -> None:
+        """An empty cache."""
+        self._cache: dict[tuple[int, int], tuple[tuple[Slice, ...], tuple[Slice, ...],
+                                                 list[tuple[Key, list[Slice]]]]] = {}
+
+    def __call__(self, slices: tuple[Slice, ...],
+                 cover: tuple[Slice, ...]) -> list[tuple[Key, list[Slice]]]:
+        """[(key, pieces outside the same-key slice of ``cover``)] for each of ``slices``."""
+        found = self._cache.get((id(slices), id(cover)))
+        if found is None:
+            by_key = {s.key: s for s in cover}
+            out = []
+            for s in slices:
+                other = by_key.get(s.key)
+                gaps = ([(s.start, s.stop)] if other is None
+                        else subtract_interval(s.start, s.stop, other.start, other.stop))
+                out.append((s.key, [s if (a, b) == (s.start, s.stop) else s.with_range(a, b)
+                                    for a, b in gaps]))
+            found = self._cache[(id(slices), id(cover))] = (slices, cover, out)
+        return found[2]
+
+
+class _HolderIndex:
+    """Who holds what: {slice key: [(start, stop, holders)]} sorted by start, built lazily.
+
+    Holders of one tuple object (one old (stage, rank) for weights) form one group, its names
+    sorted; a key's entries with the same interval from several groups are merged into one sorted
+    list, shared by every key with the same set of groups. Shard intervals of one key never partly
+    overlap. Keys are indexed a batch at a time (weights are batch -1) and merged on first use, so
+    the KV of batches nobody fetches is never indexed.
+    """
+
+    def __init__(self, held: Mapping[str, Holding]) -> None:
+        """Group the holders of ``held`` by tuple and bucket the groups by batch."""
+        groups: dict[int, tuple[tuple[Slice, ...], list[str]]] = {}
+        for name, holding in held.items():
+            for slices in holding:
+                if slices:
+                    groups.setdefault(id(slices), (slices, []))[1].append(name)
+        self._by_batch: dict[int, list[tuple[tuple[Slice, ...], list[str]]]] = defaultdict(list)
+        for slices, names in groups.values():
+            names.sort()
+            for batch in {s.batch for s in slices}:
+                self._by_batch[batch].append((slices, names))
+        self._raw: dict[Key, list[Holder]] = defaultdict(list)
+        self._entries: dict[Key, list[Holder]] = {}
+        self._shared: dict[tuple[int, ...], list[str]] = {}
+
+    def entries(self, key: Key) -> list[Holder]:
+        """The holders of ``key``'s intervals, sorted by interval."""
+        if key not in self._entries:
+            for slices, names in self._by_batch.pop(key[2], ()):  # index the batch once
+                for s in slices:
+                    if s.batch == key[2]:
+                        self._raw[s.key].append((s.start, s.stop, names))
+            entries = self._raw.pop(key, [])
+            if len(entries) > 1:
+                by_range: dict[tuple[int, int], list[list[str]]] = defaultdict(list)
+                for start, stop, names in entries:
+                    by_range[(start, stop)].append(names)
+                entries = [(a, b, lists[0] if len(lists) == 1 else self._merged(lists))
+                           for (a, b), lists in sorted(by_range.items())]
+            self._entries[key] = entries
+        return self._entries[key]
+
+    def _merged(self, lists: list[list[str]]) -> list[str]:
+        """One sorted list of the holders of several groups (e.g. a replicated part), shared by
+        every key held by the same groups."""
+        return self._shared.setdefault(tuple(sorted(map(id, lists))),
+                                       sorted(n for names in lists for n in names))
+
+
+class _Senders:
+    """Picks the least-loaded holder: fewest bytes sent so far, the first such in list order,
+    among the holders on the target's instance when ``instance_of`` is given and any is there.
+
+    One lazy heap per holder list, entries (bytes sent when pushed, place in the list, name):
+    bytes sent only grow, so a top entry whose count is still current is the list's minimum.
+    Heaps and per-instance splits are keyed by the list's identity and keep the list alive.
+    """
+
+    def __init__(self, instance_of: Mapping[str, str] | None) -> None:
+        """``instance_of``: each worker's instance (None: no preference for the same one)."""
+        self.instance_of = instance_of
+        self.sent: dict[str, int] = {}
+        self._heaps: dict[int, tuple[list[str], list[tuple[int, int, str]]]] = {}
+        self._local: dict[int, tuple[list[str], dict[str, list[str]]]] = {}
+
+    def pick(self, holders: list[str], instance: str, nbytes: int) -> str:
+        """The holder that sends ``nbytes`` to a worker on ``instance`` (and count them)."""
+        if self.instance_of is not None:
+            if id(holders) not in self._local:
+                local: dict[str, list[str]] = defaultdict(list)
+                for name in holders:
+                    local[self.instance_of[name]].append(name)
+                self._local[id(holders)] = (holders, local)
+            holders = self._local[id(holders)][1].get(instance) or holders
+        if id(holders) not in self._heaps:
+            fresh = [(self.sent.get(n, 0), i, n) for i, n in enumerate(holders)]
+            heapq.heapify(fresh)
+            self._heaps[id(holders)] = (holders, fresh)
+        heap = self._heaps[id(holders)][1]
+        while True:
+            count, place, name = heap[0]
+            now = self.sent.get(name, 0)
+            if count == now:
+                break
+            heapq.heapreplace(heap, (now, place, name))  # stale: another list's pick counted
+        self.sent[name] = now + nbytes
+        heapq.heapreplace(heap, (now + nbytes, place, name))
+        return name

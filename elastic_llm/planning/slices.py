@@ -25,6 +25,7 @@ the positions of the new replica that inherits that batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -37,6 +38,7 @@ from elastic_llm.planning.errors import PlanningError
 
 #: DeepSpeed AutoTP's granule for splits that are not head-granular (``tp_shard.tp_grain_size``).
 TP_GRAIN = 64
+_MEMO_LIMIT = 1 << 16  #: tuples whose byte size `SliceAlgebra.tuple_bytes` remembers at most
 
 
 class Part(str, Enum):
@@ -150,6 +152,7 @@ class SliceAlgebra:
         self._weights = lru_cache(maxsize=4096)(self._weight_slices)
         self._kv = lru_cache(maxsize=65536)(self._kv_slices)
         self._overlaps: dict[tuple[str, int, int, int, int], np.ndarray] = {}
+        self._tuple_bytes: dict[int, tuple[tuple[Slice, ...], int]] = {}
 
     # ------------------------------------------------------------------ sizes and intervals
     def unit_bytes(self, part: Part) -> int:
@@ -164,6 +167,23 @@ class SliceAlgebra:
         """Bytes of ``piece`` (KV slices scale with their cached tokens)."""
         size = (piece.stop - piece.start) * self._unit_bytes[piece.part]
         return size * piece.tokens if piece.is_kv else size
+
+    def total_bytes(self, pieces: Iterable[Slice]) -> int:
+        """Bytes of all ``pieces`` together (the sum of `nbytes`)."""
+        unit, kv = self._unit_bytes, Part.KV_CACHE
+        return sum((s.stop - s.start) * unit[s.part] * (s.tokens if s.part is kv else 1)
+                   for s in pieces)
+
+    def tuple_bytes(self, pieces: tuple[Slice, ...]) -> int:
+        """`total_bytes` of a tuple, remembered per tuple object: the tuples of `weight_slices`
+        and `kv_slices` are shared, so a planner kept between reconfigurations sums each once.
+        The memo holds the tuple (its identity cannot be reused) and is emptied when full."""
+        found = self._tuple_bytes.get(id(pieces))
+        if found is None:
+            if len(self._tuple_bytes) >= _MEMO_LIMIT:
+                self._tuple_bytes.clear()
+            found = self._tuple_bytes[id(pieces)] = (pieces, self.total_bytes(pieces))
+        return found[1]
 
     def _interval(self, part: Part, degree: int, rank: int) -> tuple[int, int]:
         """Units ``[start, stop)`` of ``part`` that tensor ``rank`` of ``degree`` holds."""

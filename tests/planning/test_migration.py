@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from elastic_llm.planning.config import ParallelConfig, Placement, Position, Worker
 from elastic_llm.planning.errors import MemoryBoundError
 from elastic_llm.planning.mapper import DeviceMapper
-from elastic_llm.planning.migration import MigrationPlan, MigrationPlanner
+from elastic_llm.planning.migration import MigrationPlan, MigrationPlanner, _Senders
 from elastic_llm.planning.slices import SliceAlgebra
 
 from .helpers import FAST, Unit, position_units, tiny_model, unit_bytes, units_of
@@ -211,3 +211,23 @@ def test_cold_start_reads_everything_from_storage_at_its_bandwidth() -> None:
     assert plan.weight_bytes == sum(per_worker)
     assert plan.estimated_seconds == pytest.approx(max(per_worker) / 1e5)
     assert plan.time_model().base_seconds == pytest.approx(plan.estimated_seconds)
+
+
+@FAST
+@given(lists=st.lists(st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=8), min_size=1,
+                      max_size=4),
+       picks=st.lists(st.tuples(st.integers(0, 3), st.sampled_from("xyz"), st.integers(1, 5)),
+                      max_size=40),
+       local=st.booleans())
+def test_least_loaded_sender_is_the_first_minimum_of_a_scan(
+        lists: list[list[str]], picks: list[tuple[int, str, int]], local: bool) -> None:
+    # the lazy heaps pick exactly what min() over the (same-instance) holders would
+    instance_of = {n: "xyz"[i % 3] for i, n in enumerate("abcdefgh")}
+    senders = _Senders(instance_of if local else None)
+    sent: dict[str, int] = defaultdict(int)
+    for which, instance, nbytes in picks:
+        holders = lists[which % len(lists)]
+        near = [n for n in holders if instance_of[n] == instance] if local else []
+        expected = min(near or holders, key=sent.__getitem__)
+        sent[expected] += nbytes
+        assert senders.pick(holders, instance, nbytes) == expected

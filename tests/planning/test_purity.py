@@ -11,7 +11,7 @@ import elastic_llm.planning
 
 PACKAGE = Path(elastic_llm.planning.__file__).parent
 ALLOWED_ROOTS = {"__future__", "abc", "bisect", "collections", "dataclasses", "enum", "functools",
-                 "itertools", "json", "math", "os", "pathlib", "typing", "numpy", "scipy"}
+                 "heapq", "itertools", "json", "math", "os", "pathlib", "typing", "numpy", "scipy"}
 ALLOWED_PROJECT = ("elastic_llm.planning", "elastic_llm.model.spec", "elastic_llm.errors")
 
 

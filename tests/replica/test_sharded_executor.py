@@ -169,10 +169,19 @@ def test_a_killed_worker_raises_promptly_and_close_does_not_hang(uneven_checkpoi
         with pytest.raises(ReplicaWorkerError, match="failed earlier"):
             sharded.execute([StepWork("a", (6,), 3, True)])
     finally:
+        pids = [pid for pid in sharded.worker_pids().values() if pid]
         began = time.monotonic()
         sharded.close()
         assert time.monotonic() - began < 20
-    assert all(not w.process.is_alive() for w in sharded._workers.values())
+    assert pids and not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------- bytes moved, brute force
@@ -228,3 +237,26 @@ def _check_only_missing_slices_moved(spec: ModelSpec, report: ReconfigurationRep
     assert report.moved_bytes == sum(sum(units.values()) for units in lacked.values())
     assert report.kv_bytes > 0 and report.weight_bytes > 0
     assert report.received_bytes == report.moved_bytes  # what the workers actually received
+
+
+def test_engine_parallel_option_and_reconfigure(model: LoadedModel, prompts: list[list[int]],
+                                                expected: list[tuple[int, ...]]) -> None:
+    """`LLMEngine(parallel=(P, M))` runs the sharded executor; `engine.reconfigure` switches it
+    mid-generation and the continuations stay identical."""
+    engine = LLMEngine(model, parallel=(1, 2))
+    try:
+        assert isinstance(engine.executor, ShardedExecutor) and engine.executor.parallel.M == 2
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"p{i}", prompt, GREEDY)
+        for _ in range(4):
+            engine.step()
+        report = engine.reconfigure((2, 1))
+        assert isinstance(report, ReconfigurationReport) and engine.executor.parallel.P == 2
+        while engine.has_unfinished():
+            engine.step()
+        assert [engine.pop_completion(f"p{i}").token_ids for i in range(len(prompts))] == expected
+        assert engine.stats().tokens_computed == sum(len(p) + NEW_TOKENS - 1 for p in prompts)
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="cannot reconfigure"):
+        LLMEngine(model).reconfigure((1, 2))
