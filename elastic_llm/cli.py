@@ -1,4 +1,5 @@
-"""`elastic-llm` command line: generate (streaming) and the quickstart demo."""
+"""`elastic-llm` command line: generate (streaming), the quickstart demo, and profile (timings
+of this machine for the cost model)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,78 @@ def _stream(engine, prompts: Sequence[str], max_new_tokens: int, temperature: fl
           f"{len(prompts)} requests batched together)", file=sys.stderr)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """argparse type of ``--tensor 1,2,3``: comma-separated integers (signs: `ProfileSettings`)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_profile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cmd = sub.add_parser(
+        "profile",
+        help="time the engine on this machine and write a JSON profile for the cost model",
+        description="Time one tensor rank's shard of a decoder layer (prefill and decode) for each "
+                    "tensor degree and micro-batch size, the embedding/LM head, gloo all-reduces "
+                    "and stage hops between processes; write the JSON that "
+                    "MeasuredProfile.from_json reads and print a table (milliseconds).")
+    cmd.add_argument("--model", default="smollm2-135m-instruct",
+                     help="embedded model name, HF checkpoint directory or .gguf file")
+    cmd.add_argument("--tensor", type=_int_list, default=None, metavar="M,M,...",
+                     help="tensor degrees (default: 1 up to the KV heads, at most 4)")
+    cmd.add_argument("--batch", type=_int_list, default=(1, 2, 4, 8), metavar="B,B,...",
+                     help="micro-batch sizes (default: 1,2,4,8)")
+    cmd.add_argument("--prefill-len", type=int, default=128, help="prompt tokens per request")
+    cmd.add_argument("--context-len", type=int, default=128, help="cached tokens when decoding")
+    cmd.add_argument("--repeats", type=int, default=5, help="timed repetitions (median kept)")
+    cmd.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    cmd.add_argument("--comm-repeats", type=int, default=30,
+                     help="timed repetitions of each communication measurement")
+    cmd.add_argument("--threads", type=int, default=1,
+                     help="torch threads per process (default 1: one worker process per core)")
+    cmd.add_argument("--comm-timeout", type=float, default=120.0,
+                     help="seconds a communication group may take")
+    cmd.add_argument("--no-comm", action="store_true", help="skip all-reduce and stage-hop timing")
+    cmd.add_argument("--warm-cache", action="store_true",
+                     help="do not evict the CPU caches before each timed layer/head call")
+    cmd.add_argument("--compare-engine", action="store_true",
+                     help="also time LLMEngine decode steps (M=1) against the profile's prediction")
+    cmd.add_argument("--output", default=None,
+                     help="JSON file to write (default: MODEL-profile.json here)")
+
+
+def _profile(args: argparse.Namespace) -> None:
+    """Run ``elastic-llm profile``: progress on stderr, the table on stdout, the JSON to a file."""
+    from dataclasses import replace
+
+    from elastic_llm.profiling import ProfileSettings, format_table, profile_model, write_profile
+
+    settings = ProfileSettings(
+        tensor_degrees=args.tensor, batch_sizes=args.batch, prefill_len=args.prefill_len,
+        context_len=args.context_len, repeats=args.repeats, warmup=args.warmup,
+        comm_repeats=args.comm_repeats, threads=args.threads, measure_comm=not args.no_comm,
+        comm_timeout=args.comm_timeout, flush_cache=not args.warm_cache)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = profile_model(args.model, settings, progress)
+    if args.compare_engine:
+        from elastic_llm.planning.measured import MeasuredProfile
+        from elastic_llm.profiling.engine_check import compare_decode_step
+
+        checks = compare_decode_step(args.model, MeasuredProfile.from_json(result.to_json_dict()),
+                                     result.settings.batch_sizes, result.settings.context_len,
+                                     threads=result.settings.threads,
+                                     flush_cache=result.settings.flush_cache, progress=progress)
+        result = replace(result, engine_check=checks)
+    path = write_profile(result, args.output or f"{result.model_name}-profile.json")
+    print(format_table(result))
+    print(f"[elastic-llm] profile written to {path}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `elastic-llm` console script."""
     parser = argparse.ArgumentParser(prog="elastic-llm", description=__doc__)
@@ -84,8 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd.add_argument("--temperature", type=float, default=0.0)
         cmd.add_argument("--seed", type=int, default=None)
         cmd.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    _add_profile_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "profile":
+            _profile(args)
+            return 0
         from elastic_llm.sampling import SamplingParams
 
         SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

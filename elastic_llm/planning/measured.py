@@ -15,8 +15,14 @@ strings (JSON object keys), ``<M>`` a tensor degree and ``<b>`` a micro-batch si
       "layer":   {"prefill": {"<M>": {"<b>": s}}, "decode": {"<M>": {"<b>": s}}},
       "tp_comm": {"prefill": {"<M>": {"<b>": s}}, "decode": {...}},  # optional: all-reduce share
       "head":    {"prefill": {"<M>": {"<b>": s}}, "decode": {...}},  # optional: embed + LM head
-      "stage_hop": {"prefill": {"<b>": s}, "decode": {"<b>": s}}      # optional
+      "stage_hop": {"prefill": {"<b>": s}, "decode": {"<b>": s}},     # optional
+      "machine": {...}, "settings": {...}, "measured": {...},          # optional, informational
+      "engine_check": [...]                                            # optional, informational
     }
+
+The informational keys (``elastic-llm profile`` writes them: the machine, the settings, the raw
+compute and all-reduce tables, and a check against the engine) are kept by `to_dict` and ignored
+by the predictions; files without them load as before.
 
 ``layer`` is the wall time of one transformer layer including its all-reduces; ``tp_comm`` says
 how much of it was all-reduce (default 0). Between measured micro-batch sizes times are
