@@ -146,11 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elastic-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("generate", "stream an answer to PROMPT"),
-                            ("demo", "stream answers to a few prompts, batched together")):
+                            ("demo", "serve on a local Dask cluster while a spot worker is preempted "
+                                     "and another joins (--local: one engine, no cluster)")):
         cmd = sub.add_parser(name, help=help_text)
         if name == "generate":
             cmd.add_argument("prompt", nargs="+", help="the prompt(s)")
             cmd.add_argument("--raw", action="store_true", help="do not apply the chat template")
+        else:
+            cmd.add_argument("--local", action="store_true",
+                             help="stream a few answers from one in-process engine instead")
+            cmd.add_argument("--grace", type=float, default=6.0, help="preemption grace period (s)")
         cmd.add_argument("--model", default="smollm2-135m-instruct",
                          help="embedded model name, HF checkpoint directory or .gguf file")
         cmd.add_argument("--max-new-tokens", type=int, default=128)
@@ -166,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from elastic_llm.sampling import SamplingParams
 
         SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        if args.command == "demo" and not args.local:
+            from elastic_llm.cluster.demo import run_demo
+
+            run_demo(args.model, max_new_tokens=args.max_new_tokens, grace_s=args.grace)
+            return 0
         engine = _engine(args.model, args.threads)
         prompts = DEMO_PROMPTS if args.command == "demo" else args.prompt
         chat = args.command == "demo" or not args.raw

@@ -47,8 +47,7 @@ def run_demo(model: str = DEFAULT_MODEL, max_new_tokens: int = 96, grace_s: floa
         llm = ServingClient(client, model=model, replica=ReplicaOptions(model=model, max_batch_size=8),
                             migration_margin_s=2.0)
         say("loading the model on 2 spot workers ...")
-        while sum(r["state"] == "ready" for r in llm.status()["replicas"]) < 2:
-            time.sleep(0.2)
+        llm.wait_for_replicas(2)
         others = llm.map(QUESTIONS[1:], max_new_tokens=max_new_tokens)
 
         def churn() -> None:
@@ -71,6 +70,7 @@ def run_demo(model: str = DEFAULT_MODEL, max_new_tokens: int = 96, grace_s: floa
             say(f"\n>>> {question}\n{answer.text.strip()}\n    ({len(answer.token_ids)} tokens, "
                 f"{answer.finish_time - answer.arrival_time:.1f} s)")
         churner.join()
+        llm.wait_for_replicas(2)
         status = llm.status()
         llm.close()
     say("\nsummary: " + ", ".join([
@@ -82,3 +82,4 @@ def run_demo(model: str = DEFAULT_MODEL, max_new_tokens: int = 96, grace_s: floa
         f"${status['cost']['on_demand_only_usd']:.4f} on demand",  # type: ignore[index]
     ]))
     return status
+

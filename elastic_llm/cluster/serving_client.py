@@ -162,6 +162,14 @@ class ServingClient:
         """The controller's view: replicas, queue, latency, counters."""
         return self._dask.sync(self._dask.scheduler.elastic_llm_status)  # type: ignore[no-any-return]
 
+    def wait_for_replicas(self, count: int = 1, timeout: float = 600.0) -> None:
+        """Block until at least `count` replicas are ready to serve (raises TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while sum(r["state"] == "ready" for r in self.status()["replicas"]) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} replica(s) not ready within {timeout:.0f} s")
+            time.sleep(0.2)
+
     def preempt(self, worker: str, grace_s: float = 30.0) -> str:
         """Announce that `worker` will be preempted `grace_s` seconds from now (API-call notice);
         returns the notice board's verdict ("accepted", "duplicate", "unknown-worker", ...)."""

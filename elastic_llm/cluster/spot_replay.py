@@ -95,7 +95,7 @@ def run_policy(policy: str, config: ReplayConfig,
             emulator.acquire(event.instance_id, market=event.market, price_per_hour=event.price_per_hour)
         llm = ServingClient(client, model=config.model, policy=policy, replica=config.replica,
                             migration_margin_s=2.0)
-        _wait_ready(llm, len(initial))
+        llm.wait_for_replicas(len(initial))
         on_progress(f"[{policy}] {len(initial)} replica(s) ready; replaying {trace.name} "
                     f"({trace.duration_s:.0f} s at x{config.time_scale:g}) with {config.requests} requests")
         started = time.time()
@@ -132,14 +132,6 @@ def run_policy(policy: str, config: ReplayConfig,
 
 def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else value * factor
-
-
-def _wait_ready(llm: ServingClient, replicas: int, timeout: float = 600.0) -> None:
-    deadline = time.time() + timeout
-    while sum(r["state"] == "ready" for r in llm.status()["replicas"]) < replicas:
-        if time.time() > deadline:
-            raise TimeoutError(f"{replicas} replica(s) not ready after {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 def _submit_at_arrivals(llm: ServingClient, workload: tuple, started: float,  # type: ignore[type-arg]

@@ -49,7 +49,7 @@ def fleet(checkpoint: Path) -> Iterator[tuple[SpotEmulator, ServingClient]]:
             emulator.acquire(name, market="spot", price_per_hour=1.9)
         options = ReplicaOptions(model=str(checkpoint), max_batch_size=4, min_step_seconds=0.025)
         llm = ServingClient(client, model=str(checkpoint), replica=options, chat=False, migration_margin_s=1.0)
-        wait_for(lambda: sum(r["state"] == "ready" for r in llm.status()["replicas"]) == 3, timeout=120)
+        llm.wait_for_replicas(3, timeout=120)
         yield emulator, llm
         llm.close()
 

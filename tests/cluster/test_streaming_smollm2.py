@@ -27,3 +27,15 @@ def test_stream_yields_the_final_text(smollm2: Any) -> None:
     assert len(pieces) > 3, "text must arrive piece by piece"
     assert "".join(pieces) == final.text == expected.text
     assert "Paris" in final.text
+
+
+@pytest.mark.smollm2
+@pytest.mark.timeout(300)
+def test_quickstart_demo_migrates_and_summarises(smollm2: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from elastic_llm.cli import main
+
+    assert main(["demo", "--max-new-tokens", "40", "--grace", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "[spot] spot-3 joined" in out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("summary: 4 requests finished") and "0 tokens recomputed" in summary
