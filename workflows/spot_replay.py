@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--trace", default="A_S", help="A_S, B_S, A_S+O or B_S+O")
     parser.add_argument("--max-instances", type=int, default=4)
     parser.add_argument("--time-scale", type=float, default=30.0, help="trace seconds per wall second")
-    parser.add_argument("--grace", type=float, default=30.0, help="grace period in trace seconds")
+    parser.add_argument("--grace", type=float, default=120.0, help="grace period in trace seconds (AWS: 120)")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--rate", type=float, default=0.5, help="requests per wall second")
     parser.add_argument("--max-new-tokens", type=int, default=96)

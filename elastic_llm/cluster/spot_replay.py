@@ -44,7 +44,7 @@ class ReplayConfig:
     trace: str = "A_S"  #: bundled trace name
     max_instances: int = 4  #: cap on live workers (see `SpotTrace.capped`)
     time_scale: float = 30.0  #: trace seconds per wall second
-    grace_s: float = 30.0  #: preemption grace period, trace seconds
+    grace_s: float = 120.0  #: preemption grace period, trace seconds (AWS: 2 minutes)
     requests: int = 24  #: requests in the workload
     rate_per_s: float = 0.5  #: Poisson arrival rate, requests per wall second
     max_new_tokens: int = 96  #: cap on each request's output (ShareGPT-shaped lengths, capped)
@@ -94,7 +94,7 @@ def run_policy(policy: str, config: ReplayConfig,
         for event in (e for e in trace.events if e.instance_id in initial and e.action == "acquire"):
             emulator.acquire(event.instance_id, market=event.market, price_per_hour=event.price_per_hour)
         llm = ServingClient(client, model=config.model, policy=policy, replica=config.replica,
-                            migration_margin_s=2.0)
+                            migration_margin_s=0.5)
         llm.wait_for_replicas(len(initial))
         on_progress(f"[{policy}] {len(initial)} replica(s) ready; replaying {trace.name} "
                     f"({trace.duration_s:.0f} s at x{config.time_scale:g}) with {config.requests} requests")
