@@ -1,7 +1,9 @@
 """`ElasticController`: the scheduler plugin that serves requests on a churning fleet of workers.
 
 It keeps the request table (committed tokens are the source of truth), one `ReplicaActor` per
-worker, and reacts to membership: a new worker gets a replica; a worker that announced its
+worker (or, with `ReplicaOptions.parallel` above (1, 1), one sharded replica per P*M workers whose
+shard workers are resharded to another (P, M) when one of them announces its preemption), and
+reacts to membership: a new worker gets a replica; a worker that announced its
 preemption stops taking requests and, before its deadline, hands its running requests WITH their
 KV cache to the surviving replicas (actor to actor, worker to worker: stateful recovery, nothing
 recomputed); a worker that vanished without notice loses its KV, and its requests resume elsewhere
@@ -73,6 +75,13 @@ class ReplicaHandle:
     future: Any = None  # keeps the actor alive
     kv_bytes_per_token: int = 0  #: reported by the replica once ready
     started_at: float = field(default_factory=time.time)
+    shards: tuple[str, ...] = ()  #: a sharded replica's shard workers (the leader `worker` among them)
+    parallel: tuple[int, int] = (1, 1)  #: its (P, M) now
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """Every worker this replica holds something on."""
+        return (self.worker, *(w for w in self.shards if w != self.worker))
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,8 @@ class ElasticController(SchedulerPlugin):
         self._client_events: dict[str, asyncio.Event] = {}
         self._started_at = time.time()
         self._unregister_metrics: Callable[[], None] | None = None
+        self._leaving: set[str] = set()  # workers that announced their preemption
+        self._suspect: set[str] = set()  # workers of a sharded replica that broke (shards may linger)
 
     # ------------------------------------------------------------------ plugin hooks
     async def start(self, scheduler: Any) -> None:
@@ -149,8 +160,11 @@ class ElasticController(SchedulerPlugin):
         for address, info in fleet_info(scheduler).items():
             self.ledger.join(address, info.market, info.price_per_hour, time.time())
         self._client = await Client(scheduler.address, asynchronous=True, name="elastic-llm-controller")
-        for address in list(scheduler.workers):
-            self._spawn(self._place_replica(address))
+        if self.replica_options.sharded:
+            self._spawn(self._place_sharded())
+        else:
+            for address in list(scheduler.workers):
+                self._spawn(self._place_replica(address))
         self._spawn(self._dispatch_loop())
 
     async def close(self) -> None:
@@ -168,14 +182,19 @@ class ElasticController(SchedulerPlugin):
         self.ledger.join(worker, info.market, info.price_per_hour, time.time())
         if self.policy == "reparallelize":
             self._spawn(self._restart_everything())
-        self._spawn(self._place_replica(worker))
+        self._spawn(self._place_sharded() if self.replica_options.sharded else self._place_replica(worker))
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         """A worker left: its replica's requests resume elsewhere (recompute unless already moved)."""
         with contextlib.suppress(KeyError, ValueError):
             self.ledger.leave(worker, time.time())
-        for handle in [h for h in self.replicas.values() if h.worker == worker]:
+        self._leaving.discard(worker)
+        for handle in [h for h in self.replicas.values() if worker in h.workers]:
             handle.state = ReplicaState.LOST
+            if handle.worker != worker:  # a shard died without notice: the leader's engine failed
+                self._suspect.update(handle.workers)
+                if handle.actor is not None:
+                    self._spawn(self._call(handle.actor.stop()))
             lost = self.table.unfinished(handle.replica_id)
             for record in lost:
                 self._requeue(record, lost_kv=True, restart=self.policy != "spotserve")
@@ -185,6 +204,8 @@ class ElasticController(SchedulerPlugin):
             del self.replicas[handle.replica_id]
         if self.policy == "reparallelize":
             self._spawn(self._restart_everything())
+        elif self.replica_options.sharded:
+            self._spawn(self._place_sharded())
         self._wake()
 
     def remove_client(self, scheduler: Any, client: str) -> None:
@@ -196,7 +217,7 @@ class ElasticController(SchedulerPlugin):
 
     def valid_workers_downscaling(self, scheduler: Any, workers: list[Any]) -> list[Any]:
         """Workers that hold no replica may be retired (actors cannot be moved by Dask)."""
-        held = {h.worker for h in self.replicas.values() if h.state is not ReplicaState.LOST}
+        held = {w for h in self.replicas.values() if h.state is not ReplicaState.LOST for w in h.workers}
         return [ws for ws in workers if ws.address not in held]
 
     # ------------------------------------------------------------------ client handlers
@@ -253,7 +274,8 @@ class ElasticController(SchedulerPlugin):
         return {
             "policy": self.policy,
             "replicas": [{"replica": h.replica_id, "worker": h.worker, "state": h.state.value,
-                          "requests": len(self.table.unfinished(h.replica_id))}
+                          "requests": len(self.table.unfinished(h.replica_id)),
+                          "parallel": list(h.parallel), "shards": list(h.shards)}
                          for h in self.replicas.values()],
             "queued": len(self.table.queued()),
             "running": len(self.table.unfinished()) - len(self.table.queued()),
@@ -287,6 +309,10 @@ class ElasticController(SchedulerPlugin):
 
     def on_notice(self, notice: PreemptionNotice) -> None:
         """A preemption notice (from the NoticeBoard): evacuate the worker's replicas in time."""
+        self._leaving.add(notice.worker)
+        for handle in [h for h in self.replicas.values() if notice.worker in h.shards
+                       and h.worker != notice.worker and h.state is ReplicaState.READY]:
+            self._spawn(self._reshard(handle, notice.worker, notice.deadline))
         for handle in [h for h in self.replicas.values() if h.worker == notice.worker]:
             if handle.state is not ReplicaState.DRAINING:
                 handle.state = ReplicaState.DRAINING
@@ -323,25 +349,41 @@ class ElasticController(SchedulerPlugin):
         return request_id in self.table and self.table.get(request_id).replica == replica
 
     # ------------------------------------------------------------------ background work
-    async def _place_replica(self, worker: str) -> None:
+    def _free_workers(self) -> list[str]:
+        """Workers holding nothing, not leaving and not suspect, in a stable order."""
+        held = {w for h in self.replicas.values() for w in h.workers}
+        return sorted(w for w in self.scheduler.workers
+                      if w not in held and w not in self._leaving and w not in self._suspect)
+
+    async def _place_sharded(self) -> None:
+        """Place sharded replicas of `ReplicaOptions.parallel` on free workers, P*M at a time."""
+        size = self.replica_options.parallel[0] * self.replica_options.parallel[1]
+        while len(free := self._free_workers()) >= size:
+            if not await self._place_replica(free[0], tuple(free[:size])):
+                break  # retried at the next membership change
+
+    async def _place_replica(self, worker: str, shards: tuple[str, ...] = ()) -> bool:
+        """Start a replica led by `worker` (sharded over `shards` when given); whether it started."""
         replica_id = f"r{next(self._ids)}"
-        handle = ReplicaHandle(replica_id, worker)
+        handle = ReplicaHandle(replica_id, worker, shards=shards,
+                               parallel=self.replica_options.parallel if shards else (1, 1))
         self.replicas[replica_id] = handle
         assert self._client is not None
         try:
-            handle.future = self._client.submit(ReplicaActor, replica_id, self.replica_options, actor=True,
-                                                workers=[worker], allow_other_workers=False, pure=False,
-                                                key=f"elastic-llm-replica-{replica_id}")
+            handle.future = self._client.submit(ReplicaActor, replica_id, self.replica_options, shards,
+                                                actor=True, workers=[worker], allow_other_workers=False,
+                                                pure=False, key=f"elastic-llm-replica-{replica_id}")
             handle.actor = await handle.future
             info = await handle.actor.wait_ready()
             handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
         except Exception as exc:  # noqa: BLE001 - the worker may die while the replica starts
             logger.warning("replica %s on %s did not start: %s", replica_id, worker, exc)
             self.replicas.pop(replica_id, None)
-            return
+            return False
         if handle.state is ReplicaState.STARTING:
             handle.state = ReplicaState.READY
         self._wake()
+        return True
 
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
@@ -409,6 +451,42 @@ class ElasticController(SchedulerPlugin):
                 if len(ids):
                     moved += await self._migrate(source, target, [str(i) for i in ids])
         self.notices.append(NoticeRecord(source.worker, deadline, received, moved, len(recompute)))
+        self._wake()
+
+    async def _reshard(self, handle: ReplicaHandle, leaving: str, deadline: float) -> None:
+        """A shard worker of a sharded replica got a notice: switch the replica, at a token
+        boundary, to the largest (P, M) the remaining shard workers plus free ones can hold; the
+        leaving worker hands its slices and its KV over first (stateful, nothing recomputed)."""
+        received = time.time()
+        workers = [w for w in handle.shards if w != leaving and w not in self._leaving]
+        spares = [w for w in self._free_workers() if w not in workers]
+        shape = fit_shape(handle.parallel, len(workers) + len(spares))
+        chosen = (workers + spares)[: shape[0] * shape[1]]
+        if handle.worker not in chosen:  # the leader's engine drives the shards: it stays
+            chosen = [handle.worker, *chosen[:-1]]
+        handle.state = ReplicaState.DRAINING  # no new requests while it switches
+        moved = len(self.table.unfinished(handle.replica_id))
+        try:
+            summary = await handle.actor.reshard(shape, chosen)
+        except Exception as exc:  # noqa: BLE001 - the replica cannot go on: its requests recompute
+            logger.warning("reshard of %s failed (%s): its requests recompute", handle.replica_id, exc)
+            handle.state = ReplicaState.LOST
+            self._suspect.update(handle.workers)
+            for record in self.table.unfinished(handle.replica_id):
+                self._requeue(record, lost_kv=True)
+            self.replicas.pop(handle.replica_id, None)
+            self._spawn(self._call(handle.actor.stop()))
+            self.notices.append(NoticeRecord(leaving, deadline, received, 0, moved))
+            self._wake()
+            return
+        handle.parallel = (int(summary["new"][0]), int(summary["new"][1]))
+        handle.shards = tuple(summary["shards"])
+        self.kv_bytes_migrated += int(summary["kv_bytes"])
+        if handle.state is ReplicaState.DRAINING:
+            handle.state = ReplicaState.READY
+        self.notices.append(NoticeRecord(leaving, deadline, received, moved, 0))
+        logger.info("replica %s resharded to %s on %s in %.2f s", handle.replica_id, handle.parallel,
+                    handle.shards, summary["seconds"])
         self._wake()
 
     def _arrangement(self, source: ReplicaHandle, now: float, deadline: float) -> Arrangement:
@@ -507,3 +585,12 @@ class ElasticController(SchedulerPlugin):
         event = self._client_events.get(client)
         if event is not None:
             event.set()
+
+
+def fit_shape(current: tuple[int, int], workers: int) -> tuple[int, int]:
+    """The (P, M) a sharded replica switches to on `workers` workers: the most positions that fit,
+    preferring the current tensor degree M, then the current P, then fewer tensor ranks."""
+    if workers < 1:
+        raise ValueError("a replica needs at least one worker")
+    shapes = [(p, m) for p in range(1, workers + 1) for m in range(1, workers // p + 1)]
+    return max(shapes, key=lambda s: (s[0] * s[1], s[1] == current[1], s[0] == current[0], -s[1]))

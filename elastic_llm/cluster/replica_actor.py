@@ -8,6 +8,11 @@ Every iteration the loop commits the new tokens to the controller in ONE message
 batched stream to the scheduler (fire-and-forget, ordered per worker). A request resumed here
 re-sends its whole output with its first commit, so the controller's table never misses tokens that
 an old replica committed just before it stopped.
+
+With `ReplicaOptions.parallel` above (1, 1) the replica is sharded: this actor (on the leader
+worker) runs the engine's scheduler and a `DaskShardedExecutor` whose `ShardActor`s hold the weight
+and KV slices on P*M workers (the leader among them); `reshard` switches it to another (P, M) and
+set of workers at a token boundary, keeping every request's KV.
 """
 
 from __future__ import annotations
@@ -42,16 +47,28 @@ class ReplicaOptions:
     #: bytes/s at which weights come from the checkpoint store (None: as fast as local disk);
     #: a real fleet reads object storage, so a fair baseline pays that on every reload
     checkpoint_bandwidth: float | None = None
+    #: (P, M) of each replica: above (1, 1) the replica's engine drives a `DaskShardedExecutor`
+    #: over `ShardActor`s on P*M workers (the first, the leader, also holds the `ReplicaActor`)
+    parallel: tuple[int, int] = (1, 1)
+    shard_timeout_s: float = 60.0  #: limit on every shard answer and collective (sharded only)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether replicas run as P x M shards on several workers."""
+        return tuple(self.parallel) != (1, 1)
 
 
 class ReplicaActor:
     """One replica of the model on this worker, serving requests the controller hands it."""
 
-    def __init__(self, replica_id: str, options: ReplicaOptions) -> None:
+    def __init__(self, replica_id: str, options: ReplicaOptions, shards: Sequence[str] = ()) -> None:
+        """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`)."""
         from distributed import get_worker
 
         self.replica_id = replica_id
         self._options = options
+        self._shards = list(shards)
+        self._client: Any = None  # a sharded replica's Dask client (made in the loop thread)
         self._worker = get_worker()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._unsent: dict[str, tuple[int, list[int]]] = {}  # request -> (start, tokens) not yet sent
@@ -70,7 +87,8 @@ class ReplicaActor:
         """Block until the model is loaded; returns this replica's description."""
         self._ready.result(timeout)
         return {"replica": self.replica_id, "worker": self._worker.address,
-                "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token}
+                "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token,
+                "parallel": list(self._options.parallel), "shards": list(self._shards)}
 
     def start_requests(self, states: Sequence[RequestState]) -> int:
         """Queue requests (new, or resumed from committed tokens, with or without KV)."""
@@ -107,6 +125,33 @@ class ReplicaActor:
                 "error": self._error,
                 "requests": engine.num_requests if engine is not None else 0}
 
+    def reshard(self, parallel: tuple[int, int], workers: Sequence[str],
+                timeout: float = 300.0) -> dict[str, Any]:
+        """At the next token boundary switch this sharded replica to `parallel` (P, M) on
+        `workers` (P*M addresses), keeping every request's KV; a summary of what moved."""
+        answer: Future[dict[str, Any]] = Future()
+        names = list(workers)
+
+        def switch() -> None:
+            from elastic_llm.planning.config import ParallelConfig
+
+            try:
+                config = ParallelConfig(D=1, P=parallel[0], M=parallel[1], B=self._options.max_batch_size)
+                report = self._engine.executor.reconfigure(config, workers=names)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                answer.set_exception(exc)
+                return
+            self._shards = list(self._engine.executor.placement.workers)
+            answer.set_result({"old": list(report.old.shape) if report.old else None,
+                               "new": list(report.new.shape), "epoch": report.epoch,
+                               "kv_requests": report.kv_requests, "kv_bytes": report.kv_bytes,
+                               "weight_bytes": report.weight_bytes,
+                               "checkpoint_bytes": report.checkpoint_bytes, "seconds": report.seconds,
+                               "shards": list(self._shards)})
+
+        self._commands.put(switch)
+        return answer.result(timeout)
+
     def reload(self, timeout: float = 600.0) -> None:
         """Drop every request and load the weights again from the checkpoint (reparallelize)."""
         answer: Future[None] = Future()
@@ -115,6 +160,7 @@ class ReplicaActor:
             for request_id in list(self._counts):
                 self._engine.abort(request_id)
                 self._forget(request_id)
+            self._engine.close()  # a sharded replica's shards are started afresh
             self._engine = self._build_engine()
             answer.set_result(None)
 
@@ -122,10 +168,15 @@ class ReplicaActor:
         answer.result(timeout)
 
     def stop(self) -> None:
-        """Stop the loop thread."""
+        """Stop the loop thread (and a sharded replica's shards)."""
         self._stopped.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout=30)
+        engine = getattr(self, "_engine", None)
+        if engine is not None and not self._thread.is_alive():
+            engine.close()
+        if self._client is not None:
+            self._client.close()
 
     # ------------------------------------------------------------------ the loop (own thread)
     def _run(self) -> None:
@@ -145,7 +196,12 @@ class ReplicaActor:
             if self._stopped.is_set() or not self._engine.has_unfinished():
                 continue
             started = time.perf_counter()
-            outputs = self._engine.step()
+            try:
+                outputs = self._engine.step()
+            except Exception as exc:  # noqa: BLE001 - e.g. a shard's worker died: this replica is done
+                self._error = f"{type(exc).__name__}: {exc}"
+                logger.exception("replica %s failed; its requests resume elsewhere", self.replica_id)
+                return
             elapsed = time.perf_counter() - started
             self._busy_seconds += elapsed
             self._iterations += 1
@@ -170,7 +226,21 @@ class ReplicaActor:
                            - (time.perf_counter() - started)))
         limits = BatchLimits(self._options.max_batch_size, self._options.max_batch_tokens)
         scheduler = FCFS() if self._options.scheduler == "fcfs" else SkipJoinMLFQ(MLFQConfig(skip_join=False))
-        return LLMEngine(model, scheduler=scheduler, limits=limits)
+        if not self._options.sharded:
+            return LLMEngine(model, scheduler=scheduler, limits=limits)
+        from distributed import Client
+
+        from elastic_llm.cluster.dask_sharded import DaskShardedExecutor
+        from elastic_llm.planning.config import ParallelConfig
+
+        pipeline, tensor = self._options.parallel
+        if self._client is None:  # this thread has no worker context: a client of its own
+            self._client = Client(self._worker.scheduler.address, security=self._worker.security,
+                                  set_as_default=False, name=f"elastic-llm-{self.replica_id}")
+        executor = DaskShardedExecutor(
+            self._client, model, ParallelConfig(D=1, P=pipeline, M=tensor, B=self._options.max_batch_size),
+            workers=self._shards, timeout_s=self._options.shard_timeout_s, threads=self._options.threads)
+        return LLMEngine(model, scheduler=scheduler, limits=limits, executor=executor)
 
     def _drain(self, block: bool) -> None:
         try:

@@ -6,8 +6,10 @@
 * ``comm``      - one configuration epoch's `torch.distributed` group (gloo / NCCL)
 * ``runtime``   - `ShardRuntime`: one position's network, KV and group, launch-agnostic
 * ``reconfig``  - mapping and migration planning of a reconfiguration (planning core)
-* ``process``   - local worker processes and their pipes
-* ``sharded_executor`` - `ShardedExecutor`, the engine's executor over P*M local processes
+* ``transport`` - the driver-to-shards contract (`ShardTransport`, `Call`, `Reply`, `serve_call`)
+* ``process``   - local worker processes and their pipes (`LocalProcessTransport`)
+* ``sharded_executor`` - `ShardedDriver` (the driver over any transport) and `ShardedExecutor`, the
+  engine's executor over P*M local processes (`elastic_llm.cluster.dask_sharded` has the Dask one)
 
 Importing the package loads only the errors; the public classes load on first use.
 """
@@ -27,15 +29,17 @@ if TYPE_CHECKING:
     from elastic_llm.engine.replica.runtime import ShardRuntime
     from elastic_llm.engine.replica.sharded_executor import (
         ReconfigurationReport,
+        ShardedDriver,
         ShardedExecutor,
         TransferRecord,
     )
 
 __all__ = ["ReconfigurationReport", "ReplicaConfigError", "ReplicaError", "ReplicaTimeoutError",
-           "ReplicaWorkerError", "ShardRuntime", "ShardedExecutor", "TransferRecord"]
+           "ReplicaWorkerError", "ShardRuntime", "ShardedDriver", "ShardedExecutor", "TransferRecord"]
 
 _LAZY = {"ShardRuntime": "runtime", "ShardedExecutor": "sharded_executor",
-         "ReconfigurationReport": "sharded_executor", "TransferRecord": "sharded_executor"}
+         "ShardedDriver": "sharded_executor", "ReconfigurationReport": "sharded_executor",
+         "TransferRecord": "sharded_executor"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,48 +1,32 @@
 """Launching shard runtimes as local processes and talking to them over pipes.
 
-This is the only module that knows about processes: `worker_main` runs a `ShardRuntime` behind a
-pipe (one call at a time, tensors packed by `wire`), `WorkerProcess` is the driver's handle, and
-`collect` waits for one reply from each of several workers with a deadline, watching the
-processes' sentinels so that a dead child raises `ReplicaWorkerError` at once instead of hanging.
+This is the only module that knows about local processes: `worker_main` runs a `ShardRuntime`
+behind a pipe (one call at a time, tensors packed by `wire`), `WorkerProcess` is the driver's
+handle, `collect` waits for one reply from each of several workers with a deadline, watching the
+processes' sentinels so that a dead child raises `ReplicaWorkerError` at once instead of hanging,
+and `LocalProcessTransport` is the `ShardTransport` built from them.
 """
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import multiprocessing.connection
 import os
 import time
 import traceback
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from elastic_llm.engine.replica.errors import ReplicaTimeoutError, ReplicaWorkerError
 from elastic_llm.engine.replica.messages import ModelSource
-from elastic_llm.engine.replica.wire import from_wire, to_wire
+from elastic_llm.engine.replica.transport import Call, Reply, serve_call
+from elastic_llm.engine.replica.wire import from_wire
 
-#: `ShardRuntime` methods a driver may call through the pipe.
-RUNTIME_METHODS = frozenset({"join", "leave", "step", "migrate", "export_kv", "import_kv",
-                             "release", "kv_lengths", "describe"})
-
-
-@dataclass(frozen=True)
-class Call:
-    """A method call on the worker's runtime (`release` is applied first, piggybacked)."""
-
-    method: str  #: one of `RUNTIME_METHODS`, or "shutdown"
-    kwargs: dict[str, Any] = field(default_factory=dict)  #: arguments, tensors packed
-    release: tuple[str, ...] = ()  #: request ids whose KV to drop before the call
-
-
-@dataclass(frozen=True)
-class Reply:
-    """The result of a `Call` (or of starting up)."""
-
-    ok: bool  #: False: `error` holds the worker's traceback
-    value: Any = None  #: the method's return value, tensors packed
-    error: str = ""  #: formatted traceback when not ok
-
+#: Modules the forkserver imports once, so that each worker starts in milliseconds.
+_PRELOAD = ["torch", "torch.distributed", "elastic_llm.engine.replica.runtime"]
 
 def worker_main(conn: multiprocessing.connection.Connection, name: str, source: ModelSource,
                 device_index: int) -> None:
@@ -65,15 +49,7 @@ def worker_main(conn: multiprocessing.connection.Connection, name: str, source: 
             break
         if call.method == "shutdown":  # the driver joins the process; no reply
             break
-        try:
-            if call.method not in RUNTIME_METHODS:
-                raise ValueError(f"unknown runtime method {call.method!r}")
-            if call.release:
-                runtime.release(call.release)
-            value = getattr(runtime, call.method)(**from_wire(call.kwargs))
-            conn.send(Reply(True, to_wire(value)))
-        except Exception:
-            conn.send(Reply(False, error=traceback.format_exc()))
+        conn.send(serve_call(runtime, call))
     runtime.close()
 
 
@@ -152,3 +128,55 @@ def collect(workers: Sequence[WorkerProcess], what: str, timeout_s: float) -> li
             values[worker.name] = from_wire(reply.value)
             del pending[worker.conn]
     return [values[w.name] for w in workers]
+
+
+class LocalProcessTransport:
+    """`ShardTransport` over local worker processes and pipes.
+
+    Args:
+        timeout_s: limit on every answer from a worker.
+        start_method: multiprocessing start method ("forkserver": fast starts after the first).
+    """
+
+    rendezvous_host = "127.0.0.1"
+
+    def __init__(self, timeout_s: float = 120.0, start_method: str = "forkserver") -> None:
+        self.timeout_s = timeout_s
+        self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._context.set_forkserver_preload(_PRELOAD)  # type: ignore[attr-defined]
+        self._workers: dict[str, WorkerProcess] = {}
+        self._device_slots = itertools.count()
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+
+    def start(self, names: Sequence[str], source: ModelSource) -> None:
+        """Start one process per name and wait until each is ready."""
+        fresh = [WorkerProcess(name, self._context, source, next(self._device_slots)) for name in names]
+        self._workers.update((w.name, w) for w in fresh)
+        collect(fresh, "start", self.timeout_s)
+
+    def call(self, calls: Sequence[tuple[str, Call]], what: str) -> list[Any]:
+        """Post every call, then collect the replies in order."""
+        handles = [self._workers[name] for name, _ in calls]
+        for handle, (_, call) in zip(handles, calls, strict=True):
+            handle.post(call)
+        return collect(handles, what, self.timeout_s)
+
+    def stop(self, names: Sequence[str]) -> None:
+        """Shut these processes down (asked first, then terminated, then killed)."""
+        for name in names:
+            self._workers.pop(name).stop(self.timeout_s)
+
+    def pids(self) -> dict[str, int | None]:
+        """Worker name -> process id."""
+        return {name: w.process.pid for name, w in self._workers.items()}
+
+    def close(self) -> None:
+        """Stop every worker process."""
+        self._finalizer()
+
+
+def _stop_all(workers: dict[str, WorkerProcess]) -> None:
+    for worker in list(workers.values()):
+        worker.stop(timeout_s=5.0)
+    workers.clear()

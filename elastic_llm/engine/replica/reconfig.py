@@ -48,15 +48,23 @@ class ReconfigurationPlan:
 
 
 def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelConfig,
-                         workers: Sequence[str], kv_tokens: int) -> ReconfigurationPlan:
-    """Map `workers` (all live ones: the old placement's and any new ones) onto `new` and plan
-    the transfers; `kv_tokens` is the sum of the cached positions of the requests kept."""
+                         workers: Sequence[str], kv_tokens: int,
+                         candidates: Sequence[str] | None = None) -> ReconfigurationPlan:
+    """Map `candidates` (default: all of `workers`) onto `new` and plan the transfers.
+
+    `workers`: all live ones (the old placement's and any new ones); every one of them can send
+    what it holds, but only `candidates` (a subset) may take a new position, so a worker that is
+    about to go (a preemption notice) hands its slices and KV over and then leaves. `kv_tokens` is
+    the sum of the cached positions of the requests kept."""
     alive = {name: Worker(name) for name in workers}
+    chosen = list(workers if candidates is None else candidates)
+    if not set(chosen) <= set(alive):
+        raise ValueError(f"candidates {sorted(set(chosen) - set(alive))} are not live workers")
     kv = {0: kv_tokens} if kv_tokens > 0 else {}
     if old is None:
-        placement, inherits = Placement(new, tuple(workers[: new.num_positions])), (None,)
+        placement, inherits = Placement(new, tuple(chosen[: new.num_positions])), (None,)
     else:
-        mapping = DeviceMapper(spec).map(list(alive.values()), old, new, kv_tokens=kv)
+        mapping = DeviceMapper(spec).map([alive[name] for name in chosen], old, new, kv_tokens=kv)
         placement, inherits = mapping.placement, mapping.inherits
     planner = MigrationPlanner(spec)
     held = planner.holdings(old, alive, kv)

@@ -1,5 +1,9 @@
 """`ShardedExecutor`: one replica as P pipeline stages x M tensor ranks in P*M local processes.
 
+The driver logic lives in `ShardedDriver`, which reaches its shards through a `ShardTransport`:
+`ShardedExecutor` is the driver over local processes and pipes, and
+`elastic_llm.cluster.dask_sharded.DaskShardedExecutor` the same driver over Dask actors.
+
 It implements the engine's `Executor` contract, so ``LLMEngine(model, executor=ShardedExecutor(
 model, ParallelConfig(D=1, P=2, M=2, B=8)))`` serves with it. The driver (this object, in the
 engine's process) holds no weights: it splits each step into micro-batches, sends the step to
@@ -15,11 +19,9 @@ recompute. Starting up is the same path from nothing: every slice comes from the
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import time
-import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from elastic_llm.engine.executor import StepWork
-from elastic_llm.engine.replica.errors import ReplicaError, ReplicaWorkerError
+from elastic_llm.engine.replica.errors import ReplicaConfigError, ReplicaError, ReplicaWorkerError
 from elastic_llm.engine.replica.kv import full_kv_check, merge_kv, slice_kv
 from elastic_llm.engine.replica.layout import ShardLayout, check_config, replica_layouts
 from elastic_llm.engine.replica.messages import (
@@ -39,8 +41,9 @@ from elastic_llm.engine.replica.messages import (
     ModelSource,
     StepPlan,
 )
-from elastic_llm.engine.replica.process import Call, WorkerProcess, collect
+from elastic_llm.engine.replica.process import LocalProcessTransport
 from elastic_llm.engine.replica.reconfig import WorkerAssignment, plan_reconfiguration
+from elastic_llm.engine.replica.transport import Call, ShardTransport
 from elastic_llm.engine.replica.wire import to_wire
 from elastic_llm.model.checkpoint import resolve_checkpoint
 from elastic_llm.model.kv_cache import KVState
@@ -49,10 +52,6 @@ from elastic_llm.model.spec import ModelSpec
 from elastic_llm.planning.config import ParallelConfig, Placement
 from elastic_llm.planning.migration import Transfer
 from elastic_llm.planning.slices import Slice
-
-#: Modules the forkserver imports once, so that each worker starts in milliseconds.
-_PRELOAD = ["torch", "torch.distributed", "elastic_llm.engine.replica.runtime"]
-
 
 @dataclass(frozen=True)
 class TransferRecord:
@@ -105,36 +104,37 @@ class ReconfigurationReport:
         return sum(t.nbytes for t in self.transfers)
 
 
-class ShardedExecutor:
-    """Runs one replica on P*M local worker processes behind the `Executor` contract.
+class ShardedDriver:
+    """The driver of one sharded replica behind the engine's `Executor` contract, over any
+    `ShardTransport` (it holds no weights).
+
+    It splits each step into micro-batches, sends the step to every shard and gathers the last
+    stage's logits; it assembles and slices KV for export and import; and `reconfigure` runs the
+    KM mapping and the migration planner, forms each epoch's process groups on its own TCPStore
+    (the rendezvous, hosted in this process on the transport's `rendezvous_host`) and hands every
+    shard its migration orders. Subclasses pick the transport and how new shards are named.
 
     Args:
-        model: a `LoadedModel` (its checkpoint directory, spec and dtype are used; the workers
-            read their own slices) or a checkpoint name / directory / GGUF file (fp32).
-        parallel: the configuration (D must be 1; B is not used here, the engine batches).
-        device: "cpu" (gloo) or "cuda" (NCCL; worker i uses GPU i modulo the GPU count).
+        source: where the shards read the model.
+        transport: how the shards are started and called.
+        parallel: the first configuration (D must be 1; B is not used here, the engine batches).
+        workers: names of the shards to place it on (None: `_new_names` picks them).
         micro_batches: micro-batches per step (default P, capped at the step's works).
-        timeout_s: limit on every answer from a worker and on every collective.
-        start_method: multiprocessing start method ("forkserver": fast starts after the first).
+        timeout_s: limit on every collective (the transport has its own limit on answers).
     """
 
-    def __init__(self, model: LoadedModel | str | os.PathLike[str], parallel: ParallelConfig, *,
-                 device: str = "cpu", micro_batches: int | None = None, timeout_s: float = 120.0,
-                 start_method: str = "forkserver") -> None:
-        self._source = _model_source(model, device)
-        self.spec: ModelSpec = self._source.spec
+    def __init__(self, source: ModelSource, transport: ShardTransport, parallel: ParallelConfig, *,
+                 workers: Sequence[str] | None = None, micro_batches: int | None = None,
+                 timeout_s: float = 120.0) -> None:
+        self._source = source
+        self.spec: ModelSpec = source.spec
         self.timeout_s = timeout_s
         #: micro-batches per step (None: P); may be changed between steps
         self.micro_batches = micro_batches
-        self._backend = "nccl" if device == "cuda" else "gloo"
-        self._context = multiprocessing.get_context(start_method)
-        if start_method == "forkserver":
-            self._context.set_forkserver_preload(_PRELOAD)  # type: ignore[attr-defined]
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=timeout_s))
-        self._workers: dict[str, WorkerProcess] = {}
-        self._names = (f"w{i}" for i in itertools.count())
-        self._device_slots = itertools.count()
+        self._backend = "nccl" if source.device == "cuda" else "gloo"
+        self._transport = transport
+        self._store: dist.TCPStore | None = None
+        self._members: list[str] = []  # live shards, in the order they were started
         self._placement: Placement | None = None
         self._layouts: tuple[ShardLayout, ...] = ()
         self._lengths: dict[str, int] = {}
@@ -142,10 +142,11 @@ class ShardedExecutor:
         self._epoch = 0
         self._failure: str | None = None
         self._closed = False
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
         try:
+            self._store = dist.TCPStore(transport.rendezvous_host, 0, is_master=True,
+                                        wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
             #: the start-up report (every slice read from the checkpoint)
-            self.start_report = self.reconfigure(parallel)
+            self.start_report = self.reconfigure(parallel, workers=workers)
         except BaseException:
             self.close()
             raise
@@ -159,7 +160,7 @@ class ShardedExecutor:
 
     @property
     def placement(self) -> Placement:
-        """Which worker holds which position now."""
+        """Which shard holds which position now."""
         assert self._placement is not None
         return self._placement
 
@@ -168,12 +169,17 @@ class ShardedExecutor:
         """The process-group epoch running now (grows with every reconfiguration)."""
         return self._epoch
 
+    @property
+    def transport(self) -> ShardTransport:
+        """How this driver reaches its shards."""
+        return self._transport
+
     def worker_pids(self) -> dict[str, int | None]:
-        """Worker name -> process id."""
-        return {name: w.process.pid for name, w in self._workers.items()}
+        """Shard name -> id of the process hosting it."""
+        return self._transport.pids()
 
     def describe(self) -> list[dict[str, object]]:
-        """Each worker's layout and bytes held, in canonical position order."""
+        """Each shard's layout and bytes held, in canonical position order."""
         return self._call("describe")
 
     # ------------------------------------------------------------------ Executor contract
@@ -207,7 +213,7 @@ class ShardedExecutor:
         return self._lengths.get(request_id, 0)
 
     def release(self, request_id: str) -> None:
-        """Forget a request's KV; the workers drop it with the next call they get."""
+        """Forget a request's KV; the shards drop it with the next call they get."""
         if self._lengths.pop(request_id, None) is not None:
             self._released.append(request_id)
 
@@ -232,23 +238,31 @@ class ShardedExecutor:
         self._lengths[request_id] = state.length
 
     # ------------------------------------------------------------------ reconfiguration
-    def reconfigure(self, parallel: ParallelConfig) -> ReconfigurationReport:
+    def reconfigure(self, parallel: ParallelConfig, workers: Sequence[str] | None = None
+                    ) -> ReconfigurationReport:
         """Switch the live replica to `parallel`, keeping every request's KV (no recompute).
 
-        Only the slices a new position lacks move (worker to worker, or from the checkpoint when
-        no live worker holds them); process groups are re-formed as a new epoch inside the same
-        processes; processes are started or stopped when P*M changes.
+        `workers`: the shards that may hold the new positions (at least P*M; new names start new
+        shards; live shards not named only send what they hold, then stop). None: the live
+        shards, plus new ones named by `_new_names` when P*M grows.
+
+        Only the slices a new position lacks move (shard to shard, or from the checkpoint when no
+        live shard holds them); process groups are re-formed as a new epoch inside the same
+        processes.
         """
         self._check_usable()
         check_config(self.spec, parallel)
+        candidates = self._candidates(parallel, workers)
         started = time.perf_counter()
         old = self._placement
         try:
-            spawned = self._spawn(parallel.num_positions - len(self._workers))
+            spawned = tuple(name for name in candidates if name not in self._members)
+            self._transport.start(spawned, self._source)
+            self._members.extend(spawned)
             spawn_done = time.perf_counter()
             kv_lengths = tuple(sorted((rid, n) for rid, n in self._lengths.items() if n > 0))
-            plan = plan_reconfiguration(self.spec, old, parallel, list(self._workers),
-                                        sum(n for _, n in kv_lengths))
+            plan = plan_reconfiguration(self.spec, old, parallel, list(self._members),
+                                        sum(n for _, n in kv_lengths), candidates=candidates)
             plan_done = time.perf_counter()
             layouts = replica_layouts(self.spec, parallel)
             members = [*plan.placement.workers, *plan.leaving]
@@ -263,8 +277,8 @@ class ShardedExecutor:
             migrate_seconds = time.perf_counter() - migrate_began
             self._placement, self._layouts = plan.placement, layouts
             if plan.leaving:
-                for name in plan.leaving:
-                    self._workers.pop(name).stop(self.timeout_s)
+                self._members = [name for name in self._members if name not in plan.leaving]
+                self._transport.stop(plan.leaving)
                 group_seconds += self._join(list(plan.placement.workers), parallel)
         except Exception as exc:
             self._fail(exc)
@@ -279,23 +293,34 @@ class ShardedExecutor:
             group_seconds=group_seconds, migrate_seconds=migrate_seconds,
             seconds=time.perf_counter() - started)
 
-    def _spawn(self, count: int) -> tuple[str, ...]:
-        """Start `count` workers and wait until each is ready."""
-        fresh = [WorkerProcess(next(self._names), self._context, self._source, next(self._device_slots))
-                 for _ in range(max(0, count))]
-        self._workers.update((w.name, w) for w in fresh)
-        collect(fresh, "start", self.timeout_s)
-        return tuple(w.name for w in fresh)
+    def _candidates(self, parallel: ParallelConfig, workers: Sequence[str] | None) -> list[str]:
+        """The shards that may hold `parallel`'s positions (checked, in order)."""
+        if workers is None:
+            missing = parallel.num_positions - len(self._members)
+            workers = [*self._members, *self._new_names(missing)] if missing > 0 else self._members
+        names = list(workers)
+        if len(set(names)) != len(names):
+            raise ReplicaConfigError(f"a worker is named twice in {names}")
+        if len(names) < parallel.num_positions:
+            raise ReplicaConfigError(f"{parallel.P}x{parallel.M} needs {parallel.num_positions} "
+                                     f"workers, got {len(names)}")
+        return names
+
+    def _new_names(self, count: int) -> list[str]:
+        """Names of `count` new shards when the caller named none."""
+        raise ReplicaConfigError(f"{type(self).__name__} needs {count} more workers named")
 
     def _join(self, members: Sequence[str], parallel: ParallelConfig | None) -> float:
         """Form the next epoch's group of `members` (ranks in that order); with `parallel`, also
         its tensor-parallel groups (then `members` must be in canonical position order)."""
+        assert self._store is not None
         began = time.perf_counter()
         self._epoch += 1
         groups: tuple[tuple[int, ...], ...] = ()
         if parallel is not None and parallel.M > 1:
             groups = tuple(tuple(range(s * parallel.M, (s + 1) * parallel.M)) for s in range(parallel.P))
-        per_worker = {name: {"group": GroupSpec("127.0.0.1", self._store.port, self._epoch, rank,
+        host = self._transport.rendezvous_host
+        per_worker = {name: {"group": GroupSpec(host, self._store.port, self._epoch, rank,
                                                 len(members), self._backend, groups, self.timeout_s)}
                       for rank, name in enumerate(members)}
         self._call("join", per_worker=per_worker, workers=members)
@@ -304,15 +329,14 @@ class ShardedExecutor:
     # ------------------------------------------------------------------ calls
     def _call(self, method: str, *, per_worker: dict[str, dict[str, object]] | None = None,
               workers: Sequence[str] | None = None, **kwargs: object) -> list:  # type: ignore[type-arg]
-        """Call `method` on `workers` (default: the placement's, canonical order); one reply each."""
+        """Call `method` on `workers` (default: the placement's, canonical order); one reply each,
+        every call dispatched before any reply is awaited."""
         names = list(workers) if workers is not None else list(self.placement.workers)
-        handles = [self._workers[n] for n in names]
         release, self._released = tuple(self._released), []
+        calls = [(name, Call(method, to_wire(per_worker[name] if per_worker is not None else kwargs),
+                             release)) for name in names]
         try:
-            for handle in handles:
-                args = per_worker[handle.name] if per_worker is not None else kwargs
-                handle.post(Call(method, to_wire(args), release))
-            return collect(handles, method, self.timeout_s)
+            return self._transport.call(calls, method)
         except ReplicaError as exc:
             self._fail(exc)
             raise
@@ -328,17 +352,48 @@ class ShardedExecutor:
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
-        """Stop every worker (asked first, then terminated, then killed) and the store."""
+        """Stop every shard and the rendezvous store (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._finalizer()
+        try:
+            self._transport.close()
+        finally:
+            self._members = []
+            self._store = None
 
-    def __enter__(self) -> ShardedExecutor:
+    def __enter__(self) -> ShardedDriver:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ShardedExecutor(ShardedDriver):
+    """Runs one replica on P*M local worker processes behind the `Executor` contract.
+
+    Args:
+        model: a `LoadedModel` (its checkpoint directory, spec and dtype are used; the workers
+            read their own slices) or a checkpoint name / directory / GGUF file (fp32).
+        parallel: the configuration (D must be 1; B is not used here, the engine batches).
+        device: "cpu" (gloo) or "cuda" (NCCL; worker i uses GPU i modulo the GPU count).
+        micro_batches: micro-batches per step (default P, capped at the step's works).
+        timeout_s: limit on every answer from a worker and on every collective.
+        start_method: multiprocessing start method ("forkserver": fast starts after the first).
+    """
+
+    def __init__(self, model: LoadedModel | str | os.PathLike[str], parallel: ParallelConfig, *,
+                 device: str = "cpu", micro_batches: int | None = None, timeout_s: float = 120.0,
+                 start_method: str = "forkserver") -> None:
+        self._names: Iterator[str] = (f"w{i}" for i in itertools.count())
+        super().__init__(model_source(model, device), LocalProcessTransport(timeout_s, start_method),
+                         parallel, micro_batches=micro_batches, timeout_s=timeout_s)
+
+    def _new_names(self, count: int) -> list[str]:
+        return [next(self._names) for _ in range(count)]
+
+    def __enter__(self) -> ShardedExecutor:
+        return self
 
 
 def split_micro_batches(works: Sequence[StepWork], count: int) -> tuple[MicroBatch, ...]:
@@ -362,7 +417,8 @@ def _records(transfers: Sequence[Transfer], stats: Sequence[MigrationStats]) -> 
                  for i, t in enumerate(transfers))
 
 
-def _model_source(model: LoadedModel | str | os.PathLike[str], device: str) -> ModelSource:
+def model_source(model: LoadedModel | str | os.PathLike[str], device: str = "cpu") -> ModelSource:
+    """Where shards read `model` from: a loaded model's checkpoint and dtype, or a checkpoint."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if isinstance(model, LoadedModel):
@@ -373,9 +429,3 @@ def _model_source(model: LoadedModel | str | os.PathLike[str], device: str) -> M
     config = read_config(path)
     spec = ModelSpec.from_hf_config(config, name=Path(os.fspath(model)).name, bytes_per_param=4)
     return ModelSource(str(path), spec, config, "float32", device)
-
-
-def _stop_all(workers: dict[str, WorkerProcess]) -> None:
-    for worker in list(workers.values()):
-        worker.stop(timeout_s=5.0)
-    workers.clear()

@@ -1,0 +1,196 @@
+"""`DaskShardedExecutor`: a P x M replica whose shards are `ShardActor`s on real Dask worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from elastic_llm import LLMEngine, SamplingParams
+from elastic_llm.cluster.controller import fit_shape
+from elastic_llm.cluster.dask_sharded import DaskShardedExecutor, rendezvous_host
+from elastic_llm.cluster.replica_actor import ReplicaOptions
+from elastic_llm.cluster.serving_client import ServingClient
+from elastic_llm.engine.executor import StepWork
+from elastic_llm.engine.replica import ReplicaConfigError, ReplicaWorkerError
+from elastic_llm.model.loader import LoadedModel, load_model
+from tests.cluster.helpers import local_cluster, wait_for
+from tests.conftest import build_tiny_checkpoint
+from tests.replica.conftest import UNEVEN_TIED, config
+
+NEW_TOKENS = 10
+GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def uneven_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sharded-replica tests' checkpoint: uneven AutoTP shards, tied embeddings, 3 layers."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("uneven-tied"), "uneven-tied", seed=1,
+                                 fields=UNEVEN_TIED)
+
+
+@pytest.fixture(scope="module")
+def model(uneven_checkpoint: Path) -> LoadedModel:
+    return load_model(uneven_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    """Three prompts of different lengths (token ids < 320)."""
+    return [[17, 3, 250, 41, 9], [88, 1, 5, 300, 12, 64, 7, 199, 23, 2, 76, 140, 31], [45, 6]]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Client, list[str]]]:
+    """Two worker processes (the kill test, last in this module, loses one of them)."""
+    with local_cluster(2, processes=True) as (_, client):
+        yield client, sorted(client.scheduler_info()["workers"])
+
+
+@pytest.fixture(scope="module")
+def expected(model: LoadedModel, prompts: list[list[int]]) -> list[tuple[int, ...]]:
+    return [c.token_ids for c in LLMEngine(model).generate(prompts, GREEDY)]
+
+
+def _generate_with_reconfigurations(engine: LLMEngine, executor: DaskShardedExecutor,
+                                    prompts: list[list[int]],
+                                    moves: list[tuple[tuple[int, int], list[str]]]) -> list[tuple[int, ...]]:
+    """Generate `prompts`, switching to each (shape, workers) of `moves` after two steps; every
+    switch must keep all KV (the next step computes exactly one new token per request)."""
+    ids = [f"r{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, prompt, GREEDY)
+    for shape, workers in moves:
+        for _ in range(2):
+            engine.step()
+        lengths = {rid: executor.kv_length(rid) for rid in ids}
+        report = executor.reconfigure(config(*shape), workers=workers)
+        assert executor.parallel.shape == shape and set(executor.placement.workers) == set(workers)
+        assert {rid: executor.kv_length(rid) for rid in ids} == lengths
+        assert report.checkpoint_bytes == 0 and report.kv_bytes > 0  # all from live shards
+        assert report.received_bytes == report.moved_bytes
+    while engine.has_unfinished():
+        engine.step()
+    return [engine.pop_completion(rid).token_ids for rid in ids]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1)], ids=lambda s: f"P{s[0]}xM{s[1]}")
+def test_greedy_tokens_equal_single_process_engine_across_two_workers(
+        cluster: tuple[Client, list[str]], model: LoadedModel, prompts: list[list[int]],
+        expected: list[tuple[int, ...]], shape: tuple[int, int]) -> None:
+    client, workers = cluster
+    with DaskShardedExecutor(client, model, config(*shape), workers=workers, timeout_s=30) as executor:
+        pids = executor.worker_pids()
+        assert set(pids) == set(workers) and len(set(pids.values())) == 2
+        assert os.getpid() not in pids.values()  # the shards run in the worker processes
+        assert [c.token_ids for c in LLMEngine(model, executor=executor).generate(prompts, GREEDY)] \
+            == expected
+        assert all(d["kv_bytes"] == 0 for d in executor.describe())  # finished requests released
+
+
+@pytest.mark.timeout(90)
+def test_reconfigure_mid_generation_on_the_same_workers_keeps_kv(
+        cluster: tuple[Client, list[str]], model: LoadedModel, prompts: list[list[int]],
+        expected: list[tuple[int, ...]]) -> None:
+    client, workers = cluster
+    with DaskShardedExecutor(client, model, config(2, 1), workers=workers, timeout_s=30) as executor:
+        engine = LLMEngine(model, executor=executor)
+        assert _generate_with_reconfigurations(engine, executor, prompts,
+                                               [((1, 2), workers), ((2, 1), workers)]) == expected
+        assert engine.stats().tokens_computed == sum(len(p) + NEW_TOKENS - 1 for p in prompts)
+        assert executor.epoch == 3
+
+
+@pytest.mark.timeout(90)
+def test_a_noticed_worker_hands_over_its_slices_and_kv_before_leaving(
+        cluster: tuple[Client, list[str]], model: LoadedModel, prompts: list[list[int]],
+        expected: list[tuple[int, ...]]) -> None:
+    """(2, 1) on both workers -> (1, 1) on one (the other sends its layers and KV, then its shard
+    stops) -> (1, 2) on both again (a fresh shard on the returning worker)."""
+    client, (a, b) = cluster
+    with DaskShardedExecutor(client, model, config(2, 1), workers=[a, b], timeout_s=30) as executor:
+        engine = LLMEngine(model, executor=executor)
+        assert _generate_with_reconfigurations(engine, executor, prompts,
+                                               [((1, 1), [b]), ((1, 2), [a, b])]) == expected
+        assert engine.stats().tokens_computed == sum(len(p) + NEW_TOKENS - 1 for p in prompts)
+
+
+@pytest.mark.timeout(60)
+def test_unknown_workers_and_short_worker_lists_are_refused(
+        cluster: tuple[Client, list[str]], model: LoadedModel) -> None:
+    client, workers = cluster
+    assert rendezvous_host(client) == "127.0.0.1"
+    with pytest.raises(ReplicaConfigError, match="not workers of this cluster"):
+        DaskShardedExecutor(client, model, config(1, 1), workers=["tcp://127.0.0.1:9"])
+    with pytest.raises(ReplicaConfigError, match="needs 2 workers"):
+        DaskShardedExecutor(client, model, config(2, 1), workers=workers[:1])
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_shard_worker_raises_promptly_and_close_does_not_hang(
+        cluster: tuple[Client, list[str]], uneven_checkpoint: Path) -> None:
+    """Last in the module: it kills one of the two workers."""
+    client, workers = cluster
+    executor = DaskShardedExecutor(client, uneven_checkpoint, config(2, 1), workers=workers,
+                                   timeout_s=15)
+    try:
+        assert executor.execute([StepWork("a", (3, 4, 5), 0, True)]).shape == (1, 320)
+        victim = executor.placement.workers[1]
+        os.kill(executor.worker_pids()[victim] or 0, signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(ReplicaWorkerError, match=victim):
+            executor.execute([StepWork("a", (6,), 3, True)])
+        assert time.monotonic() - began < 10
+        with pytest.raises(ReplicaWorkerError, match="failed earlier"):
+            executor.execute([StepWork("a", (6,), 3, True)])
+    finally:
+        began = time.monotonic()
+        executor.close()
+        assert time.monotonic() - began < 10
+
+
+@pytest.mark.timeout(10)
+def test_fit_shape_keeps_the_most_positions_and_prefers_the_tensor_degree() -> None:
+    assert fit_shape((2, 1), 1) == (1, 1)
+    assert fit_shape((2, 2), 3) == (3, 1)
+    assert fit_shape((1, 2), 2) == (1, 2)
+    assert fit_shape((2, 1), 4) == (4, 1)
+
+
+@pytest.mark.timeout(150)
+def test_controller_reshards_a_sharded_replica_when_a_shard_worker_gets_a_notice(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """One (2, 1) replica over two workers: a notice for the non-leader worker makes the controller
+    switch it to (1, 1) on the leader mid-generation, KV carried over: nothing recomputed and the
+    tokens equal the single-process engine's."""
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]]
+    new_tokens = 40
+    want = [c.token_ids for c in LLMEngine(model).generate(
+        prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))]
+    with local_cluster(2, processes=True) as (_, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
+                                 min_step_seconds=0.03, shard_timeout_s=30.0)
+        with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
+            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
+                                  timeout=90)
+            assert list(replica["parallel"]) == [2, 1] and len(replica["shards"]) == 2
+            leader = replica["worker"]
+            (other,) = [w for w in replica["shards"] if w != leader]
+            futures = llm.map(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
+            assert llm.preempt(other, grace_s=20.0) == "accepted"
+            results = [f.result(timeout=90) for f in futures]
+            status = llm.status()
+    assert [r.token_ids for r in results] == want
+    (after,) = status["replicas"]
+    assert list(after["parallel"]) == [1, 1] and list(after["shards"]) == [leader]
+    assert status["tokens_recomputed"] == 0 and status["restarts"] == 0
+    (notice,) = status["notices"]
+    assert notice["worker"] == other and notice["migrated"] > 0 and notice["recomputed"] == 0
+    assert status["kv_bytes_migrated"] > 0
