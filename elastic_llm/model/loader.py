@@ -60,6 +60,20 @@ def build_rotary(config: dict[str, Any], spec: ModelSpec) -> Rotary:
     return Rotary(inv_freq, float(scaling))
 
 
+def read_spec(checkpoint_dir: Path, name: str, dtype: torch.dtype = torch.float32
+              ) -> tuple[dict[str, Any], ModelSpec]:
+    """config.json and the `ModelSpec` of an executable checkpoint (UnsupportedModelError if not)."""
+    config = read_config(checkpoint_dir)
+    spec = ModelSpec.from_hf_config(config, name=name,
+                                    bytes_per_param=torch.tensor([], dtype=dtype).element_size())
+    if not spec.executable:
+        raise UnsupportedModelError(
+            f"model_type {spec.model_type!r} can be planned for but not executed; supported "
+            f"architectures: {', '.join(sorted(EXECUTABLE_ARCHITECTURES))}"
+        )
+    return config, spec
+
+
 def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                load_tokenizer: bool = True) -> LoadedModel:
@@ -70,14 +84,7 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *,
         UnsupportedModelError: an architecture or setting the model math does not implement.
     """
     checkpoint_dir = resolve_checkpoint(name_or_path)
-    config = read_config(checkpoint_dir)
-    spec = ModelSpec.from_hf_config(config, name=Path(os.fspath(name_or_path)).name,
-                                    bytes_per_param=torch.tensor([], dtype=dtype).element_size())
-    if not spec.executable:
-        raise UnsupportedModelError(
-            f"model_type {spec.model_type!r} can be planned for but not executed; supported "
-            f"architectures: {', '.join(sorted(EXECUTABLE_ARCHITECTURES))}"
-        )
+    config, spec = read_spec(checkpoint_dir, Path(os.fspath(name_or_path)).name, dtype)
     weights = SafetensorsWeights(checkpoint_dir)
     network = LlamaNetwork.from_checkpoint(spec, build_rotary(config, spec), weights, device, dtype)
     tokenizer = None

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 
-from elastic_llm.errors import UnsupportedModelError
 from elastic_llm.model.checkpoint import resolve_checkpoint
 from elastic_llm.model.kv_cache import KVCache
 from elastic_llm.model.layers import Rotary, SequenceSlice, TensorShard
 from elastic_llm.model.llama import LlamaNetwork
-from elastic_llm.model.loader import build_rotary, read_config
-from elastic_llm.model.spec import EXECUTABLE_ARCHITECTURES, ModelSpec
+from elastic_llm.engine.replica.layout import tensor_shard
+from elastic_llm.model.loader import build_rotary, read_spec
+from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.weights import SafetensorsWeights
-from elastic_llm.planning.slices import Part, SliceAlgebra
 
 #: Spare KV positions a new cache gets beyond its first tokens (as `LocalExecutor` allocates).
 _CACHE_SPARE = 16
@@ -53,26 +52,14 @@ def open_checkpoint(name_or_path: str | os.PathLike[str], dtype: torch.dtype = t
         UnsupportedModelError: an architecture our engine does not execute.
     """
     path = resolve_checkpoint(name_or_path)
-    config = read_config(path)
-    spec = ModelSpec.from_hf_config(config, name=Path(os.fspath(name_or_path)).name,
-                                    bytes_per_param=torch.tensor([], dtype=dtype).element_size())
-    if not spec.executable:
-        raise UnsupportedModelError(
-            f"model_type {spec.model_type!r} cannot be executed; supported architectures: "
-            f"{', '.join(sorted(EXECUTABLE_ARCHITECTURES))}")
+    config, spec = read_spec(path, Path(os.fspath(name_or_path)).name, dtype)
     return Checkpoint(spec, config, SafetensorsWeights(path), path)
 
 
 def rank_shard(spec: ModelSpec, degree: int, rank: int = 0) -> TensorShard:
     """The heads, MLP columns and LM-head rows tensor ``rank`` of ``degree`` holds, in DeepSpeed
-    AutoTP's layout (the planning core's `SliceAlgebra`); rank 0 holds the largest shard."""
-    algebra = SliceAlgebra(spec)
-    d = spec.head_dim
-    q_start, q_stop = algebra.interval(Part.Q, degree, rank)
-    kv_start, kv_stop = algebra.interval(Part.KV, degree, rank)
-    return TensorShard((q_start // d, q_stop // d), (kv_start // d, kv_stop // d),
-                       algebra.interval(Part.MLP, degree, rank),
-                       vocab=algebra.interval(Part.HEAD, degree, rank))
+    AutoTP's layout (the sharded replica's own `tensor_shard`); rank 0 holds the largest shard."""
+    return tensor_shard(spec, degree, rank)
 
 
 def layer_network(checkpoint: Checkpoint, layer: int, shard: TensorShard,
