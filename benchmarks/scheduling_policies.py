@@ -16,7 +16,7 @@ per-token latency, preemptions, bytes swapped, seconds the engine was blocked on
 recomputed; and whether every policy produced the same greedy tokens as FCFS.
 
 Run:  .venv/bin/python benchmarks/scheduling_policies.py [--requests 48] [--loads 0.5,0.9]
-          [--length-scale 0.25] [--max-batch 8] [--threads 2] [--output results.json]
+          [--length-scale 0.25] [--max-batch 8] [--cv 1] [--threads 2] [--output results.json]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class PolicyResult:
 
 def build_requests(args: argparse.Namespace, rate: float, vocab: int) -> list[TimedRequest]:
     """The workload at `rate`: identical lengths and prompts at every rate (same seed)."""
-    items = make_workload(args.requests, rate, "sharegpt", seed=args.seed)
+    items = make_workload(args.requests, rate, "sharegpt", cv=args.cv, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     requests = []
     for i, item in enumerate(items):
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--alpha-steps", type=float, default=200.0,
                         help="starvation promotion after this many decode iterations of waiting")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cv", type=float, default=1.0,
+                        help="coefficient of variation of inter-arrival gaps (1: Poisson, > 1: burstier Gamma)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()

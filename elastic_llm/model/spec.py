@@ -126,6 +126,12 @@ class ModelSpec:
         return untied + self.hidden_size
 
     @property
+    def stage_cost_edges(self) -> tuple[float, float]:
+        """Extra cost of the first and last pipeline stages in layer units: the embedding lookup
+        (about free) and the LM head's matrix multiply (vocab x hidden, tied or not)."""
+        return (0.0, self.vocab_size * self.hidden_size / self.params_per_layer)
+
+    @property
     def total_params(self) -> int:
         """All parameters of the model."""
         return self.num_layers * self.params_per_layer + self.embedding_params + self.head_params

@@ -12,6 +12,9 @@ layer, so the busiest stage has ``ceil(L / P)`` layers (SpotServe's ``f``) and n
 
 from __future__ import annotations
 
+import functools
+import math
+
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -79,27 +82,73 @@ class ParallelConfig:
         replica, stage = divmod(replica_stage, self.P)
         return Position(replica, stage, rank)
 
-    def stage_layers(self, num_layers: int, stage: int) -> range:
-        """Transformer layers that ``stage`` runs (balanced split, first stages take the extra)."""
-        return stage_layer_range(num_layers, self.P, stage)
+    def stage_layers(self, num_layers: int, stage: int, edges: tuple[float, float] = (0.0, 0.0)) -> range:
+        """Transformer layers that ``stage`` runs (cost-balanced split, see `stage_layer_range`)."""
+        return stage_layer_range(num_layers, self.P, stage, edges)
 
     def max_stage_layers(self, num_layers: int) -> int:
         """Layers of the busiest stage: ceil(L / P), SpotServe's ``f``."""
         return -(-num_layers // self.P)
 
 
-def stage_layer_range(num_layers: int, stages: int, stage: int) -> range:
-    """Layers of ``stage`` when ``num_layers`` are split over ``stages`` as evenly as possible.
+def stage_layer_range(num_layers: int, stages: int, stage: int,
+                      edges: tuple[float, float] = (0.0, 0.0)) -> range:
+    """Layers of ``stage`` when ``num_layers`` are split over ``stages`` contiguously, balancing
+    per-stage cost: each layer costs 1, the first stage also ``edges[0]`` (embedding) and the last
+    also ``edges[1]`` (final norm + LM head), in layer units. The busiest stage is as cheap as it can
+    be; among such splits earlier stages take the extra layers (with ``edges == (0, 0)`` that is the
+    even split, first stages one layer more).
 
     Raises `PlanningError` when a stage would be empty (more stages than layers).
     """
-    if stages > num_layers:
-        raise PlanningError(f"{stages} pipeline stages exceed the model's {num_layers} layers")
     if not 0 <= stage < stages:
         raise PlanningError(f"stage {stage} outside 0..{stages - 1}")
-    base, extra = divmod(num_layers, stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
+    bounds = stage_bounds(num_layers, stages, edges)
+    return range(bounds[stage], bounds[stage + 1])
+
+
+@functools.lru_cache(maxsize=4096)
+def stage_bounds(num_layers: int, stages: int, edges: tuple[float, float] = (0.0, 0.0)) -> tuple[int, ...]:
+    """First layer of every stage, then ``num_layers`` (see `stage_layer_range`)."""
+    if stages > num_layers:
+        raise PlanningError(f"{stages} pipeline stages exceed the model's {num_layers} layers")
+    if stages < 1 or min(edges) < 0:
+        raise PlanningError("need at least one stage and non-negative edge costs")
+    if edges == (0.0, 0.0):  # the even split, first stages one layer more
+        base, extra = divmod(num_layers, stages)
+        return tuple(k * base + min(k, extra) for k in range(stages + 1))
+    first, last = edges
+
+    def cost(start: int, stop: int) -> float:
+        return (stop - start) + (first if start == 0 else 0.0) + (last if stop == num_layers else 0.0)
+
+    # best[k][i]: (busiest stage, sum of squared stage costs) splitting layers [i, L) into k stages
+    inf = (math.inf, math.inf)
+    best = [[inf] * (num_layers + 1) for _ in range(stages + 1)]
+    best[0][num_layers] = (0.0, 0.0)
+    for k in range(1, stages + 1):
+        for i in range(num_layers - k, -1, -1):
+            for j in range(i + 1, num_layers - k + 2):
+                rest = best[k - 1][j]
+                if rest == inf:
+                    continue
+                here = cost(i, j)
+                option = (max(here, rest[0]), here * here + rest[1])
+                if option < best[k][i]:
+                    best[k][i] = option
+    bounds = [0]
+    for k in range(stages, 1, -1):  # earlier stages take the larger share among equal splits
+        start, target = bounds[-1], best[k][bounds[-1]]
+        bounds.append(max(j for j in range(start + 1, num_layers - k + 2)
+                          if best[k - 1][j] != inf and _close(
+                              (max(cost(start, j), best[k - 1][j][0]),
+                               cost(start, j) ** 2 + best[k - 1][j][1]), target)))
+    bounds.append(num_layers)
+    return tuple(bounds)
+
+
+def _close(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-9) for x, y in zip(a, b, strict=True))
 
 
 @dataclass(frozen=True, order=True)

@@ -225,7 +225,7 @@ class SliceAlgebra:
         out: list[Slice] = []
         if stage == 0:
             out.append(Slice(-1, Part.EMBED, 0, 1))
-        for layer in stage_layer_range(L, stages, stage):
+        for layer in stage_layer_range(L, stages, stage, self.model.stage_cost_edges):
             for part in (*LAYER_SHARDED_PARTS, Part.NORM):
                 start, stop = self.interval(part, degree, rank)
                 if stop > start:
@@ -244,7 +244,8 @@ class SliceAlgebra:
         if stop <= start:
             return ()
         return tuple(Slice(layer, Part.KV_CACHE, start, stop, batch, tokens)
-                     for layer in stage_layer_range(self.model.num_layers, stages, stage))
+                     for layer in stage_layer_range(self.model.num_layers, stages, stage,
+                                                    self.model.stage_cost_edges))
 
     def weight_bytes(self, config: ParallelConfig, stage: int, rank: int) -> int:
         """Weight bytes of the position (any replica, ``stage``, ``rank``) under ``config``."""
@@ -254,15 +255,16 @@ class SliceAlgebra:
     def kv_bytes_per_token(self, config: ParallelConfig, stage: int, rank: int) -> int:
         """KV-cache bytes one cached token costs the position (stage, rank) under ``config``."""
         start, stop = self.interval(Part.KV_CACHE, config.M, rank)
-        layers = len(config.stage_layers(self.model.num_layers, stage))
+        layers = len(config.stage_layers(self.model.num_layers, stage, self.model.stage_cost_edges))
         return layers * (stop - start) * self._unit_bytes[Part.KV_CACHE]
 
     # ------------------------------------------------------------------ overlaps (what KM maximises)
     def _stage_overlap(self, old: ParallelConfig, new: ParallelConfig) -> np.ndarray:
         """(P_old, P_new) counts of transformer layers two stages share."""
         L = self.model.num_layers
-        a = np.array([[r.start, r.stop] for r in (old.stage_layers(L, s) for s in range(old.P))])
-        b = np.array([[r.start, r.stop] for r in (new.stage_layers(L, s) for s in range(new.P))])
+        edges = self.model.stage_cost_edges
+        a = np.array([[r.start, r.stop] for r in (old.stage_layers(L, s, edges) for s in range(old.P))])
+        b = np.array([[r.start, r.stop] for r in (new.stage_layers(L, s, edges) for s in range(new.P))])
         return _interval_overlap(a, b)
 
     def _rank_overlap(self, part: Part, old_m: int, new_m: int) -> np.ndarray:

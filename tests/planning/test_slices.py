@@ -56,6 +56,17 @@ def test_position_bytes_add_up_to_the_spec() -> None:
 def test_layers_split_evenly_front_loaded() -> None:
     assert [len(stage_layer_range(44, 3, s)) for s in range(3)] == [15, 15, 14]
     assert [len(stage_layer_range(10, 6, s)) for s in range(6)] == [2, 2, 2, 2, 1, 1]
+    # with the head costing 8 layers (SmolLM2) the last stage takes fewer layers
+    assert [len(stage_layer_range(30, 3, s, (0.0, 8.0))) for s in range(3)] == [13, 13, 4]
+    assert [len(stage_layer_range(44, 6, s, (0.0, 0.68))) for s in range(6)] == [8, 8, 7, 7, 7, 7]
+    for stages in range(1, 9):  # never worse than the even split on the busiest stage
+        edges = (0.5, 3.0)
+        cost = [len(stage_layer_range(24, stages, s, edges)) + (0.5 if s == 0 else 0)
+                + (3.0 if s == stages - 1 else 0) for s in range(stages)]
+        even = [len(stage_layer_range(24, stages, s)) + (0.5 if s == 0 else 0)
+                + (3.0 if s == stages - 1 else 0) for s in range(stages)]
+        assert max(cost) <= max(even) and sum(len(stage_layer_range(24, stages, s, edges))
+                                              for s in range(stages)) == 24
     with pytest.raises(PlanningError):
         stage_layer_range(4, 5, 0)
 

@@ -1,8 +1,9 @@
 """Partition: which layers and which tensor shard the process at (stage, rank) of a P x M replica holds.
 
-Stage p runs the contiguous layer range `stage_layer_range(L, P, p)` (the planning core's balanced
-split, so the runtime holds exactly what the slice algebra and the cost model assume); the first
-stage also holds the embedding, the last the final norm and the LM head. Tensor rank m holds
+Stage p runs the contiguous layer range `stage_layer_range(L, P, p, spec.stage_cost_edges)`: the
+planning core's split balanced by per-stage cost, the LM head counted on the last stage, so the
+runtime holds exactly what the slice algebra assumes. The first stage also holds the embedding, the
+last the final norm and the LM head. Tensor rank m holds
 DeepSpeed AutoTP's shard (`planning.slices.shard_sizes`): query heads by KV-head groups, KV heads
 head-granular and uneven where they do not divide (ranks beyond the KV-head count hold no
 attention at all, as AutoTP gives them), MLP columns and LM-head vocabulary rows in 64-wide
@@ -82,7 +83,7 @@ def shard_layout(spec: ModelSpec, stages: int, degree: int, stage: int, rank: in
     if not 0 <= rank < degree:
         raise ReplicaConfigError(f"tensor rank {rank} outside 0..{degree - 1}")
     try:
-        layers = stage_layer_range(spec.num_layers, stages, stage)
+        layers = stage_layer_range(spec.num_layers, stages, stage, spec.stage_cost_edges)
     except PlanningError as exc:
         raise ReplicaConfigError(str(exc)) from None
     return ShardLayout(stages, degree, stage, rank, layers, tensor_shard(spec, degree, rank))
