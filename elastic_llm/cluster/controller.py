@@ -128,8 +128,8 @@ class ElasticController(SchedulerPlugin):
         self.replicas: dict[str, ReplicaHandle] = {}
         self.notices: list[NoticeRecord] = []
         self.ledger = CostLedger()
-        # replica -> (iterations, seconds in step(), loop seconds outside step())
-        self._loop_counters: dict[str, tuple[int, float, float]] = {}
+        # replica -> (iterations, seconds in step(), seconds outside it, iteration periods incl. pacing)
+        self._loop_counters: dict[str, tuple[int, float, float, float]] = {}
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas by stateful migration
         self.on_demand_price = on_demand_price_per_hour
         self._ids = itertools.count()
@@ -303,8 +303,8 @@ class ElasticController(SchedulerPlugin):
 
     def _overhead(self) -> float:
         """Replica loop time outside `step()` (commands, commits) per second inside it."""
-        step = sum(busy for _, busy, _ in self._loop_counters.values())
-        overhead = sum(extra for _, _, extra in self._loop_counters.values())
+        step = sum(counters[1] for counters in self._loop_counters.values())
+        overhead = sum(counters[2] for counters in self._loop_counters.values())
         return overhead / step if step > 0 else 0.0
 
     def on_notice(self, notice: PreemptionNotice) -> None:
@@ -325,14 +325,20 @@ class ElasticController(SchedulerPlugin):
         """One replica's iteration: new tokens, finished and failed requests, loop counters."""
         try:
             if loop is not None:
-                self._loop_counters[replica] = (int(loop[0]), loop[1], loop[2])
+                self._loop_counters[replica] = (int(loop[0]), loop[1], loop[2], loop[3])
             now = time.time()
             touched = set()
             for request_id, start, token_ids in tokens or ():
                 if self._owned_by(request_id, replica) and self.table.commit(request_id, start, token_ids, now):
                     touched.add(request_id)
-            for request_id, reason, text in finished or ():
-                if self._owned_by(request_id, replica) and self.table.finish(request_id, reason, text, now):
+            for request_id, reason, text, *complete in finished or ():
+                # A finish carrying the whole output is authoritative from whichever replica ran
+                # the request to its end (outputs are deterministic), e.g. one it was just moved from.
+                if complete and request_id in self.table:
+                    self.table.commit(request_id, 0, complete[0], now)
+                elif not self._owned_by(request_id, replica):
+                    continue
+                if self.table.finish(request_id, reason, text, now):
                     touched.add(request_id)
             for request_id, error in failed or ():
                 if self._owned_by(request_id, replica) and self.table.fail(request_id, error, now):
@@ -503,11 +509,20 @@ class ElasticController(SchedulerPlugin):
 
     def _step_seconds(self, replica_id: str) -> float:
         """Mean decode-iteration time the replica reported (a default before it reported any)."""
-        iterations, busy, _ = self._loop_counters.get(replica_id, (0, 0.0, 0.0))
-        return busy / iterations if iterations else 0.05
+        iterations, busy, _, period = self._loop_counters.get(replica_id, (0, 0.0, 0.0, 0.0))
+        measured = max(period, busy) / iterations if iterations else 0.0
+        return measured if measured > 0 else 0.05
 
     async def _migrate(self, source: ReplicaHandle, target: ReplicaHandle, request_ids: list[str]) -> int:
-        """Target pulls the requests (KV included) from source; on failure they recompute."""
+        """Target pulls the requests (KV included) from source; on failure they recompute.
+
+        The table names the target as owner *before* the pull: the target may commit before the
+        pull's reply arrives, and its first commit (the whole output so far) must not be refused.
+        """
+        for request_id in request_ids:
+            record = self.table.get(request_id)
+            if record.status is RequestStatus.RUNNING and record.replica == source.replica_id:
+                self.table.assign(request_id, target.replica_id)
         try:
             received = await target.actor.pull_from(source.actor, request_ids, True)
         except Exception as exc:  # noqa: BLE001 - a side died mid-migration: fall back to recompute
@@ -524,7 +539,7 @@ class ElasticController(SchedulerPlugin):
                 self.table.assign(request_id, target.replica_id)
         for request_id in set(request_ids) - set(pulled):  # finished meanwhile, or never arrived
             record = self.table.get(request_id)
-            if record.status is RequestStatus.RUNNING and record.replica == source.replica_id:
+            if record.status is RequestStatus.RUNNING and record.replica == target.replica_id:
                 self._requeue(record, lost_kv=True)
         return len(pulled)
 

@@ -79,6 +79,7 @@ class ReplicaActor:
         self._iterations = 0
         self._busy_seconds = 0.0  # inside engine.step()
         self._overhead_seconds = 0.0  # the loop's own work while serving: commands and commits
+        self._period_seconds = 0.0  # iterations as long as they really take, pacing included
         self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
         self._thread.start()
 
@@ -204,6 +205,7 @@ class ReplicaActor:
                 return
             elapsed = time.perf_counter() - started
             self._busy_seconds += elapsed
+            self._period_seconds += max(elapsed, self._options.min_step_seconds)
             self._iterations += 1
             self._commit(outputs)
             self._overhead_seconds += time.perf_counter() - started - elapsed
@@ -295,12 +297,14 @@ class ReplicaActor:
             self._unsent[output.request_id] = (pending_start, pending + list(output.new_token_ids))
             if output.finished:
                 done = self._engine.pop_completion(output.request_id)
-                finished.append([output.request_id, done.finish_reason.value, done.text])
+                # the whole output rides along: a finish never depends on earlier commits arriving
+                finished.append([output.request_id, done.finish_reason.value, done.text,
+                                 list(done.token_ids)])
         self._flush(finished)
-        for request_id, _, _ in finished:
+        for request_id, *_ in finished:
             self._forget(request_id)
 
-    def _flush(self, finished: list[list[str]] | None = None) -> None:
+    def _flush(self, finished: list[list[Any]] | None = None) -> None:
         tokens = [[rid, start, ids] for rid, (start, ids) in self._unsent.items() if ids]
         self._unsent.clear()
         if tokens or finished:
@@ -308,5 +312,6 @@ class ReplicaActor:
 
     def _send(self, payload: dict[str, Any]) -> None:
         message = {"op": COMMIT_OP, "replica": self.replica_id,
-                   "loop": [self._iterations, self._busy_seconds, self._overhead_seconds], **payload}
+                   "loop": [self._iterations, self._busy_seconds, self._overhead_seconds,
+                            self._period_seconds], **payload}
         self._worker.loop.add_callback(self._worker.batched_stream.send, message)
