@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ from elastic_llm.cluster.cost import CostLedger
 from elastic_llm.cluster.instance import fleet_info, instance_info
 from elastic_llm.cluster.notices import NoticeBoard
 from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaActor, ReplicaOptions
+from elastic_llm.cluster.replicas import LoopStats, NoticeRecord, ReplicaHandle, ReplicaState, fit_shape
 from elastic_llm.cluster.request_table import RequestRecord, RequestStatus, RequestTable
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.planning.arrangement import (
@@ -53,46 +53,6 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "elastic_llm"
 POLICIES = ("spotserve", "reroute", "reparallelize")
-
-
-class ReplicaState(str, enum.Enum):
-    """Life of a replica."""
-
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"  #: its worker got a preemption notice: no new requests
-    LOST = "lost"
-
-
-@dataclass
-class ReplicaHandle:
-    """The controller's view of one replica."""
-
-    replica_id: str
-    worker: str
-    state: ReplicaState = ReplicaState.STARTING
-    actor: Any = None
-    future: Any = None  # keeps the actor alive
-    kv_bytes_per_token: int = 0  #: reported by the replica once ready
-    started_at: float = field(default_factory=time.time)
-    shards: tuple[str, ...] = ()  #: a sharded replica's shard workers (the leader `worker` among them)
-    parallel: tuple[int, int] = (1, 1)  #: its (P, M) now
-
-    @property
-    def workers(self) -> tuple[str, ...]:
-        """Every worker this replica holds something on."""
-        return (self.worker, *(w for w in self.shards if w != self.worker))
-
-
-@dataclass(frozen=True)
-class NoticeRecord:
-    """A preemption notice as the controller handled it."""
-
-    worker: str  #: the worker to be preempted
-    deadline: float  #: wall time it disappears
-    received: float  #: wall time the notice arrived
-    migrated: int = 0  #: requests whose KV moved to other replicas
-    recomputed: int = 0  #: requests the arrangement sent to recompute (KV would not fit in time)
 
 
 class ElasticController(SchedulerPlugin):
@@ -128,8 +88,7 @@ class ElasticController(SchedulerPlugin):
         self.replicas: dict[str, ReplicaHandle] = {}
         self.notices: list[NoticeRecord] = []
         self.ledger = CostLedger()
-        # replica -> (iterations, seconds in step(), seconds outside it, iteration periods incl. pacing)
-        self._loop_counters: dict[str, tuple[int, float, float, float]] = {}
+        self._loops = LoopStats()
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas by stateful migration
         self.on_demand_price = on_demand_price_per_hour
         self._ids = itertools.count()
@@ -289,7 +248,7 @@ class ElasticController(SchedulerPlugin):
             "tokens_committed": sum(len(r.committed) for r in self.table.records()),
             "notices": [asdict(n) for n in self.notices],
             "cost": self._cost(tokens),
-            "controller_overhead": self._overhead(),
+            "controller_overhead": self._loops.overhead(),
         }
 
     def _cost(self, tokens: int) -> dict[str, Any]:
@@ -300,12 +259,6 @@ class ElasticController(SchedulerPlugin):
                 "on_demand_only_usd": report.on_demand_only_usd, "usd_per_1k_tokens": report.usd_per_1k_tokens,
                 "on_demand_only_usd_per_1k_tokens": report.on_demand_only_usd_per_1k_tokens,
                 "savings_vs_on_demand": report.savings_vs_on_demand}
-
-    def _overhead(self) -> float:
-        """Replica loop time outside `step()` (commands, commits) per second inside it."""
-        step = sum(counters[1] for counters in self._loop_counters.values())
-        overhead = sum(counters[2] for counters in self._loop_counters.values())
-        return overhead / step if step > 0 else 0.0
 
     def on_notice(self, notice: PreemptionNotice) -> None:
         """A preemption notice (from the NoticeBoard): evacuate the worker's replicas in time."""
@@ -325,7 +278,7 @@ class ElasticController(SchedulerPlugin):
         """One replica's iteration: new tokens, finished and failed requests, loop counters."""
         try:
             if loop is not None:
-                self._loop_counters[replica] = (int(loop[0]), loop[1], loop[2], loop[3])
+                self._loops.record(replica, loop)
             now = time.time()
             touched = set()
             for request_id, start, token_ids in tokens or ():
@@ -497,7 +450,7 @@ class ElasticController(SchedulerPlugin):
 
     def _arrangement(self, source: ReplicaHandle, now: float, deadline: float) -> Arrangement:
         """How long `source` keeps decoding and whose KV migrates (planning core's `arrange`)."""
-        step = self._step_seconds(source.replica_id)
+        step = self._loops.step_seconds(source.replica_id)
         requests = [RunningRequest(
             r.request_id, 0, len(r.prompt_token_ids) + len(r.committed),
             max(0, r.params.max_new_tokens - len(r.committed)), source.kv_bytes_per_token,
@@ -506,12 +459,6 @@ class ElasticController(SchedulerPlugin):
         migration = MigrationTimeModel(self.migration_margin_s, self.kv_bandwidth)
         return arrange(now, GracePeriod(now, max(0.0, deadline - now)), [RunningBatch(0, step, now)],
                        requests, migration)
-
-    def _step_seconds(self, replica_id: str) -> float:
-        """Mean decode-iteration time the replica reported (a default before it reported any)."""
-        iterations, busy, _, period = self._loop_counters.get(replica_id, (0, 0.0, 0.0, 0.0))
-        measured = max(period, busy) / iterations if iterations else 0.0
-        return measured if measured > 0 else 0.05
 
     async def _migrate(self, source: ReplicaHandle, target: ReplicaHandle, request_ids: list[str]) -> int:
         """Target pulls the requests (KV included) from source; on failure they recompute.
@@ -601,11 +548,3 @@ class ElasticController(SchedulerPlugin):
         if event is not None:
             event.set()
 
-
-def fit_shape(current: tuple[int, int], workers: int) -> tuple[int, int]:
-    """The (P, M) a sharded replica switches to on `workers` workers: the most positions that fit,
-    preferring the current tensor degree M, then the current P, then fewer tensor ranks."""
-    if workers < 1:
-        raise ValueError("a replica needs at least one worker")
-    shapes = [(p, m) for p in range(1, workers + 1) for m in range(1, workers // p + 1)]
-    return max(shapes, key=lambda s: (s[0] * s[1], s[1] == current[1], s[0] == current[0], -s[1]))

@@ -12,7 +12,7 @@ import pytest
 from distributed import Client
 
 from elastic_llm import LLMEngine, SamplingParams
-from elastic_llm.cluster.controller import fit_shape
+from elastic_llm.cluster.replicas import fit_shape
 from elastic_llm.cluster.dask_sharded import DaskShardedExecutor, rendezvous_host
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.serving_client import ServingClient
