@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -36,8 +37,9 @@ from elastic_llm.cluster.cost import CostLedger
 from elastic_llm.cluster.instance import fleet_info, instance_info
 from elastic_llm.cluster.notices import NoticeBoard
 from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaActor, ReplicaOptions
-from elastic_llm.cluster.replicas import LoopStats, NoticeRecord, ReplicaHandle, ReplicaState, fit_shape
+from elastic_llm.cluster.replicas import LoopStats, NoticeRecord, ReplicaHandle, ReplicaState
 from elastic_llm.cluster.request_table import RequestRecord, RequestStatus, RequestTable
+from elastic_llm.cluster.sharded_control import ShardedControl
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.planning.arrangement import (
     Arrangement,
@@ -47,6 +49,7 @@ from elastic_llm.planning.arrangement import (
     RunningRequest,
     arrange,
 )
+from elastic_llm.planning.profiles import InstanceProfile
 from elastic_llm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ PLUGIN_NAME = "elastic_llm"
 POLICIES = ("spotserve", "reroute", "reparallelize")
 
 
-class ElasticController(SchedulerPlugin):
+class ElasticController(ShardedControl, SchedulerPlugin):
     """Controller of elastic LLM serving on the Dask scheduler (register with `Client.register_plugin`).
 
     Args:
@@ -69,13 +72,17 @@ class ElasticController(SchedulerPlugin):
         kv_bandwidth: bytes/s at which KV moves between workers (for the grace-period arrangement).
         prefill_seconds_per_token: estimate of recompute cost per cached token (arrangement).
         on_demand_price_per_hour: price of the on-demand counterfactual in the cost report.
+        profile: timings the planning core chooses sharded replicas' shapes with (with
+            ``ReplicaOptions.parallel="auto"``): a JSON file of ``elastic-llm profile``, an
+            `InstanceProfile`, or None for a CPU roofline.
     """
 
     name = PLUGIN_NAME
 
     def __init__(self, model: str, policy: str = "spotserve", replica: ReplicaOptions | None = None,
                  migration_margin_s: float = 2.0, kv_bandwidth: float = 2e8,
-                 prefill_seconds_per_token: float = 2e-3, on_demand_price_per_hour: float = 3.912) -> None:
+                 prefill_seconds_per_token: float = 2e-3, on_demand_price_per_hour: float = 3.912,
+                 profile: str | os.PathLike[str] | InstanceProfile | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         self.model = model
@@ -100,6 +107,11 @@ class ElasticController(SchedulerPlugin):
         self._unregister_metrics: Callable[[], None] | None = None
         self._leaving: set[str] = set()  # workers that announced their preemption
         self._suspect: set[str] = set()  # workers of a sharded replica that broke (shards may linger)
+        self.profile = profile
+        self._planner = None  # ShapePlanner, made when first needed (the model spec comes from a worker)
+        self._fixed_shape = None  # the baselines' shape, once chosen
+        self._placing = None  # asyncio.Lock serialising sharded placement (made in start)
+        self.reshards: list[dict[str, Any]] = []  #: every switch of a sharded replica's shape
 
     # ------------------------------------------------------------------ plugin hooks
     async def start(self, scheduler: Any) -> None:
@@ -114,6 +126,7 @@ class ElasticController(SchedulerPlugin):
         scheduler.stream_handlers[COMMIT_OP] = self.on_commit
         self._unregister_metrics = metrics.register(self.status)
         self._wakeup = asyncio.Event()
+        self._placing = asyncio.Lock()
         with contextlib.suppress(LookupError):  # notices arrive through the NoticeBoard plugin
             NoticeBoard.of(scheduler).subscribe(self.on_notice)
         for address, info in fleet_info(scheduler).items():
@@ -247,6 +260,7 @@ class ElasticController(SchedulerPlugin):
             "kv_bytes_migrated": self.kv_bytes_migrated,
             "tokens_committed": sum(len(r.committed) for r in self.table.records()),
             "notices": [asdict(n) for n in self.notices],
+            "reshards": list(self.reshards),
             "cost": self._cost(tokens),
             "controller_overhead": self._loops.overhead(),
         }
@@ -265,7 +279,7 @@ class ElasticController(SchedulerPlugin):
         self._leaving.add(notice.worker)
         for handle in [h for h in self.replicas.values() if notice.worker in h.shards
                        and h.worker != notice.worker and h.state is ReplicaState.READY]:
-            self._spawn(self._reshard(handle, notice.worker, notice.deadline))
+            self._on_shard_notice(handle, notice.worker, notice.deadline)
         for handle in [h for h in self.replicas.values() if h.worker == notice.worker]:
             if handle.state is not ReplicaState.DRAINING:
                 handle.state = ReplicaState.DRAINING
@@ -314,23 +328,17 @@ class ElasticController(SchedulerPlugin):
         return sorted(w for w in self.scheduler.workers
                       if w not in held and w not in self._leaving and w not in self._suspect)
 
-    async def _place_sharded(self) -> None:
-        """Place sharded replicas of `ReplicaOptions.parallel` on free workers, P*M at a time."""
-        size = self.replica_options.parallel[0] * self.replica_options.parallel[1]
-        while len(free := self._free_workers()) >= size:
-            if not await self._place_replica(free[0], tuple(free[:size])):
-                break  # retried at the next membership change
-
-    async def _place_replica(self, worker: str, shards: tuple[str, ...] = ()) -> bool:
-        """Start a replica led by `worker` (sharded over `shards` when given); whether it started."""
+    async def _place_replica(self, worker: str, shards: tuple[str, ...] = (),
+                             parallel: tuple[int, int] = (1, 1)) -> bool:
+        """Start a replica led by `worker` (sharded `parallel` over `shards` when given); whether
+        it started."""
         replica_id = f"r{next(self._ids)}"
-        handle = ReplicaHandle(replica_id, worker, shards=shards,
-                               parallel=self.replica_options.parallel if shards else (1, 1))
+        handle = ReplicaHandle(replica_id, worker, shards=shards, parallel=parallel)
         self.replicas[replica_id] = handle
         assert self._client is not None
         try:
             handle.future = self._client.submit(ReplicaActor, replica_id, self.replica_options, shards,
-                                                actor=True, workers=[worker], allow_other_workers=False,
+                                                parallel, actor=True, workers=[worker], allow_other_workers=False,
                                                 pure=False, key=f"elastic-llm-replica-{replica_id}")
             handle.actor = await handle.future
             info = await handle.actor.wait_ready()
@@ -384,9 +392,10 @@ class ElasticController(SchedulerPlugin):
         return sum(len(r.prompt_token_ids) + r.params.max_new_tokens - len(r.committed)
                    for r in self.table.unfinished(replica_id))
 
-    async def _evacuate(self, source: ReplicaHandle, deadline: float) -> None:
+    async def _evacuate(self, source: ReplicaHandle, deadline: float, worker: str | None = None) -> None:
         """Decode as long as the grace period allows (SpotServe's arrangement), then move the
-        requests whose KV fits the remaining window; the others recompute elsewhere."""
+        requests whose KV fits the remaining window; the others recompute elsewhere. `worker`:
+        the noticed worker (default the replica's leader)."""
         received = time.time()
         moved = 0
         recompute: set[str] = set()
@@ -409,43 +418,7 @@ class ElasticController(SchedulerPlugin):
             for target, ids in zip(targets, groups, strict=False):
                 if len(ids):
                     moved += await self._migrate(source, target, [str(i) for i in ids])
-        self.notices.append(NoticeRecord(source.worker, deadline, received, moved, len(recompute)))
-        self._wake()
-
-    async def _reshard(self, handle: ReplicaHandle, leaving: str, deadline: float) -> None:
-        """A shard worker of a sharded replica got a notice: switch the replica, at a token
-        boundary, to the largest (P, M) the remaining shard workers plus free ones can hold; the
-        leaving worker hands its slices and its KV over first (stateful, nothing recomputed)."""
-        received = time.time()
-        workers = [w for w in handle.shards if w != leaving and w not in self._leaving]
-        spares = [w for w in self._free_workers() if w not in workers]
-        shape = fit_shape(handle.parallel, len(workers) + len(spares))
-        chosen = (workers + spares)[: shape[0] * shape[1]]
-        if handle.worker not in chosen:  # the leader's engine drives the shards: it stays
-            chosen = [handle.worker, *chosen[:-1]]
-        handle.state = ReplicaState.DRAINING  # no new requests while it switches
-        moved = len(self.table.unfinished(handle.replica_id))
-        try:
-            summary = await handle.actor.reshard(shape, chosen)
-        except Exception as exc:  # noqa: BLE001 - the replica cannot go on: its requests recompute
-            logger.warning("reshard of %s failed (%s): its requests recompute", handle.replica_id, exc)
-            handle.state = ReplicaState.LOST
-            self._suspect.update(handle.workers)
-            for record in self.table.unfinished(handle.replica_id):
-                self._requeue(record, lost_kv=True)
-            self.replicas.pop(handle.replica_id, None)
-            self._spawn(self._call(handle.actor.stop()))
-            self.notices.append(NoticeRecord(leaving, deadline, received, 0, moved))
-            self._wake()
-            return
-        handle.parallel = (int(summary["new"][0]), int(summary["new"][1]))
-        handle.shards = tuple(summary["shards"])
-        self.kv_bytes_migrated += int(summary["kv_bytes"])
-        if handle.state is ReplicaState.DRAINING:
-            handle.state = ReplicaState.READY
-        self.notices.append(NoticeRecord(leaving, deadline, received, moved, 0))
-        logger.info("replica %s resharded to %s on %s in %.2f s", handle.replica_id, handle.parallel,
-                    handle.shards, summary["seconds"])
+        self.notices.append(NoticeRecord(worker or source.worker, deadline, received, moved, len(recompute)))
         self._wake()
 
     def _arrangement(self, source: ReplicaHandle, now: float, deadline: float) -> Arrangement:

@@ -48,26 +48,52 @@ class ReplicaOptions:
     #: a real fleet reads object storage, so a fair baseline pays that on every reload
     checkpoint_bandwidth: float | None = None
     #: (P, M) of each replica: above (1, 1) the replica's engine drives a `DaskShardedExecutor`
-    #: over `ShardActor`s on P*M workers (the first, the leader, also holds the `ReplicaActor`)
-    parallel: tuple[int, int] = (1, 1)
+    #: over `ShardActor`s on P*M workers (the first, the leader, also holds the `ReplicaActor`);
+    #: "auto": the controller's planning core chooses (P, M) for the workers at hand (and
+    #: re-chooses it when they change)
+    parallel: tuple[int, int] | str = (1, 1)
     shard_timeout_s: float = 60.0  #: limit on every shard answer and collective (sharded only)
+    #: bytes of weights + KV one worker may hold (None: the workers' own announced budget); with
+    #: parallel="auto" a model that does not fit one worker is sharded over several
+    memory_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parallel, str):
+            if self.parallel != "auto":
+                raise ValueError(f'parallel must be (P, M) or "auto", not {self.parallel!r}')
+        elif len(self.parallel) != 2 or min(self.parallel) < 1:
+            raise ValueError(f"parallel must be (P, M) with P, M >= 1, not {self.parallel!r}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError("memory_budget_bytes must be > 0")
+
+    @property
+    def auto_parallel(self) -> bool:
+        """Whether the controller chooses each replica's (P, M)."""
+        return self.parallel == "auto"
 
     @property
     def sharded(self) -> bool:
         """Whether replicas run as P x M shards on several workers."""
-        return tuple(self.parallel) != (1, 1)
+        return self.auto_parallel or tuple(self.parallel) != (1, 1)
 
 
 class ReplicaActor:
     """One replica of the model on this worker, serving requests the controller hands it."""
 
-    def __init__(self, replica_id: str, options: ReplicaOptions, shards: Sequence[str] = ()) -> None:
-        """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`)."""
+    def __init__(self, replica_id: str, options: ReplicaOptions, shards: Sequence[str] = (),
+                 parallel: tuple[int, int] | None = None) -> None:
+        """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`);
+        `parallel`: its (P, M) (default `options.parallel`; required when that is "auto")."""
         from distributed import get_worker
 
         self.replica_id = replica_id
         self._options = options
         self._shards = list(shards)
+        if parallel is None:
+            if options.auto_parallel:
+                raise ValueError('a replica of parallel="auto" needs its (P, M)')
+            parallel = tuple(options.parallel)  # type: ignore[assignment]
+        self._parallel: tuple[int, int] = (int(parallel[0]), int(parallel[1]))
         self._client: Any = None  # a sharded replica's Dask client (made in the loop thread)
         self._worker = get_worker()
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -89,7 +115,7 @@ class ReplicaActor:
         self._ready.result(timeout)
         return {"replica": self.replica_id, "worker": self._worker.address,
                 "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token,
-                "parallel": list(self._options.parallel), "shards": list(self._shards)}
+                "parallel": list(self._parallel), "shards": list(self._shards)}
 
     def start_requests(self, states: Sequence[RequestState]) -> int:
         """Queue requests (new, or resumed from committed tokens, with or without KV)."""
@@ -143,6 +169,7 @@ class ReplicaActor:
                 answer.set_exception(exc)
                 return
             self._shards = list(self._engine.executor.placement.workers)
+            self._parallel = (report.new.P, report.new.M)
             answer.set_result({"old": list(report.old.shape) if report.old else None,
                                "new": list(report.new.shape), "epoch": report.epoch,
                                "kv_requests": report.kv_requests, "kv_bytes": report.kv_bytes,
@@ -235,7 +262,7 @@ class ReplicaActor:
         from elastic_llm.cluster.dask_sharded import DaskShardedExecutor
         from elastic_llm.planning.config import ParallelConfig
 
-        pipeline, tensor = self._options.parallel
+        pipeline, tensor = self._parallel
         if self._client is None:  # this thread has no worker context: a client of its own
             self._client = Client(self._worker.scheduler.address, security=self._worker.security,
                                   set_as_default=False, name=f"elastic-llm-{self.replica_id}")

@@ -1,5 +1,5 @@
 """The controller's bookkeeping of replicas: their states, handles, notices handled, the loop
-counters they report, and the (P, M) a sharded replica shrinks or grows to."""
+counters they report."""
 
 from __future__ import annotations
 
@@ -73,11 +73,3 @@ class LoopStats:
         measured = max(period, busy) / iterations if iterations else 0.0
         return measured if measured > 0 else 0.05
 
-
-def fit_shape(current: tuple[int, int], workers: int) -> tuple[int, int]:
-    """The (P, M) a sharded replica switches to on `workers` workers: the most positions that fit,
-    preferring the current tensor degree M, then the current P, then fewer tensor ranks."""
-    if workers < 1:
-        raise ValueError("a replica needs at least one worker")
-    shapes = [(p, m) for p in range(1, workers + 1) for m in range(1, workers // p + 1)]
-    return max(shapes, key=lambda s: (s[0] * s[1], s[1] == current[1], s[0] == current[0], -s[1]))

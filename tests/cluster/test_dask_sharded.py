@@ -12,7 +12,6 @@ import pytest
 from distributed import Client
 
 from elastic_llm import LLMEngine, SamplingParams
-from elastic_llm.cluster.replicas import fit_shape
 from elastic_llm.cluster.dask_sharded import DaskShardedExecutor, rendezvous_host
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.serving_client import ServingClient
@@ -155,14 +154,6 @@ def test_a_killed_shard_worker_raises_promptly_and_close_does_not_hang(
         assert time.monotonic() - began < 10
 
 
-@pytest.mark.timeout(10)
-def test_fit_shape_keeps_the_most_positions_and_prefers_the_tensor_degree() -> None:
-    assert fit_shape((2, 1), 1) == (1, 1)
-    assert fit_shape((2, 2), 3) == (3, 1)
-    assert fit_shape((1, 2), 2) == (1, 2)
-    assert fit_shape((2, 1), 4) == (4, 1)
-
-
 @pytest.mark.timeout(150)
 def test_controller_reshards_a_sharded_replica_when_a_shard_worker_gets_a_notice(
         uneven_checkpoint: Path, model: LoadedModel) -> None:
@@ -194,3 +185,53 @@ def test_controller_reshards_a_sharded_replica_when_a_shard_worker_gets_a_notice
     (notice,) = status["notices"]
     assert notice["worker"] == other and notice["migrated"] > 0 and notice["recomputed"] == 0
     assert status["kv_bytes_migrated"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_join(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """parallel="auto" with a per-worker memory budget the model does not fit: the planning core
+    picks one replica over all 4 workers; a notice for a shard worker switches it to the shape the
+    optimizer picks for 3 (P and M both change), KV carried, nothing recomputed; a 5th worker
+    joining grows it back. The shapes are the optimizer's own answers for those worker counts."""
+    from elastic_llm.cluster.shapes import CPU_WORKER, ShapePlanner
+    from elastic_llm.cluster.sharded_control import model_spec_of
+    from elastic_llm.planning.profiles import AnalyticProfile, Link
+
+    fast = Link(bandwidth=1e12, latency=1e-9)  # links as fast as NVLink: tensor parallelism pays
+    profile = AnalyticProfile("fast links", CPU_WORKER, 1, fast, fast, 4)
+    budget = 500_000  # bytes: under the tiny model's weights + KV, so it must be sharded
+    planner = ShapePlanner(model_spec_of(str(uneven_checkpoint)), profile, batch_size=4)
+    on_four, on_three = planner.choose(4, budget).shape, planner.choose(3, budget).shape
+    assert on_four != on_three and on_four[0] * on_four[1] == 4 and on_three[0] * on_three[1] == 3
+
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]]
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, params)]
+    with local_cluster(4, processes=True) as (cluster, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel="auto",
+                                 memory_budget_bytes=budget, min_step_seconds=0.05, shard_timeout_s=30.0)
+        with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False,
+                           profile=profile) as llm:
+            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
+                                  timeout=120)
+            assert tuple(replica["parallel"]) == on_four and len(replica["shards"]) == 4
+            leader = replica["worker"]
+            leaving = sorted(w for w in replica["shards"] if w != leader)[0]
+            futures = llm.map(prompts, max_new_tokens=60, ignore_eos=True)
+            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
+            assert llm.preempt(leaving, grace_s=30.0) == "accepted"
+            wait_for(lambda: llm.status()["reshards"], timeout=60)
+            cluster.scale(5)
+            wait_for(lambda: len(llm.status()["reshards"]) >= 2, timeout=90)
+            results = [f.result(timeout=120) for f in futures]
+            status = llm.status()
+    assert [r.token_ids for r in results] == want
+    first, second = status["reshards"][:2]
+    assert tuple(first["old"]) == on_four and tuple(first["new"]) == on_three
+    assert leaving not in first["shards"] and leader in first["shards"]
+    assert tuple(second["new"]) == on_four and leaving not in second["shards"]
+    assert first["checkpoint_bytes"] == 0  # slices came from the live shards, not the checkpoint
+    assert status["tokens_recomputed"] == 0 and status["restarts"] == 0
+    (notice,) = status["notices"]
+    assert notice["worker"] == leaving and notice["migrated"] > 0 and notice["recomputed"] == 0

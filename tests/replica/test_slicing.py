@@ -120,3 +120,12 @@ def test_micro_batches_are_contiguous_non_empty_and_balanced() -> None:
     assert [w for b in batches for w in b.works] == works
     assert len(split_micro_batches(works[:2], 4)) == 2
     assert [b.num_tokens for b in split_micro_batches(works[1:], 3)] == [2, 2, 1]
+
+
+def test_an_empty_heads_block_needs_no_pieces_when_the_length_is_known() -> None:
+    """A rank with no KV heads (M above the KV head count) gets its block from nothing."""
+    block = merge_kv([], range(2, 4), (3, 3), head_dim=8, length=5)
+    assert block.layer_start == 2 and block.length == 5 and len(block.keys) == 2
+    assert all(tuple(k.shape) == (0, 5, 8) for k in (*block.keys, *block.values))
+    with pytest.raises(ValueError, match="different lengths"):
+        merge_kv([], range(2, 4), (3, 3), head_dim=8)

@@ -40,13 +40,16 @@ def slice_kv(state: KVState, layers: range, heads: tuple[int, int]) -> KVState:
 
 
 def merge_kv(pieces: Sequence[KVState], layers: range, heads: tuple[int, int],
-             head_dim: int) -> KVState:
+             head_dim: int, length: int | None = None) -> KVState:
     """Assemble the `layers` x `heads` block from `pieces` (all of one request, one length).
+
+    `length` (the request's cached tokens) is required to build an empty-heads block (a rank
+    holding no KV heads) from no pieces at all; when given, every piece must have it.
 
     Raises:
         ValueError: the pieces disagree on the length or do not cover the block.
     """
-    lengths = {p.length for p in pieces}
+    lengths = {p.length for p in pieces} | ({length} if length is not None else set())
     if len(lengths) != 1:
         raise ValueError(f"KV pieces of different lengths {sorted(lengths)}")
     length = lengths.pop()

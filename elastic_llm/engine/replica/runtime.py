@@ -264,7 +264,7 @@ class ShardRuntime:
         network.rotary.inv_freq = network.rotary.inv_freq.to(self.device)
         self.network, self.layout = network.eval(), layout
         for rid in lengths:
-            block = merge_kv(kv[rid], layout.layers, layout.shard.kv_heads, self.spec.head_dim)
+            block = merge_kv(kv[rid], layout.layers, layout.shard.kv_heads, self.spec.head_dim, lengths[rid])
             self._caches[rid] = KVCache.from_state(block, self.device)
 
     # ------------------------------------------------------------------ introspection
