@@ -112,6 +112,7 @@ class ElasticController(ShardedControl, SchedulerPlugin):
         self._fixed_shape = None  # the baselines' shape, once chosen
         self._placing = None  # asyncio.Lock serialising sharded placement (made in start)
         self.reshards: list[dict[str, Any]] = []  #: every switch of a sharded replica's shape
+        self._start_seconds = 5.0  # how long a replica took to start, last time (seconds)
 
     # ------------------------------------------------------------------ plugin hooks
     async def start(self, scheduler: Any) -> None:
@@ -283,7 +284,10 @@ class ElasticController(ShardedControl, SchedulerPlugin):
         for handle in [h for h in self.replicas.values() if h.worker == notice.worker]:
             if handle.state is not ReplicaState.DRAINING:
                 handle.state = ReplicaState.DRAINING
-                self._spawn(self._evacuate(handle, notice.deadline))
+                if handle.shards and self.policy == "spotserve":
+                    self._spawn(self._replace_leader(handle, notice.deadline))
+                else:
+                    self._spawn(self._evacuate(handle, notice.deadline))
 
     # ------------------------------------------------------------------ replica commits
     def on_commit(self, worker: str | None = None, replica: str = "", tokens: list[Any] | None = None,
@@ -332,25 +336,34 @@ class ElasticController(ShardedControl, SchedulerPlugin):
                              parallel: tuple[int, int] = (1, 1)) -> bool:
         """Start a replica led by `worker` (sharded `parallel` over `shards` when given); whether
         it started."""
-        replica_id = f"r{next(self._ids)}"
-        handle = ReplicaHandle(replica_id, worker, shards=shards, parallel=parallel)
-        self.replicas[replica_id] = handle
-        assert self._client is not None
+        handle = ReplicaHandle(f"r{next(self._ids)}", worker, shards=shards, parallel=parallel)
         try:
-            handle.future = self._client.submit(ReplicaActor, replica_id, self.replica_options, shards,
-                                                parallel, actor=True, workers=[worker], allow_other_workers=False,
-                                                pure=False, key=f"elastic-llm-replica-{replica_id}")
-            handle.actor = await handle.future
-            info = await handle.actor.wait_ready()
-            handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
+            await self._start_actor(handle)
+            await self._until_ready(handle)
         except Exception as exc:  # noqa: BLE001 - the worker may die while the replica starts
-            logger.warning("replica %s on %s did not start: %s", replica_id, worker, exc)
-            self.replicas.pop(replica_id, None)
+            logger.warning("replica %s on %s did not start: %s", handle.replica_id, worker, exc)
+            self.replicas.pop(handle.replica_id, None)
             return False
+        return True
+
+    async def _start_actor(self, handle: ReplicaHandle, deferred: bool = False) -> None:
+        """Register `handle` and create its `ReplicaActor` on its leader worker."""
+        self.replicas[handle.replica_id] = handle
+        assert self._client is not None
+        handle.future = self._client.submit(
+            ReplicaActor, handle.replica_id, self.replica_options, handle.shards, handle.parallel, deferred,
+            actor=True, workers=[handle.worker], allow_other_workers=False, pure=False,
+            key=f"elastic-llm-replica-{handle.replica_id}")
+        handle.actor = await handle.future
+
+    async def _until_ready(self, handle: ReplicaHandle) -> None:
+        """Wait for the replica's engine, then let it take requests."""
+        info = await handle.actor.wait_ready()
+        self._start_seconds = time.time() - handle.started_at
+        handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
         if handle.state is ReplicaState.STARTING:
             handle.state = ReplicaState.READY
         self._wake()
-        return True
 
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None

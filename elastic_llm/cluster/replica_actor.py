@@ -81,9 +81,11 @@ class ReplicaActor:
     """One replica of the model on this worker, serving requests the controller hands it."""
 
     def __init__(self, replica_id: str, options: ReplicaOptions, shards: Sequence[str] = (),
-                 parallel: tuple[int, int] | None = None) -> None:
+                 parallel: tuple[int, int] | None = None, deferred: bool = False) -> None:
         """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`);
-        `parallel`: its (P, M) (default `options.parallel`; required when that is "auto")."""
+        `parallel`: its (P, M) (default `options.parallel`; required when that is "auto");
+        `deferred`: build the engine only when `build` is called (meanwhile `adopt` may take
+        requests, with their KV, from a replica that must stop first to free its workers)."""
         from distributed import get_worker
 
         self.replica_id = replica_id
@@ -100,6 +102,10 @@ class ReplicaActor:
         self._unsent: dict[str, tuple[int, list[int]]] = {}  # request -> (start, tokens) not yet sent
         self._counts: dict[str, int] = {}  # request -> output tokens known here
         self._stopped = threading.Event()
+        self._go = threading.Event()  # build the engine (set at once unless deferred)
+        if not deferred:
+            self._go.set()
+        self._adopted: list[RequestState] = []  # taken by `adopt`, resumed once the engine is built
         self._ready: Future[None] = Future()
         self._error: str | None = None
         self._iterations = 0
@@ -143,6 +149,17 @@ class ReplicaActor:
         states = source.export_requests(request_ids, include_kv).result()
         self._commands.put(lambda: self._resume(states))
         return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+
+    def adopt(self, source: Any, request_ids: Sequence[str] | None) -> list[tuple[str, int]]:
+        """(Deferred replica) take requests with their KV from `source` now, worker to worker, and
+        hold them until `build`; returns (request id, KV bytes) for each request taken."""
+        states = source.export_requests(request_ids, True).result()
+        self._adopted.extend(states)
+        return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+
+    def build(self) -> None:
+        """(Deferred replica) build the engine now; adopted requests resume once it is ready."""
+        self._go.set()
 
     def stats(self) -> dict[str, Any]:
         """Iterations, busy time and requests held."""
@@ -198,6 +215,7 @@ class ReplicaActor:
     def stop(self) -> None:
         """Stop the loop thread (and a sharded replica's shards)."""
         self._stopped.set()
+        self._go.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout=30)
         engine = getattr(self, "_engine", None)
@@ -208,8 +226,14 @@ class ReplicaActor:
 
     # ------------------------------------------------------------------ the loop (own thread)
     def _run(self) -> None:
+        self._go.wait()
+        if self._stopped.is_set():
+            self._ready.set_exception(RuntimeError(f"replica {self.replica_id} stopped before it started"))
+            return
         try:
             self._engine = self._build_engine()
+            self._resume(self._adopted)
+            self._adopted = []
             self._ready.set_result(None)
         except BaseException as exc:  # noqa: BLE001 - reported to whoever waits
             self._error = f"{type(exc).__name__}: {exc}"

@@ -10,6 +10,8 @@ observed arrival rate):
 - **growth** (policy ``spotserve``): when workers join, a replica whose shape differs from what the
   optimizer now chooses is switched to it in place, at a token boundary, KV kept, only the missing
   slices moved (KM mapping + migration plan inside `DaskShardedExecutor.reconfigure`);
+- **notice** for the leader (``spotserve``): the replica moves to a successor built on the other
+  shard workers plus free ones, which takes every request with its KV before the old one stops;
 - **notice** for a shard worker (``spotserve``): the replica switches to the optimizer's shape for
   its remaining workers plus free ones (with an explicit ``parallel``: the most positions they
   hold, `fit_shape`), the leaving worker handing over its slices and KV first; if the model fits
@@ -61,6 +63,7 @@ class ShardedControl:
     _fixed_shape: tuple[int, int] | None
     _planner: ShapePlanner | None
     _placing: asyncio.Lock | None
+    _start_seconds: float
     profile: str | os.PathLike[str] | InstanceProfile | None
 
     # ------------------------------------------------------------------ shapes
@@ -216,6 +219,63 @@ class ShardedControl:
         self.notices.append(NoticeRecord(leaving, deadline, received, moved, 0))
         self._wake()
         self._spawn(self._place_sharded())  # workers the new shape left free may form a replica
+
+    async def _replace_leader(self: ElasticController, handle: ReplicaHandle, deadline: float) -> None:
+        """The leader of a sharded replica got a notice. Its engine drives the shards, so the
+        replica moves: a new replica (the optimizer's shape for the other shard workers plus free
+        ones) is created without an engine, takes every request WITH its KV from the old one
+        (worker to worker), the old one stops (freeing its workers), and the new one builds its
+        engine there and resumes them: nothing recomputed. Its weights come from the checkpoint.
+        Without workers for any shape, its requests go to other replicas (`_evacuate`)."""
+        received = time.time()
+        pool = [w for w in handle.shards if w != handle.worker and w not in self._leaving]
+        pool += [w for w in self._free_workers() if w not in pool]
+        if self.replica_options.auto_parallel:
+            shape = await self._shape_for(len(pool))
+        else:
+            shape = fit_shape(handle.parallel, len(pool)) if pool else None
+        if shape is None:
+            await self._evacuate(handle, deadline)
+            return
+        chosen = pool[: shape[0] * shape[1]]
+        successor = ReplicaHandle(f"r{next(self._ids)}", chosen[0], shards=tuple(chosen), parallel=shape)
+        try:
+            await self._start_actor(successor, deferred=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. its worker died: fall back to other replicas
+            logger.warning("successor of %s did not start (%s)", handle.replica_id, exc)
+            self.replicas.pop(successor.replica_id, None)
+            await self._evacuate(handle, deadline)
+            return
+        # keep decoding while the grace period allows, leaving time to rebuild the replica
+        plan = self._arrangement(handle, received, deadline)
+        await asyncio.sleep(max(0.0, plan.migration_start - self._start_seconds - time.time()))
+        ids = [r.request_id for r in self.table.unfinished(handle.replica_id)]
+        for request_id in ids:  # the successor owns them before the pull (see `_migrate`)
+            self.table.assign(request_id, successor.replica_id)
+        moved: list[tuple[str, int]] = []
+        try:
+            moved = await successor.actor.adopt(handle.actor, ids)
+            self.kv_bytes_migrated += sum(nbytes for _, nbytes in moved)
+        except Exception as exc:  # noqa: BLE001 - the old leader died early: they recompute
+            logger.warning("handover from %s failed (%s): its requests recompute", handle.replica_id, exc)
+        self.replicas.pop(handle.replica_id, None)
+        await self._call(handle.actor.stop())
+        taken = {request_id for request_id, _ in moved}
+        for record in self.table.unfinished(successor.replica_id):
+            if record.request_id not in taken:  # finished meanwhile, or lost with the old leader
+                self._requeue(record, lost_kv=True)
+        self.notices.append(NoticeRecord(handle.worker, deadline, received, len(taken), 0))
+        try:
+            await successor.actor.build()
+            await self._until_ready(successor)
+        except Exception as exc:  # noqa: BLE001 - the new replica failed: its requests recompute
+            logger.warning("successor %s failed to build (%s)", successor.replica_id, exc)
+            self._break(successor)
+            return
+        self.reshards.append({"replica": successor.replica_id, "from_replica": handle.replica_id,
+                              "old": list(handle.parallel), "new": list(shape), "shards": chosen,
+                              "kv_bytes": sum(nbytes for _, nbytes in moved), "leader_moved": True})
+        self._spawn(self._place_sharded())
 
     async def _dissolve(self: ElasticController, handle: ReplicaHandle, leaving: str, deadline: float) -> None:
         """Evacuate the replica's requests before `deadline` (with KV under spotserve, restarted

@@ -5,6 +5,11 @@ device copy; `prefetch` starts the copy back on a background thread (on CUDA on 
 so it overlaps the next forward pass; `swap_in` waits for a prefetch in flight or copies at once.
 On a CPU-only machine "device" and "host" are the same RAM: the copies are real and timed, and the
 device budget the engine enforces is a logical one.
+
+KV layout: requests' caches live in slots of one `KVPool`, so the decode attention of a whole batch
+is a few batched ops per layer; a request that would outgrow the pool's `pool_max_positions` moves
+to a private `KVCache` (attended on its own). On CPU the network's matrices are also packed once
+for faster batched GEMMs (`LlamaNetwork.pack_weights`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from elastic_llm.engine.executor import StepWork
-from elastic_llm.model.kv_cache import KVCache, KVState
+from elastic_llm.model.kv_cache import KVCache, KVPool, KVState, PooledKVCache
 from elastic_llm.model.layers import SequenceSlice
 from elastic_llm.model.llama import LlamaNetwork
 from elastic_llm.model.spec import ModelSpec
@@ -25,13 +30,19 @@ from elastic_llm.model.spec import ModelSpec
 class LocalExecutor:
     """Runs a `LlamaNetwork` holding every layer and keeps per-request KV caches by id."""
 
-    def __init__(self, network: LlamaNetwork, spec: ModelSpec) -> None:
+    def __init__(self, network: LlamaNetwork, spec: ModelSpec, *, pool_max_positions: int = 1024,
+                 pack_weights: bool = True) -> None:
         self.network = network
         self.spec = spec
         first = next(network.parameters())
         self.device, self.dtype = first.device, first.dtype
         self._kv_heads = network.shard.num_kv_heads
-        self._caches: dict[str, KVCache] = {}
+        self._pool = (KVPool(0, spec.num_layers, self._kv_heads, spec.head_dim, self.dtype, self.device,
+                             max_capacity=pool_max_positions)
+                      if self._kv_heads > 0 and pool_max_positions > 0 else None)
+        if pack_weights and self.device.type == "cpu":
+            network.pack_weights()
+        self._caches: dict[str, KVCache | PooledKVCache] = {}
         self._host: dict[str, KVState] = {}
         self._incoming: dict[str, Future[KVCache]] = {}
         self._copier: ThreadPoolExecutor | None = None
@@ -57,6 +68,8 @@ class LocalExecutor:
             if cache.length != work.start_position:
                 raise RuntimeError(f"request {work.request_id!r}: KV holds {cache.length} "
                                    f"positions, work starts at {work.start_position}")
+            if isinstance(cache, PooledKVCache) and not cache.pool.fits(cache.length + len(work.token_ids)):
+                cache = self._spill(work.request_id, cache)
             start = len(tokens)
             tokens.extend(work.token_ids)
             positions.extend(range(work.start_position, work.start_position + len(work.token_ids)))
@@ -73,14 +86,38 @@ class LocalExecutor:
             seq.cache.advance(seq.num_new)
         return logits
 
-    def _device_cache(self, request_id: str, upcoming: int) -> KVCache:
+    def _device_cache(self, request_id: str, upcoming: int) -> KVCache | PooledKVCache:
         if request_id in self._host or request_id in self._incoming:
             self.swap_in([request_id])
         cache = self._caches.get(request_id)
         if cache is None:
-            cache = KVCache(0, self.spec.num_layers, self._kv_heads, self.spec.head_dim,
-                            self.dtype, self.device, capacity=upcoming + 16)
+            if self._pool is not None and self._pool.fits(upcoming):
+                cache = self._pool.allocate(upcoming)
+            else:
+                cache = KVCache(0, self.spec.num_layers, self._kv_heads, self.spec.head_dim,
+                                self.dtype, self.device, capacity=upcoming + 16)
             self._caches[request_id] = cache
+        return cache
+
+    def _adopt(self, state: KVState | KVCache) -> KVCache | PooledKVCache:
+        """Move a device-side state or private cache into the pool when it fits there."""
+        if self._pool is not None and self._pool.fits(state.length + 16):
+            return self._pool.adopt(state)
+        if isinstance(state, KVCache):
+            return state
+        return KVCache.from_state(state, self.device)
+
+    def _spill(self, request_id: str, cache: PooledKVCache) -> KVCache:
+        """Move a request that outgrows the pool to a private cache."""
+        private = KVCache.from_state(cache.export(), self.device)
+        cache.release()
+        self._caches[request_id] = private
+        return private
+
+    def _drop(self, request_id: str) -> KVCache | PooledKVCache | None:
+        cache = self._caches.pop(request_id, None)
+        if isinstance(cache, PooledKVCache):
+            cache.release()
         return cache
 
     # ------------------------------------------------------------------ KV by request
@@ -99,7 +136,7 @@ class LocalExecutor:
         incoming = self._incoming.pop(request_id, None)
         if incoming is not None:
             incoming.result()
-        self._caches.pop(request_id, None)
+        self._drop(request_id)
         self._host.pop(request_id, None)
 
     def export_kv(self, request_id: str) -> KVState | None:
@@ -116,7 +153,7 @@ class LocalExecutor:
     def import_kv(self, request_id: str, state: KVState) -> None:
         """Adopt `state` as the request's KV cache (on device)."""
         self.release(request_id)
-        self._caches[request_id] = KVCache.from_state(state.to(self.device), self.device)
+        self._caches[request_id] = self._adopt(state.to(self.device))
 
     # ------------------------------------------------------------------ swapping
     def on_host(self) -> frozenset[str]:
@@ -129,10 +166,12 @@ class LocalExecutor:
         for request_id in request_ids:
             if request_id in self._incoming:
                 self.swap_in([request_id])
-            cache = self._caches.pop(request_id, None)
+            cache = self._caches.get(request_id)
             if cache is None or cache.length == 0:
+                self._drop(request_id)
                 continue
             state = cache.export()
+            self._drop(request_id)
             self._host[request_id] = self._to_host(state)
             self.bytes_swapped_out += state.nbytes
         self.swap_seconds += time.perf_counter() - started
@@ -154,12 +193,13 @@ class LocalExecutor:
         for request_id in request_ids:
             incoming = self._incoming.pop(request_id, None)
             if incoming is not None:
-                self._caches[request_id] = incoming.result()
+                self._caches[request_id] = self._adopt(incoming.result())
                 continue
             state = self._host.pop(request_id, None)
             if state is not None:
                 self.bytes_swapped_in += state.nbytes
-                self._caches[request_id] = self._to_device(state)
+                on_device = self._to_device(state) if self.device.type == "cuda" else state
+                self._caches[request_id] = self._adopt(on_device)
         self.swap_seconds += time.perf_counter() - started
 
     def device_kv_bytes(self) -> int:

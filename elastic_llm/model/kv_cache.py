@@ -113,3 +113,177 @@ class KVCache:
             cache._values[i][:, : state.length] = v
         cache.length = state.length
         return cache
+
+
+class KVPool:
+    """Preallocated KV storage shared by many requests, so decode attention can be batched.
+
+    Keys and values of every held layer live in two tensors shaped
+    ``[num_layers, slots, kv_heads, capacity, head_dim]``; each request owns one slot (a
+    `PooledKVCache` handle). Slots and capacity grow by doubling (one copy of the pool, amortised);
+    requests whose length would pass `max_capacity` do not fit and must use a private `KVCache`.
+    Free slots are reused lowest first, so the live slots stay a compact range. The storage is
+    zero-filled: positions past a request's length hold finite values, which masked batched
+    attention needs. When the last slot is freed the storage is dropped.
+    """
+
+    def __init__(self, layer_start: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, *, slots: int = 8, capacity: int = 128,
+                 max_capacity: int = 2048) -> None:
+        self.layer_start = layer_start
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_capacity = max_capacity
+        self._initial = (max(1, slots), max(1, min(capacity, max_capacity)))
+        self._keys = self._values = self._no_storage()
+        self._owners: list[PooledKVCache | None] = []
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def slots(self) -> int:
+        """Slots allocated (live or free)."""
+        return len(self._owners)
+
+    @property
+    def capacity(self) -> int:
+        """Positions each slot holds before the pool grows."""
+        return self._keys.shape[3]
+
+    @property
+    def live(self) -> int:
+        """Slots owned by a request."""
+        return sum(owner is not None for owner in self._owners)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Keys of absolute layer `layer`: ``[slots, kv_heads, capacity, head_dim]`` (a view)."""
+        return self._keys[layer - self.layer_start]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """Values of absolute layer `layer`: ``[slots, kv_heads, capacity, head_dim]`` (a view)."""
+        return self._values[layer - self.layer_start]
+
+    def _no_storage(self) -> torch.Tensor:
+        return torch.empty((self.num_layers, 0, self.num_kv_heads, 0, self.head_dim),
+                           dtype=self.dtype, device=self.device)
+
+    def _allocate_storage(self, slots: int, capacity: int) -> None:
+        shape = (self.num_layers, slots, self.num_kv_heads, capacity, self.head_dim)
+        self._keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._owners = [None] * slots
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        old_keys, old_values, owners = self._keys, self._values, self._owners
+        keep_slots, keep_len = min(slots, old_keys.shape[1]), min(capacity, old_keys.shape[3])
+        self._allocate_storage(slots, capacity)
+        self._keys[:, :keep_slots, :, :keep_len] = old_keys[:, :keep_slots, :, :keep_len]
+        self._values[:, :keep_slots, :, :keep_len] = old_values[:, :keep_slots, :, :keep_len]
+        self._owners[:keep_slots] = owners[:keep_slots]
+
+    def fits(self, positions: int) -> bool:
+        """Whether a request of `positions` positions can live in the pool."""
+        return positions <= self.max_capacity
+
+    def ensure_capacity(self, positions: int) -> None:
+        """Grow every slot to hold at least `positions` positions (doubling)."""
+        if positions <= self.capacity:
+            return
+        if not self.fits(positions):
+            raise ValueError(f"{positions} positions exceed the pool's maximum of {self.max_capacity}")
+        capacity = min(self.max_capacity, max(positions, 2 * self.capacity))
+        self._resize(self.slots, capacity)
+
+    # ------------------------------------------------------------------ slots
+    def allocate(self, positions: int = 0) -> PooledKVCache:
+        """A new empty cache in a free slot, with room for `positions` positions."""
+        if self.slots == 0:
+            self._allocate_storage(*self._initial)
+        try:
+            slot = self._owners.index(None)
+        except ValueError:
+            slot = self.slots
+            self._resize(2 * self.slots, self.capacity)
+        cache = PooledKVCache(self, slot)
+        self._owners[slot] = cache
+        self.ensure_capacity(positions)
+        return cache
+
+    def adopt(self, state: KVState | KVCache, spare: int = 16) -> PooledKVCache:
+        """A cache in a free slot holding a copy of `state` (a `KVState` or a private `KVCache` of
+        the pool's layers and heads), with room for `spare` more positions."""
+        if isinstance(state, KVCache):
+            keys = [k[:, : state.length] for k in state._keys]
+            values = [v[:, : state.length] for v in state._values]
+        else:
+            keys, values = list(state.keys), list(state.values)
+        if len(keys) != self.num_layers or state.layer_start != self.layer_start:
+            raise ValueError("KV state does not cover the pool's layers")
+        cache = self.allocate(state.length + spare)
+        if state.length:
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+                self._keys[i, cache.slot, :, : state.length] = k
+                self._values[i, cache.slot, :, : state.length] = v
+        cache.length = state.length
+        return cache
+
+    def _free(self, cache: PooledKVCache) -> None:
+        if self._owners[cache.slot] is cache:
+            self._owners[cache.slot] = None
+        if self.live == 0:  # nothing left: give the memory back, start small next time
+            self._keys = self._values = self._no_storage()
+            self._owners = []
+
+
+class PooledKVCache:
+    """A request's KV cache living in one slot of a `KVPool`; same interface as `KVCache`."""
+
+    def __init__(self, pool: KVPool, slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.layer_start = pool.layer_start
+        self.length = 0  #: positions whose keys/values are valid in every layer
+        self.released = False
+
+    @property
+    def capacity(self) -> int:
+        """Positions that fit before the pool grows."""
+        return self.pool.capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the valid part of the cache."""
+        pool = self.pool
+        element = torch.empty((), dtype=pool.dtype).element_size()
+        return 2 * pool.num_layers * pool.num_kv_heads * self.length * pool.head_dim * element
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more positions (grows the whole pool when needed)."""
+        self.pool.ensure_capacity(self.length + extra)
+
+    def write_and_read(self, layer: int, keys: torch.Tensor, values: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new `[kv_heads, n, head_dim]` keys/values after the valid part; return all so far."""
+        end = self.length + keys.shape[1]
+        pool_keys, pool_values = self.pool.keys(layer)[self.slot], self.pool.values(layer)[self.slot]
+        pool_keys[:, self.length:end] = keys
+        pool_values[:, self.length:end] = values
+        return pool_keys[:, :end], pool_values[:, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark `n` more positions valid."""
+        self.length += n
+
+    def export(self) -> KVState:
+        """Copy the valid part out as a `KVState`."""
+        keys = self.pool._keys[:, self.slot, :, : self.length]
+        values = self.pool._values[:, self.slot, :, : self.length]
+        return KVState(self.layer_start, tuple(k.clone() for k in keys),
+                       tuple(v.clone() for v in values), self.length)
+
+    def release(self) -> None:
+        """Give the slot back to the pool (the handle must not be used afterwards)."""
+        if not self.released:
+            self.released = True
+            self.pool._free(self)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elastic_llm.model.kv_cache import KVCache
+from elastic_llm.model.kv_cache import KVCache, KVPool, PooledKVCache
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.weights import SafetensorsWeights
 
@@ -62,18 +62,124 @@ class SequenceSlice:
 
     start: int  #: first row of this request in the flat batch
     num_new: int  #: tokens computed for it in this pass
-    cache: KVCache  #: its KV cache (already `reserve`d for `num_new` more positions)
+    cache: KVCache | PooledKVCache  #: its KV cache (already `reserve`d for `num_new` more positions)
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token rows of requests whose caches share one `KVPool`: their KV writes and their
+    attention are a few batched ops per layer instead of a loop over requests.
+
+    The attention runs over the pool's slots ``[lo, lo + span)`` (a view, no gather); slots in that
+    range that are not in the batch get a dummy query whose output is dropped.
+    """
+
+    pool: KVPool
+    rows: torch.Tensor | None  #: flat-batch row of each member; None: rows 0..n-1 in order
+    slots: torch.Tensor  #: pool slot of each member [n]
+    write_positions: torch.Tensor  #: position each member's new key/value goes to [n]
+    lo: int  #: first slot of the attended range
+    span: int  #: slots in the attended range
+    span_index: torch.Tensor | None  #: member -> index in the range; None: identity (span == n)
+    masked: torch.Tensor  #: True where a key is hidden [span, 1, 1, max_len]
+    max_len: int  #: longest member (keys attended per slot)
+
+    @classmethod
+    def build(cls, members: Sequence[SequenceSlice], window: int | None, total_rows: int,
+              device: torch.device) -> DecodeGroup:
+        pool = members[0].cache.pool  # type: ignore[union-attr]
+        slots = [m.cache.slot for m in members]  # type: ignore[union-attr]
+        lengths = [m.cache.length + 1 for m in members]
+        starts = [m.start for m in members]
+        lo, span = min(slots), max(slots) - min(slots) + 1
+        max_len = max(lengths)
+        identity = span == len(members) and all(s == lo + i for i, s in enumerate(slots))
+        rows = None if (total_rows == len(members) and starts == list(range(total_rows))) else starts
+        span_lengths = [1] * span  # dummy slots see one (zero-initialised or stale, finite) key
+        for slot, length in zip(slots, lengths, strict=True):
+            span_lengths[slot - lo] = length
+        key_pos = torch.arange(max_len, device=device)
+        ends = torch.tensor(span_lengths, device=device).unsqueeze(1)
+        masked = key_pos.unsqueeze(0) >= ends
+        if window is not None:
+            masked |= key_pos.unsqueeze(0) <= ends - 1 - window
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+        return cls(pool, None if rows is None else as_tensor(rows), as_tensor(slots),
+                   as_tensor([n - 1 for n in lengths]), lo, span,
+                   None if identity else as_tensor([s - lo for s in slots]),
+                   masked.view(span, 1, 1, max_len), max_len)
+
+
+@dataclass
+class AttentionBatch:
+    """How one forward pass attends: computed once per pass, shared by every layer."""
+
+    loop: Sequence[SequenceSlice]  #: requests attended one by one (prefill chunks, lone caches)
+    decode: DecodeGroup | None  #: single-token requests of one pool, attended together
+    cos: torch.Tensor | None = None  #: rotary cos per row [T, 1, D] (None: computed per layer)
+    sin: torch.Tensor | None = None  #: rotary sin per row [T, 1, D]
+
+    @classmethod
+    def build(cls, seqs: Sequence[SequenceSlice], window: int | None, total_rows: int,
+              device: torch.device, min_group: int = 2) -> AttentionBatch:
+        """Group the single-token requests of the first pool seen; the rest go to the loop."""
+        pool = next((s.cache.pool for s in seqs
+                     if s.num_new == 1 and isinstance(s.cache, PooledKVCache)), None)
+        members = [s for s in seqs if s.num_new == 1 and isinstance(s.cache, PooledKVCache)
+                   and s.cache.pool is pool]
+        if len(members) < min_group:
+            return cls(list(seqs), None)
+        chosen = {id(m) for m in members}
+        loop = [s for s in seqs if id(s) not in chosen]
+        return cls(loop, DecodeGroup.build(members, window, total_rows, device))
+
+
+def _weight_key(weight: torch.Tensor) -> tuple[int, int, torch.dtype, torch.device, tuple[int, ...]]:
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape)
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Parameters are allocated empty and filled by a loader, never initialised."""
+    """y = x W^T (+ b). Parameters are allocated empty and filled by a loader, never initialised.
+
+    `pack()` keeps, next to the parameter, a copy of the weight in oneDNN's blocked layout for
+    fp32 CPU inference; inputs of at least `PACKED_MIN_ROWS` rows then use it (faster than
+    `F.linear` for a batch of rows on CPU). The copy is dropped from use as soon as the parameter
+    changes (new data or an in-place write), so it can never go stale.
+    """
+
+    PACKED_MIN_ROWS = 2  #: single rows stay on F.linear (GEMV), as fast there
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self._packed: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    def pack(self, batch_hint: int = 32) -> bool:
+        """Prepare the blocked copy of the weight; False (and nothing kept) where unsupported."""
+        self._packed = None
+        weight = self.weight
+        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() == 0
+                or not torch.backends.mkldnn.is_available()):
+            return False
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+            probe = torch.zeros(Linear.PACKED_MIN_ROWS, weight.shape[1])
+            torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        except (RuntimeError, AttributeError):
+            return False
+        self._packed = (_weight_key(weight), packed)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed
+        if (packed is not None and x.dim() == 2 and x.shape[0] >= Linear.PACKED_MIN_ROWS
+                and x.dtype == torch.float32 and packed[0] == _weight_key(self.weight)):
+            bias = self.bias
+            if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+                return F.linear(x, self.weight, bias)
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[1], bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -123,13 +229,24 @@ class Rotary(nn.Module):
             self._sin = (emb.sin() * self.attention_scaling).to(dtype)
         return self._cos, self._sin
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each row's position, shaped [T, 1, D] (computed once per pass)."""
+        if positions.numel() == 0:
+            cos_table, sin_table = self._table(1, dtype)
+        else:
+            cos_table, sin_table = self._table(int(positions.max()) + 1, dtype)
+        return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate `q` [T, Hq, D] and `k` [T, Hkv, D] by each row's position."""
-        cos_table, sin_table = self._table(int(positions.max()) + 1, q.dtype)
-        cos = cos_table[positions].unsqueeze(1)
-        sin = sin_table[positions].unsqueeze(1)
+        cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` [T, H, D] by precomputed `cos_sin` rows."""
+        return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -176,22 +293,62 @@ class Attention(nn.Module):
         self.o.weight.data = weights.get(f"{prefix}o_proj.weight", 1, lo * d, hi * d).contiguous()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, layer: int,
-                seqs: Sequence[SequenceSlice]) -> torch.Tensor:
+                seqs: Sequence[SequenceSlice] | AttentionBatch) -> torch.Tensor:
+        batch = seqs if isinstance(seqs, AttentionBatch) else AttentionBatch(list(seqs), None)
         tokens = x.shape[0]
         qkv = self.qkv(x)
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_width].view(tokens, self.num_heads, self.head_dim)
-        k = qkv[:, q_width:q_width + kv_width].view(tokens, self.num_kv_heads, self.head_dim)
-        v = qkv[:, q_width + kv_width:].view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, positions)
-        # head-major views of the whole batch: one transpose here, plain slices per request below
-        q_heads, k_heads, v_heads = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        out_heads = q.new_empty(self.num_heads, tokens, self.head_dim)
-        for seq in seqs:
-            rows = slice(seq.start, seq.start + seq.num_new)
-            keys, values = seq.cache.write_and_read(layer, k_heads[:, rows], v_heads[:, rows])
-            out_heads[:, rows] = self._attend(q_heads[:, rows], keys, values)
-        return self.reduce(self.o(out_heads.transpose(0, 1).reshape(tokens, q_width)))
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q_width, kv_width = hq * d, hkv * d
+        if batch.cos is not None and batch.sin is not None:
+            # q and k rotated together: one set of elementwise ops for both
+            qk = Rotary.rotate(qkv[:, :q_width + kv_width].view(tokens, hq + hkv, d), batch.cos, batch.sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+        else:
+            q = qkv[:, :q_width].view(tokens, hq, d)
+            k = qkv[:, q_width:q_width + kv_width].view(tokens, hkv, d)
+            q, k = rotary(q, k, positions)
+        v = qkv[:, q_width + kv_width:].view(tokens, hkv, d)
+        group = batch.decode
+        if group is not None and group.rows is None and not batch.loop:
+            out = self._attend_decode(group, layer, q, k, v)
+        else:
+            out = q.new_empty(tokens, hq, d)
+            if group is not None:
+                rows = group.rows
+                picked = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
+                attended = self._attend_decode(group, layer, *picked)
+                if rows is None:
+                    out[: attended.shape[0]] = attended
+                else:
+                    out[rows] = attended
+            # head-major views of the whole batch: one transpose here, plain slices per request below
+            q_heads, k_heads, v_heads = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            for seq in batch.loop:
+                rows_ = slice(seq.start, seq.start + seq.num_new)
+                keys, values = seq.cache.write_and_read(layer, k_heads[:, rows_], v_heads[:, rows_])
+                out[rows_] = self._attend(q_heads[:, rows_], keys, values).transpose(0, 1)
+        return self.reduce(self.o(out.reshape(tokens, q_width)))
+
+    def _attend_decode(self, group: DecodeGroup, layer: int, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """One new token per member: q [n, H, D], k/v [n, Hkv, D] -> [n, H, D]."""
+        n, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
+        pool_keys, pool_values = group.pool.keys(layer), group.pool.values(layer)
+        pool_keys[group.slots, :, group.write_positions] = k
+        pool_values[group.slots, :, group.write_positions] = v
+        span_slots = slice(group.lo, group.lo + group.span)
+        keys = pool_keys[span_slots, :, : group.max_len]  # [span, Hkv, L, D], a view
+        values = pool_values[span_slots, :, : group.max_len]
+        grouped = q.reshape(n, hkv, self.num_heads // hkv, d)  # query heads of one KV head together
+        if group.span_index is not None:
+            grouped = grouped.new_zeros(group.span, *grouped.shape[1:]).index_copy_(
+                0, group.span_index, grouped)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [span, Hkv, G, L]
+        scores.mul_(d ** -0.5).masked_fill_(group.masked, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [span, Hkv, G, D]
+        if group.span_index is not None:
+            out = out.index_select(0, group.span_index)
+        return out.reshape(n, self.num_heads, d)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """q [H, n, D] against keys/values [Hkv, L, D] -> [H, n, D]."""
@@ -255,6 +412,6 @@ class DecoderLayer(nn.Module):
         self.mlp.load(weights, prefix + "mlp.")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
-                seqs: Sequence[SequenceSlice]) -> torch.Tensor:
+                seqs: Sequence[SequenceSlice] | AttentionBatch) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), positions, rotary, self.index, seqs)
         return x + self.mlp(self.post_attn_norm(x))

@@ -15,6 +15,7 @@ from torch import nn
 
 from elastic_llm.errors import ModelLoadError
 from elastic_llm.model.layers import (
+    AttentionBatch,
     DecoderLayer,
     Embedding,
     Linear,
@@ -84,6 +85,13 @@ class LlamaNetwork(nn.Module):
             raise ModelLoadError("weights do not match config.json: " + "; ".join(wrong[:5]))
         self.to(dtype)
 
+    def pack_weights(self, batch_hint: int = 32) -> int:
+        """Keep a CPU-friendly blocked copy of every matrix (see `Linear.pack`); returns how many.
+
+        Costs one more copy of the weights in memory; the parameters themselves are unchanged.
+        """
+        return sum(module.pack(batch_hint) for module in self.modules() if isinstance(module, Linear))
+
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 seqs: Sequence[SequenceSlice], logit_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,8 +108,11 @@ class LlamaNetwork(nn.Module):
             columns when the shard's `vocab` is set), else hidden states [T, hidden].
         """
         hidden = self.embed(inputs) if self.embed is not None else inputs
-        for layer in self.layers:
-            hidden = layer(hidden, positions, self.rotary, seqs)
+        if self.layers:
+            batch = AttentionBatch.build(seqs, self.spec.sliding_window, positions.shape[0], positions.device)
+            batch.cos, batch.sin = self.rotary.cos_sin(positions, hidden.dtype)
+            for layer in self.layers:
+                hidden = layer(hidden, positions, self.rotary, batch)
         if self.lm_head is None or self.norm is None:
             return hidden
         if logit_rows is not None:

@@ -235,3 +235,35 @@ def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_jo
     assert status["tokens_recomputed"] == 0 and status["restarts"] == 0
     (notice,) = status["notices"]
     assert notice["worker"] == leaving and notice["migrated"] > 0 and notice["recomputed"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor_replica(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """One (2, 1) replica on 2 of 3 workers: a notice for its LEADER (whose engine drives the
+    shards) moves the replica to the other shard worker plus the free one; every request's KV goes
+    along (worker to worker), nothing is recomputed, and the tokens equal the single engine's."""
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7]]
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)  # >= 10 s: outlasts the grace
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, params)]
+    with local_cluster(3, processes=True) as (_, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
+                                 min_step_seconds=0.05, shard_timeout_s=30.0)
+        with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
+            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
+                                  timeout=90)
+            leader = replica["worker"]
+            futures = llm.map(prompts, max_new_tokens=200, ignore_eos=True)
+            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
+            assert llm.preempt(leader, grace_s=6.0) == "accepted"
+            results = [f.result(timeout=120) for f in futures]
+            status = llm.status()
+    assert [r.token_ids for r in results] == want
+    (after,) = [r for r in status["replicas"] if r["state"] == "ready"]
+    assert after["replica"] != replica["replica"] and leader not in after["shards"]
+    assert list(after["parallel"]) == [2, 1]
+    assert status["tokens_recomputed"] == 0 and status["restarts"] == 0
+    (notice,) = status["notices"]
+    assert notice["worker"] == leader and notice["migrated"] == len(prompts) and notice["recomputed"] == 0
+    (move,) = status["reshards"]
+    assert move["leader_moved"] and move["kv_bytes"] > 0
