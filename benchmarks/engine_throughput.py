@@ -10,12 +10,18 @@ same prompts, greedy decoding:
    is done. Reported: useful tokens / makespan, and mean / P99 request latency.
 
 Run:  .venv/bin/python benchmarks/engine_throughput.py [--requests 24] [--rate 2.0] [--threads 2]
+      [--only batch1,batch8,batch32,mixed] [--repeats 1]
+
+`--repeats N` runs each static batch N times for both systems, alternating, and reports each
+system's best run (the same rule for both). Each part also prints how many CPU-seconds other
+processes used meanwhile ("others"): far from 0 means the machine was not quiet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -44,6 +50,33 @@ class WorkItem:
     new_tokens: int
 
 
+class OtherLoad:
+    """CPU-seconds that other processes used while a part ran (Linux /proc/stat; else None)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        return busy, sum(os.times()[:2])
+
+    def seconds(self) -> float | None:
+        end = self._sample()
+        if end is None or self.start is None:
+            return None
+        return (end[0] - self.start[0]) - (end[1] - self.start[1])
+
+    def text(self) -> str:
+        others = self.seconds()
+        return "" if others is None else f"  (others {others:.0f} cpu-s)"
+
+
 def hf_generate(model, batch: list[list[int]], new_tokens: int) -> None:  # type: ignore[no-untyped-def]
     """Left-padded static batch through transformers generate, exactly `new_tokens` each."""
     width = max(len(p) for p in batch)
@@ -57,23 +90,29 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int) -> None:  # type
                        do_sample=False, pad_token_id=0)
 
 
-def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]]) -> list[dict]:  # type: ignore[no-untyped-def]
+def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]],  # type: ignore[no-untyped-def]
+                   sizes: tuple[int, ...] = (1, 8, 32), repeats: int = 1) -> list[dict]:
     rows = []
-    for batch_size in (1, 8, 32):
+    for batch_size in sizes:
         batch = [prompts[i % len(prompts)] for i in range(batch_size)]
         params = SamplingParams(max_new_tokens=64, ignore_eos=True)
-        engine.generate(batch[:1], SamplingParams(max_new_tokens=2))  # warm-up
-        started = time.perf_counter()
-        engine.generate(batch, params)
-        ours = batch_size * 64 / (time.perf_counter() - started)
-        hf_generate(hf_model, batch[:1], 2)
-        started = time.perf_counter()
-        hf_generate(hf_model, batch, 64)
-        theirs = batch_size * 64 / (time.perf_counter() - started)
+        load = OtherLoad()
+        ours_runs, theirs_runs = [], []
+        for _ in range(repeats):
+            engine.generate(batch[:1], SamplingParams(max_new_tokens=2))  # warm-up
+            started = time.perf_counter()
+            engine.generate(batch, params)
+            ours_runs.append(batch_size * 64 / (time.perf_counter() - started))
+            hf_generate(hf_model, batch[:1], 2)
+            started = time.perf_counter()
+            hf_generate(hf_model, batch, 64)
+            theirs_runs.append(batch_size * 64 / (time.perf_counter() - started))
+        ours, theirs = max(ours_runs), max(theirs_runs)
         rows.append({"batch": batch_size, "ours_tok_s": ours, "transformers_tok_s": theirs,
-                     "ratio": ours / theirs})
+                     "ratio": ours / theirs, "ours_runs": ours_runs, "transformers_runs": theirs_runs,
+                     "others_cpu_s": load.seconds()})
         print(f"batch {batch_size:>2}: ours {ours:7.1f} tok/s  transformers {theirs:7.1f} tok/s  "
-              f"ratio {ours / theirs:.2f}x", flush=True)
+              f"ratio {ours / theirs:.2f}x{load.text()}", flush=True)
     return rows
 
 
@@ -124,11 +163,14 @@ def run_static(hf_model, work: list[WorkItem], max_batch: int = 32) -> tuple[flo
     return time.perf_counter() - start, latencies
 
 
-def summarize(name: str, makespan: float, latencies: list[float], tokens: int) -> dict:
+def summarize(name: str, makespan: float, latencies: list[float], tokens: int,
+              load: OtherLoad | None = None) -> dict:
     row = {"system": name, "makespan_s": makespan, "useful_tok_s": tokens / makespan,
-           "mean_latency_s": float(np.mean(latencies)), "p99_latency_s": float(np.percentile(latencies, 99))}
+           "mean_latency_s": float(np.mean(latencies)), "p99_latency_s": float(np.percentile(latencies, 99)),
+           "others_cpu_s": load.seconds() if load is not None else None}
     print(f"mixed {name:>12}: {row['useful_tok_s']:6.1f} useful tok/s, makespan {makespan:6.1f} s, "
-          f"mean latency {row['mean_latency_s']:6.1f} s, P99 {row['p99_latency_s']:6.1f} s", flush=True)
+          f"mean latency {row['mean_latency_s']:6.1f} s, P99 {row['p99_latency_s']:6.1f} s"
+          f"{load.text() if load is not None else ''}", flush=True)
     return row
 
 
@@ -139,7 +181,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="static batches: runs per system (alternating); the best of each is reported")
+    parser.add_argument("--only", default="batch1,batch8,batch32,mixed",
+                        help="comma-separated parts to run: batch1, batch8, batch32, mixed")
     args = parser.parse_args()
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = parts - {"batch1", "batch8", "batch32", "mixed"}
+    if unknown:
+        parser.error(f"unknown parts: {sorted(unknown)}")
     torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
 
@@ -150,16 +200,22 @@ def main() -> None:
     prompts = [model.tokenizer.chat_prompt_ids(p) for p in BASE_PROMPTS]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}", flush=True)
-    static = static_batches(engine, hf_model, prompts)
-    work = make_workload(prompts, args.requests, args.rate, args.seed)
-    tokens = sum(w.new_tokens for w in work)
-    ours = summarize("elastic_llm", *run_ours(engine, work), tokens)
-    theirs = summarize("transformers", *run_static(hf_model, work), tokens)
-    print(f"mixed workload throughput ratio: {ours['useful_tok_s'] / theirs['useful_tok_s']:.2f}x, "
-          f"mean latency ratio (transformers / ours): {theirs['mean_latency_s'] / ours['mean_latency_s']:.2f}x")
+    sizes = tuple(size for size in (1, 8, 32) if f"batch{size}" in parts)
+    static = static_batches(engine, hf_model, prompts, sizes, max(1, args.repeats))
+    mixed: list[dict] = []
+    if "mixed" in parts:
+        work = make_workload(prompts, args.requests, args.rate, args.seed)
+        tokens = sum(w.new_tokens for w in work)
+        load = OtherLoad()
+        ours = summarize("elastic_llm", *run_ours(engine, work), tokens, load)
+        load = OtherLoad()
+        theirs = summarize("transformers", *run_static(hf_model, work), tokens, load)
+        print(f"mixed workload throughput ratio: {ours['useful_tok_s'] / theirs['useful_tok_s']:.2f}x, "
+              f"mean latency ratio (transformers / ours): {theirs['mean_latency_s'] / ours['mean_latency_s']:.2f}x")
+        mixed = [ours, theirs]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"static": static, "mixed": [ours, theirs], "args": vars(args)}, f, indent=2)
+            json.dump({"static": static, "mixed": mixed, "args": vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ bytes migrated and dollar cost per policy.
 
 Run:  python workflows/spot_replay.py [--trace A_S] [--max-instances 4] [--time-scale 30]
           [--requests 24] [--rate 0.5] [--max-new-tokens 96] [--policies spotserve,reroute,reparallelize]
-          [--model smollm2-135m-instruct] [--checkpoint-bandwidth 2e8] [--output results.json]
+          [--model smollm2-135m-instruct] [--checkpoint-bandwidth 2e8] [--parallel auto|P,M]
+          [--memory-budget BYTES] [--profile docs/profiles/smollm2-cpu.json] [--output results.json]
 """
 
 from __future__ import annotations
@@ -53,16 +54,23 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--checkpoint-bandwidth", type=float, default=2e8,
                         help="bytes/s at which replicas load weights from the checkpoint store")
+    parser.add_argument("--parallel", default="1,1",
+                        help='replica shape "P,M", or "auto": the planning core chooses it')
+    parser.add_argument("--memory-budget", type=int, default=None,
+                        help="bytes of weights + KV one worker may hold (forces sharding below the model)")
+    parser.add_argument("--profile", default=None, help="elastic-llm profile JSON for the shape optimizer")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the reports as JSON here")
     args = parser.parse_args()
+    parallel = "auto" if args.parallel == "auto" else tuple(int(x) for x in args.parallel.split(","))
     replica = ReplicaOptions(model=args.model, max_batch_size=args.max_batch,
-                             checkpoint_bandwidth=args.checkpoint_bandwidth)
+                             checkpoint_bandwidth=args.checkpoint_bandwidth, parallel=parallel,  # type: ignore[arg-type]
+                             memory_budget_bytes=args.memory_budget)
     config = ReplayConfig(model=args.model, trace=args.trace, max_instances=args.max_instances,
                           time_scale=args.time_scale, grace_s=args.grace, requests=args.requests,
                           rate_per_s=args.rate, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                          replica=replica)
+                          replica=replica, profile=args.profile)
     print(f"machine: {platform.machine()}, python {platform.python_version()}; config: {config}", flush=True)
     reports = [run_policy(policy, config, on_progress=lambda line: print(line, flush=True))
                for policy in args.policies.split(",")]

@@ -167,7 +167,7 @@ class ElasticController(ShardedControl, SchedulerPlugin):
             if handle.worker != worker:  # a shard died without notice: the leader's engine failed
                 self._suspect.update(handle.workers)
                 if handle.actor is not None:
-                    self._spawn(self._call(handle.actor.stop()))
+                    self._spawn(self._stop(handle))
             lost = self.table.unfinished(handle.replica_id)
             for record in lost:
                 self._requeue(record, lost_kv=True, restart=self.policy != "spotserve")
@@ -513,6 +513,11 @@ class ElasticController(ShardedControl, SchedulerPlugin):
     async def _call(self, awaitable: Awaitable[Any]) -> None:
         with contextlib.suppress(Exception):
             await awaitable
+
+    async def _stop(self, handle: ReplicaHandle) -> None:
+        """Stop a replica's actor; nothing to do when its worker is gone (the proxy raises then)."""
+        with contextlib.suppress(Exception):
+            await handle.actor.stop()
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -84,7 +84,7 @@ class ReplicaActor:
                  parallel: tuple[int, int] | None = None, deferred: bool = False) -> None:
         """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`);
         `parallel`: its (P, M) (default `options.parallel`; required when that is "auto");
-        `deferred`: build the engine only when `build` is called (meanwhile `adopt` may take
+        `deferred`: build the engine only when `build` is called (meanwhile `receive` may take
         requests, with their KV, from a replica that must stop first to free its workers)."""
         from distributed import get_worker
 
@@ -105,7 +105,7 @@ class ReplicaActor:
         self._go = threading.Event()  # build the engine (set at once unless deferred)
         if not deferred:
             self._go.set()
-        self._adopted: list[RequestState] = []  # taken by `adopt`, resumed once the engine is built
+        self._adopted: list[RequestState] = []  # taken by `receive`, resumed once the engine is built
         self._ready: Future[None] = Future()
         self._error: str | None = None
         self._iterations = 0
@@ -150,12 +150,23 @@ class ReplicaActor:
         self._commands.put(lambda: self._resume(states))
         return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
 
-    def adopt(self, source: Any, request_ids: Sequence[str] | None) -> list[tuple[str, int]]:
-        """(Deferred replica) take requests with their KV from `source` now, worker to worker, and
-        hold them until `build`; returns (request id, KV bytes) for each request taken."""
-        states = source.export_requests(request_ids, True).result()
-        self._adopted.extend(states)
+    def hand_over(self, target: Any, request_ids: Sequence[str] | None = None,
+                  timeout: float = 120.0) -> list[tuple[str, int]]:
+        """Pause at the next token boundary, cut these requests (all if None) out WITH their KV
+        and push them to `target` (a deferred replica: `receive`), worker to worker; returns
+        (request id, KV bytes) for each request handed over.
+
+        The push (rather than the target pulling) keeps actor calls out of the target's worker
+        before its engine exists: a pull from there slowed every later shard call of that worker
+        to the next 1-4 s event-loop tick."""
+        states = self.export_requests(request_ids, True, timeout)
+        target.receive(states).result(timeout)
         return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+
+    def receive(self, states: Sequence[RequestState]) -> int:
+        """(Deferred replica) hold these requests (with their KV) until `build` resumes them."""
+        self._adopted.extend(states)
+        return len(states)
 
     def build(self) -> None:
         """(Deferred replica) build the engine now; adopted requests resume once it is ready."""

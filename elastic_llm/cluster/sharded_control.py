@@ -179,7 +179,7 @@ class ShardedControl:
         for record in self.table.unfinished(handle.replica_id):
             self._requeue(record, lost_kv=True)
         self.replicas.pop(handle.replica_id, None)
-        self._spawn(self._call(handle.actor.stop()))
+        self._spawn(self._stop(handle))
         self._wake()
 
     # ------------------------------------------------------------------ notices
@@ -254,12 +254,12 @@ class ShardedControl:
             self.table.assign(request_id, successor.replica_id)
         moved: list[tuple[str, int]] = []
         try:
-            moved = await successor.actor.adopt(handle.actor, ids)
+            moved = await handle.actor.hand_over(successor.actor, ids)
             self.kv_bytes_migrated += sum(nbytes for _, nbytes in moved)
         except Exception as exc:  # noqa: BLE001 - the old leader died early: they recompute
             logger.warning("handover from %s failed (%s): its requests recompute", handle.replica_id, exc)
         self.replicas.pop(handle.replica_id, None)
-        await self._call(handle.actor.stop())
+        await self._stop(handle)
         taken = {request_id for request_id, _ in moved}
         for record in self.table.unfinished(successor.replica_id):
             if record.request_id not in taken:  # finished meanwhile, or lost with the old leader
@@ -283,7 +283,7 @@ class ShardedControl:
         handle.state = ReplicaState.DRAINING
         await self._evacuate(handle, deadline, worker=leaving)
         self.replicas.pop(handle.replica_id, None)
-        await self._call(handle.actor.stop())
+        await self._stop(handle)
         self._wake()
         self._spawn(self._place_sharded())
 

@@ -50,6 +50,8 @@ class ReplayConfig:
     max_new_tokens: int = 96  #: cap on each request's output (ShareGPT-shaped lengths, capped)
     seed: int = 0  #: workload seed
     replica: ReplicaOptions = field(default_factory=lambda: ReplicaOptions(model=DEFAULT_MODEL))
+    #: profile the planning core chooses sharded shapes with (`ReplicaOptions.parallel="auto"`)
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,15 @@ def run_policy(policy: str, config: ReplayConfig,
         for event in (e for e in trace.events if e.instance_id in initial and e.action == "acquire"):
             emulator.acquire(event.instance_id, market=event.market, price_per_hour=event.price_per_hour)
         llm = ServingClient(client, model=config.model, policy=policy, replica=config.replica,
-                            migration_margin_s=0.5)
-        llm.wait_for_replicas(len(initial))
-        on_progress(f"[{policy}] {len(initial)} replica(s) ready; replaying {trace.name} "
-                    f"({trace.duration_s:.0f} s at x{config.time_scale:g}) with {config.requests} requests")
+                            migration_margin_s=0.5, profile=config.profile)
+        if not config.replica.sharded:  # one replica per worker
+            llm.wait_for_replicas(len(initial))
+        on_progress(f"[{policy}] replaying {trace.name} ({trace.duration_s:.0f} s at "
+                    f"x{config.time_scale:g}) with {config.requests} requests")
         started = time.time()
         emulator.start()
+        if config.replica.sharded:  # the first workers may be too few for any shape: the trace adds more
+            llm.wait_for_replicas(1, timeout=600)
         futures: list[ServingFuture] = []
         submitter = threading.Thread(target=_submit_at_arrivals,
                                      args=(llm, workload, started, futures), daemon=True)

@@ -1,0 +1,157 @@
+"""The pooled KV layout (`KVPool`) and the batched decode attention over it, against private caches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_llm import LLMEngine, SamplingParams
+from elastic_llm.engine.executor import StepWork
+from elastic_llm.engine.local_executor import LocalExecutor
+from elastic_llm.model.kv_cache import KVCache, KVPool, KVState, PooledKVCache
+from elastic_llm.model.layers import Linear, SequenceSlice
+from elastic_llm.model.loader import load_model
+
+CPU = torch.device("cpu")
+
+
+def _fill(cache: KVCache | PooledKVCache, layers: int, n: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    cache.reserve(n)
+    for layer in range(layers):
+        keys = torch.randn(2, n, 4, generator=generator)
+        cache.write_and_read(layer, keys, keys + 1)
+    cache.advance(n)
+
+
+def test_pool_slots_growth_and_reuse_keep_contents() -> None:
+    pool = KVPool(0, 3, 2, 4, torch.float32, CPU, slots=2, capacity=4, max_capacity=64)
+    caches = [pool.allocate() for _ in range(3)]  # the third slot doubles the pool to 4 slots
+    assert [c.slot for c in caches] == [0, 1, 2] and pool.slots == 4
+    private = []
+    for i, cache in enumerate(caches):
+        _fill(cache, 3, 3 + i, seed=i)
+        twin = KVCache(0, 3, 2, 4, torch.float32, CPU)
+        _fill(twin, 3, 3 + i, seed=i)
+        private.append(twin)
+    assert pool.capacity >= 5  # grew (doubling) for the longest request
+    for cache, twin in zip(caches, private, strict=True):
+        got, want = cache.export(), twin.export()
+        assert got.length == want.length
+        for a, b in zip((*got.keys, *got.values), (*want.keys, *want.values), strict=True):
+            assert torch.equal(a, b)
+    caches[1].release()
+    again = pool.allocate()
+    assert again.slot == 1 and again.length == 0  # lowest free slot is reused
+    adopted = pool.adopt(private[2])
+    assert adopted.slot == 3 and torch.equal(adopted.export().keys[1], private[2].export().keys[1])
+    for cache in (caches[0], caches[2], again, adopted):
+        cache.release()
+    assert pool.slots == 0 and pool.live == 0  # storage dropped when the last request leaves
+    state = private[0].export()
+    back = pool.adopt(state)
+    assert back.length == state.length and torch.equal(back.export().values[2], state.values[2])
+
+
+def test_pool_refuses_what_does_not_fit() -> None:
+    pool = KVPool(0, 2, 1, 4, torch.float32, CPU, slots=1, capacity=4, max_capacity=8)
+    cache = pool.allocate()
+    cache.reserve(8)
+    with pytest.raises(ValueError):
+        cache.reserve(9)
+    with pytest.raises(ValueError):
+        pool.adopt(KVState(1, (torch.zeros(1, 2, 4),), (torch.zeros(1, 2, 4),), 2))
+
+
+def _logits(network: torch.nn.Module, works: list[tuple[list[int], int]],
+            caches: list[KVCache | PooledKVCache]) -> torch.Tensor:
+    tokens, positions, seqs, rows = [], [], [], []
+    for (ids, start), cache in zip(works, caches, strict=True):
+        seqs.append(SequenceSlice(len(tokens), len(ids), cache))
+        tokens.extend(ids)
+        positions.extend(range(start, start + len(ids)))
+        rows.append(len(tokens) - 1)
+        cache.reserve(len(ids))
+    out = network(torch.tensor(tokens), torch.tensor(positions), seqs, torch.tensor(rows))
+    for seq in seqs:
+        seq.cache.advance(seq.num_new)
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-window", "llama-odd-mqa"])
+def test_batched_decode_matches_private_caches(name: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+    model = load_model(tiny_checkpoint(name))
+    spec, network = model.spec, model.network
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 320, (n,), generator=generator).tolist() for n in (5, 11, 3, 7)]
+    pool = KVPool(0, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32, CPU,
+                  slots=2, capacity=4)
+    filler = pool.allocate()  # slot 0 stays idle: the batch's slots are not a plain 0..n-1 range
+    pooled: list[KVCache | PooledKVCache] = [pool.allocate() for _ in prompts]
+    private: list[KVCache | PooledKVCache] = [
+        KVCache(0, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32, CPU) for _ in prompts]
+    pooled[1], pooled[2] = pooled[2], pooled[1]  # rows in a different order than slots
+    lengths = [len(p) for p in prompts]
+    # prefill everyone, then decode; request 3 restarts a chunked prefill halfway (mixed pass)
+    works = [(p, 0) for p in prompts]
+    for step in range(14):
+        want = _logits(network, works, private)
+        got = _logits(network, works, pooled)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        nxt = want.argmax(-1).tolist()
+        works = [([t], n) for t, n in zip(nxt, lengths, strict=True)]
+        lengths = [n + 1 for n in lengths]
+        if step == 5:
+            works[3] = ([1, 2, 3], lengths[3] - 1)
+            lengths[3] += 2
+    filler.release()
+
+
+def test_executor_spills_long_requests_and_keeps_tokens(tiny_checkpoint: Callable[[str], Path]) -> None:
+    checkpoint = tiny_checkpoint("llama-gqa-untied")
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [4]]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    plain = LLMEngine(checkpoint, executor=LocalExecutor(load_model(checkpoint).network,
+                                                         load_model(checkpoint).spec, pool_max_positions=0))
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    model = load_model(checkpoint)
+    executor = LocalExecutor(model.network, model.spec, pool_max_positions=16)
+    engine = LLMEngine(model, executor=executor)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    assert executor._pool is not None and executor._pool.live == 0
+
+
+def test_executor_export_import_through_pool(tiny_checkpoint: Callable[[str], Path]) -> None:
+    model = load_model(tiny_checkpoint("qwen2-bias"))
+    executor = LocalExecutor(model.network, model.spec)
+    executor.execute([StepWork("a", (1, 2, 3, 4), 0, True), StepWork("b", (7, 8), 0, True)])
+    state = executor.export_kv("a")
+    assert state is not None and state.length == 4
+    executor.import_kv("c", state)
+    exported = executor.export_kv("c")
+    assert exported is not None
+    for x, y in zip((*state.keys, *state.values), (*exported.keys, *exported.values), strict=True):
+        assert torch.equal(x, y)
+    first = executor.execute([StepWork("a", (5,), 4, True), StepWork("b", (9,), 2, True)])
+    second = executor.execute([StepWork("c", (5,), 4, True)])
+    torch.testing.assert_close(first[0], second[0], rtol=1e-5, atol=1e-5)
+    for rid in ("a", "b", "c"):
+        executor.release(rid)
+    assert executor._pool is not None and executor._pool.live == 0
+
+
+def test_packed_linear_follows_weight_changes() -> None:
+    layer = Linear(8, 5)
+    layer.weight.data = torch.randn(5, 8)
+    x = torch.randn(3, 8)
+    packed = layer.pack()
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # in place: the packed copy must not be used any more
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    layer.weight.data = torch.randn(5, 8)  # new data
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    assert packed in (True, False)
