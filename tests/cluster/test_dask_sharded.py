@@ -267,3 +267,33 @@ def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor_replica
     assert notice["worker"] == leader and notice["migrated"] == len(prompts) and notice["recomputed"] == 0
     (move,) = status["reshards"]
     assert move["leader_moved"] and move["kv_bytes"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_reroute_dissolves_a_sharded_replica_that_loses_a_worker_and_its_requests_restart(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """The reroute baseline keeps (P, M): a notice for a shard worker of the only (2, 1) replica
+    dissolves it; its requests restart from scratch once the leader and a free worker form a new
+    (2, 1) replica, and still produce the single engine's tokens."""
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300]]
+    params = SamplingParams(max_new_tokens=120, ignore_eos=True)
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, params)]
+    with local_cluster(3, processes=True) as (_, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
+                                 min_step_seconds=0.05, shard_timeout_s=30.0)
+        with ServingClient(client, model=str(uneven_checkpoint), policy="reroute", replica=options,
+                           chat=False) as llm:
+            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
+                                  timeout=90)
+            (other,) = [w for w in replica["shards"] if w != replica["worker"]]
+            futures = llm.map(prompts, max_new_tokens=120, ignore_eos=True)
+            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
+            assert llm.preempt(other, grace_s=3.0) == "accepted"
+            results = [f.result(timeout=120) for f in futures]
+            status = llm.status()
+    assert [r.token_ids for r in results] == want
+    assert status["requests_restarted"] == len(prompts) and status["kv_bytes_migrated"] == 0
+    assert not status["reshards"]  # the shape never changed: the replica was replaced
+    (after,) = [r for r in status["replicas"] if r["state"] == "ready"]
+    assert after["replica"] != replica["replica"] and other not in after["shards"]
+    assert list(after["parallel"]) == [2, 1]
