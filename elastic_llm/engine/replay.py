@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from elastic_llm.engine.llm_engine import LLMEngine
 from elastic_llm.sampling import SamplingParams
+from elastic_llm.scheduling.timing import JobTiming
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,10 @@ class TimedRequest:
 
 
 @dataclass(frozen=True)
-class RequestTiming:
-    """What happened to one replayed request."""
+class RequestTiming(JobTiming):
+    """What happened to one replayed request (times in seconds from the replay's start)."""
 
-    request_id: str  #: the request
-    arrival_s: float  #: when it arrived (seconds from the start)
-    first_token_s: float  #: when its first token was committed
-    finish_s: float  #: when it finished
-    token_ids: tuple[int, ...]  #: generated tokens
-
-    @property
-    def completion_time_s(self) -> float:
-        """Job completion time: arrival to last token."""
-        return self.finish_s - self.arrival_s
-
-    @property
-    def time_to_first_token_s(self) -> float:
-        """Arrival to first token."""
-        return self.first_token_s - self.arrival_s
+    token_ids: tuple[int, ...] = ()  #: generated tokens
 
     @property
     def per_token_latency_s(self) -> float:

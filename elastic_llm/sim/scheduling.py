@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from elastic_llm.scheduling.base import BatchLimits, IterationOutcome, RequestScheduler
+from elastic_llm.scheduling.timing import JobTiming
 from elastic_llm.scheduling.workloads import WorkloadItem
 
 
@@ -42,25 +43,11 @@ class IterationTimeModel:
 
 
 @dataclass(frozen=True)
-class SimulatedTiming:
+class SimulatedTiming(JobTiming):
     """What happened to one request in a simulated run (seconds from the workload's start)."""
 
-    request_id: str  #: the request
-    arrival_s: float  #: when it arrived
-    first_token_s: float  #: when its first output token was sampled
-    finish_s: float  #: when its last output token was sampled
-    output_tokens: int  #: tokens generated
-    preemptions: int  #: iterations it was running in and then paused
-
-    @property
-    def completion_time_s(self) -> float:
-        """Job completion time: arrival to last token."""
-        return self.finish_s - self.arrival_s
-
-    @property
-    def time_to_first_token_s(self) -> float:
-        """Arrival to first token."""
-        return self.first_token_s - self.arrival_s
+    output_tokens: int = 0  #: tokens generated
+    preemptions: int = 0  #: iterations it was running in and then paused
 
 
 @dataclass
