@@ -112,7 +112,7 @@ class ShardedControl:
         try:
             decision = planner.choose(workers, self._memory_budget(), self._arrival_rate(), current)
         except NoFeasibleConfigError as exc:
-            logger.warning("no replica shape fits %d workers: %s", workers, exc)
+            logger.info("no replica shape fits %d workers: %s", workers, exc)
             return None
         if self.policy != "spotserve":  # the baselines keep their first shape
             self._fixed_shape = decision.shape
