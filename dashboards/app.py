@@ -84,6 +84,9 @@ def live() -> None:
         for column in ("deadline", "received"):
             notices[column] = pd.to_datetime(notices[column], unit="s")
         st.dataframe(notices, use_container_width=True)
+    if status.get("reshards"):
+        st.subheader("shape changes (P, M) of sharded replicas")
+        st.dataframe(pd.DataFrame(status["reshards"]), use_container_width=True)
     st.caption(f"updated {time.strftime('%H:%M:%S')} - controller overhead "
                f"{status['controller_overhead']:.2%} of step time")
 
