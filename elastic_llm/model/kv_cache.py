@@ -1,8 +1,13 @@
-"""Per-request KV cache and its plain-tensor export (`KVState`).
+"""Per-request KV caches and their plain-tensor export (`KVState`).
 
-A request's cache holds, for each layer of the process's layer range, keys and values shaped
-``[kv_heads, capacity, head_dim]``; the first ``length`` positions are valid. Capacity grows by
-doubling so appends are amortised O(1) and reads are views (no copy).
+Two layouts with one interface (`reserve`, `write_and_read`, `advance`, `export`, `length`):
+
+- `KVCache`: a request's own buffers, for each layer of the process's layer range keys and values
+  shaped ``[kv_heads, capacity, head_dim]``; the first ``length`` positions are valid. Capacity
+  grows by doubling so appends are amortised O(1) and reads are views (no copy).
+- `PooledKVCache`: a slot of a `KVPool` that holds many requests in one
+  ``[layers, slots, kv_heads, capacity, head_dim]`` tensor pair, so that the decode step of a
+  whole batch writes its keys/values and attends with a few batched ops per layer.
 """
 
 from __future__ import annotations
