@@ -56,6 +56,13 @@ def expected(model: LoadedModel, prompts: list[list[int]]) -> list[tuple[int, ..
     return [c.token_ids for c in LLMEngine(model).generate(prompts, GREEDY)]
 
 
+def _the_ready_replica(llm: ServingClient, timeout: float) -> dict:  # type: ignore[type-arg]
+    """Wait until exactly one replica is ready; its status entry."""
+    (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
+                          timeout=timeout)
+    return replica  # type: ignore[no-any-return]
+
+
 def _generate_with_reconfigurations(engine: LLMEngine, executor: DaskShardedExecutor,
                                     prompts: list[list[int]],
                                     moves: list[tuple[tuple[int, int], list[str]]]) -> list[tuple[int, ...]]:
@@ -168,8 +175,7 @@ def test_controller_reshards_a_sharded_replica_when_a_shard_worker_gets_a_notice
         options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
                                  min_step_seconds=0.03, shard_timeout_s=30.0)
         with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
-            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
-                                  timeout=90)
+            replica = _the_ready_replica(llm, timeout=90)
             assert list(replica["parallel"]) == [2, 1] and len(replica["shards"]) == 2
             leader = replica["worker"]
             (other,) = [w for w in replica["shards"] if w != leader]
@@ -213,8 +219,7 @@ def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_jo
                                  memory_budget_bytes=budget, min_step_seconds=0.05, shard_timeout_s=30.0)
         with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False,
                            profile=profile) as llm:
-            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
-                                  timeout=120)
+            replica = _the_ready_replica(llm, timeout=120)
             assert tuple(replica["parallel"]) == on_four and len(replica["shards"]) == 4
             leader = replica["worker"]
             leaving = sorted(w for w in replica["shards"] if w != leader)[0]
@@ -250,8 +255,7 @@ def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor_replica
         options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
                                  min_step_seconds=0.05, shard_timeout_s=30.0)
         with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
-            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
-                                  timeout=90)
+            replica = _the_ready_replica(llm, timeout=90)
             leader = replica["worker"]
             futures = llm.map(prompts, max_new_tokens=200, ignore_eos=True)
             wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
@@ -283,8 +287,7 @@ def test_reroute_dissolves_a_sharded_replica_that_loses_a_worker_and_its_request
                                  min_step_seconds=0.05, shard_timeout_s=30.0)
         with ServingClient(client, model=str(uneven_checkpoint), policy="reroute", replica=options,
                            chat=False) as llm:
-            (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
-                                  timeout=90)
+            replica = _the_ready_replica(llm, timeout=90)
             (other,) = [w for w in replica["shards"] if w != replica["worker"]]
             futures = llm.map(prompts, max_new_tokens=120, ignore_eos=True)
             wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
