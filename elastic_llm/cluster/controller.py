@@ -271,11 +271,12 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
     def on_notice(self, notice: PreemptionNotice) -> None:
         """A preemption notice (from the NoticeBoard): evacuate the worker's replicas in time."""
         self._leaving.add(notice.worker)
-        for handle in [h for h in self.replicas.values() if notice.worker in h.shards
-                       and h.worker != notice.worker and h.state is ReplicaState.READY]:
-            self._on_shard_notice(handle, notice.worker, notice.deadline)
+        for handle in [h for h in self.replicas.values() if notice.worker in h.shards and not h.noticed
+                       and h.worker != notice.worker and h.state is not ReplicaState.LOST]:
+            self._on_shard_notice(handle, notice.worker, notice.deadline)  # waits for a switch under way
         for handle in [h for h in self.replicas.values() if h.worker == notice.worker]:
-            if handle.state is not ReplicaState.DRAINING:
+            if not handle.noticed:
+                handle.noticed = True
                 handle.state = ReplicaState.DRAINING
                 if handle.shards and self.policy == "spotserve":
                     self._spawn(self._replace_leader(handle, notice.deadline))

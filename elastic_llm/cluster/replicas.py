@@ -3,6 +3,7 @@ counters they report."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ class ReplicaHandle:
     started_at: float = field(default_factory=time.time)
     shards: tuple[str, ...] = ()  #: a sharded replica's shard workers (the leader `worker` among them)
     parallel: tuple[int, int] = (1, 1)  #: its (P, M) now
+    noticed: bool = False  #: its leader got a preemption notice: it is being evacuated or replaced
+    #: held while its shape or workers change (growth, reshard, leader handover): one at a time
+    switching: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def workers(self) -> tuple[str, ...]:

@@ -139,22 +139,24 @@ class ShardedControl:
         hold it (a replica that grows keeps its KV; one that shrinks frees workers)."""
         size = shape[0] * shape[1]
         for handle in [h for h in self.replicas.values() if h.state is ReplicaState.READY and h.shards]:
-            if handle.parallel == shape:
-                continue
-            own = [w for w in handle.shards if w not in self._leaving]
-            pool = own + [w for w in self._free_workers() if w not in own]
-            if len(pool) < size:
-                continue
-            chosen = _with_leader(handle.worker, pool[:size])
-            handle.state = ReplicaState.DRAINING
-            try:
-                await self._switch(handle, shape, chosen)
-            except Exception as exc:  # noqa: BLE001 - it keeps its old shape only if it still runs
-                logger.warning("growing %s to %s failed: %s", handle.replica_id, shape, exc)
-                self._break(handle)
-                continue
-            if handle.state is ReplicaState.DRAINING:
-                handle.state = ReplicaState.READY
+            async with handle.switching:
+                if (handle.parallel == shape or handle.noticed or handle.state is not ReplicaState.READY
+                        or handle.replica_id not in self.replicas):
+                    continue
+                own = [w for w in handle.shards if w not in self._leaving]
+                pool = own + [w for w in self._free_workers() if w not in own]
+                if len(pool) < size or handle.worker in self._leaving:
+                    continue
+                chosen = _with_leader(handle.worker, pool[:size])
+                handle.state = ReplicaState.DRAINING
+                try:
+                    await self._switch(handle, shape, chosen)
+                except Exception as exc:  # noqa: BLE001 - it keeps its old shape only if it still runs
+                    logger.warning("growing %s to %s failed: %s", handle.replica_id, shape, exc)
+                    self._break(handle)
+                    continue
+                if handle.state is ReplicaState.DRAINING and not handle.noticed:
+                    handle.state = ReplicaState.READY
 
     async def _switch(self: ElasticController, handle: ReplicaHandle, shape: tuple[int, int],
                       workers: list[str]) -> dict[str, Any]:
@@ -194,6 +196,12 @@ class ShardedControl:
         """Switch the replica, at a token boundary, to the optimizer's shape for its remaining
         workers plus free ones; the leaving worker hands over its slices and KV first (stateful,
         nothing recomputed). If no shape fits there, its requests move to other replicas."""
+        async with handle.switching:  # after a growth or another reshard under way
+            if handle.noticed or handle.replica_id not in self.replicas:
+                return  # its leader is leaving too: the handover excludes every leaving worker
+            await self._reshard_now(handle, leaving, deadline)
+
+    async def _reshard_now(self: ElasticController, handle: ReplicaHandle, leaving: str, deadline: float) -> None:
         received = time.time()
         workers = [w for w in handle.shards if w != leaving and w not in self._leaving]
         spares = [w for w in self._free_workers() if w not in workers]
@@ -214,7 +222,7 @@ class ShardedControl:
             self._break(handle)
             self.notices.append(NoticeRecord(leaving, deadline, received, 0, moved))
             return
-        if handle.state is ReplicaState.DRAINING:
+        if handle.state is ReplicaState.DRAINING and not handle.noticed:
             handle.state = ReplicaState.READY
         self.notices.append(NoticeRecord(leaving, deadline, received, moved, 0))
         self._wake()
@@ -223,10 +231,14 @@ class ShardedControl:
     async def _replace_leader(self: ElasticController, handle: ReplicaHandle, deadline: float) -> None:
         """The leader of a sharded replica got a notice. Its engine drives the shards, so the
         replica moves: a new replica (the optimizer's shape for the other shard workers plus free
-        ones) is created without an engine, takes every request WITH its KV from the old one
-        (worker to worker), the old one stops (freeing its workers), and the new one builds its
-        engine there and resumes them: nothing recomputed. Its weights come from the checkpoint.
+        ones) is created without an engine, the old one hands it every request WITH its KV
+        (worker to worker) and stops (freeing its workers), and the new one builds its engine
+        there and resumes them: nothing recomputed. Its weights come from the checkpoint.
         Without workers for any shape, its requests go to other replicas (`_evacuate`)."""
+        async with handle.switching:  # after a growth or reshard under way
+            await self._replace_leader_now(handle, deadline)
+
+    async def _replace_leader_now(self: ElasticController, handle: ReplicaHandle, deadline: float) -> None:
         received = time.time()
         pool = [w for w in handle.shards if w != handle.worker and w not in self._leaving]
         pool += [w for w in self._free_workers() if w not in pool]
