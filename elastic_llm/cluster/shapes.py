@@ -11,8 +11,6 @@ Pure policy: no torch, no dask, no clock (the controller passes everything in).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.planning.config import ParallelConfig, Workload
 from elastic_llm.planning.cost_model import CostModel
@@ -47,20 +45,6 @@ def cpu_profile(memory_bytes: int, max_tensor: int = 4) -> AnalyticProfile:
     return with_memory_budget(profile, memory_bytes)  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class ShapeDecision:
-    """What the optimizer chose for a set of workers."""
-
-    config: ParallelConfig  #: D replicas of (P, M), batch B
-    workers: int  #: workers it was chosen for
-    memory_bytes: int  #: per-worker budget it respected
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(P, M) of each replica."""
-        return self.config.shape
-
-
 class ShapePlanner:
     """Chooses replica shapes with the planning core's `ConfigOptimizer`.
 
@@ -85,8 +69,9 @@ class ShapePlanner:
         self._optimizers: dict[int, ConfigOptimizer] = {}
 
     def choose(self, workers: int, memory_bytes: int, arrival_rate: float = 0.0,
-               current: tuple[int, int] | None = None) -> ShapeDecision:
-        """The configuration for `workers` workers of `memory_bytes` each.
+               current: tuple[int, int] | None = None) -> ParallelConfig:
+        """The configuration (D replicas of (P, M), batch B) for `workers` workers of
+        `memory_bytes` each.
 
         Raises `NoFeasibleConfigError` when the model fits no shape on them.
         """
@@ -96,7 +81,7 @@ class ShapePlanner:
             running = ParallelConfig(1, current[0], current[1], self.batch_size)
             switch = SwitchCost(running, self.switch_seconds, self.horizon_s)
         choice = optimizer.choose(workers, arrival_rate, switch)
-        return ShapeDecision(choice.config, workers, memory_bytes)
+        return choice.config
 
     def fits(self, shape: tuple[int, int], memory_bytes: int) -> bool:
         """Whether one replica of `shape` fits workers of `memory_bytes`."""

@@ -22,10 +22,10 @@ def test_a_memory_budget_below_the_model_forces_sharding() -> None:
     planner = ShapePlanner(spec, cpu_profile(64 * 2**30), batch_size=4)
     # more load than any shape can serve: the most throughput, i.e. one worker per replica
     roomy = planner.choose(workers=4, memory_bytes=64 * 2**30, arrival_rate=1e6)
-    assert roomy.config.devices_per_replica == 1 and roomy.config.D == 4
+    assert roomy.devices_per_replica == 1 and roomy.D == 4
     tight = planner.choose(workers=4, memory_bytes=10 * 2**30, arrival_rate=1e6)
-    assert tight.config.devices_per_replica >= 3  # 26.6 GB / 10 GB: at least three workers each
-    assert tight.config.num_positions <= 4
+    assert tight.devices_per_replica >= 3  # 26.6 GB / 10 GB: at least three workers each
+    assert tight.num_positions <= 4
     with pytest.raises(NoFeasibleConfigError):
         planner.choose(workers=2, memory_bytes=10 * 2**30)
     assert planner.fits(tight.shape, 10 * 2**30) and not planner.fits((1, 1), 10 * 2**30)
