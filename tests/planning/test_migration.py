@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from elastic_llm.planning.config import ParallelConfig, Placement, Position, Worker
 from elastic_llm.planning.errors import MemoryBoundError
 from elastic_llm.planning.mapper import DeviceMapper
-from elastic_llm.planning.migration import MigrationPlan, MigrationPlanner, _Senders
+from elastic_llm.planning.migration import MigrationPlan, MigrationPlanner
+from elastic_llm.planning.migration_index import _Senders
 from elastic_llm.planning.slices import SliceAlgebra
 
 from .helpers import FAST, Unit, position_units, tiny_model, unit_bytes, units_of
