@@ -3,11 +3,17 @@
 Same model (the embedded SmolLM2-135M-Instruct, fp32, the same cached safetensors), same machine,
 same prompts, greedy decoding:
 
-1. static batches of 1, 8 and 32 requests, 64 new tokens each (tokens/s including prefill);
+1. static batches of 1, 8 and 32 requests, 64 new tokens each (tokens/s including prefill, and
+   decode-only tokens/s: the tokens after each request's first / the time after the first step).
+   Ours runs twice: with prefix caching off, and with an empty prefix cache warmed by one
+   unrelated chat request, so that only the chat template's system prompt (24 tokens) is cached,
+   as on a server whose earlier traffic used the same template (the benchmark's prompts repeat,
+   so a cache kept between runs would reuse whole prompts: it is cleared first);
 2. a mixed workload: requests arrive spread out (Poisson), each wants 16-256 tokens. Our engine
    batches continuously (requests join and leave at any iteration); transformers must batch
    statically: each batch takes every request that has arrived and runs until its longest member
-   is done. Reported: useful tokens / makespan, and mean / P99 request latency.
+   is done. Reported: useful tokens / makespan, and mean / P99 request latency. Prefix caching
+   is off here (the workload's prompts repeat).
 
 Run:  .venv/bin/python benchmarks/engine_throughput.py [--requests 24] [--rate 2.0] [--threads 2]
       [--only batch1,batch8,batch32,mixed] [--repeats 1]
@@ -77,7 +83,36 @@ class OtherLoad:
         return "" if others is None else f"  (others {others:.0f} cpu-s)"
 
 
-def hf_generate(model, batch: list[list[int]], new_tokens: int) -> None:  # type: ignore[no-untyped-def]
+class TokenClock:
+    """Times each generated token of a batch: `marks[0]` is when the first token (the prefill's)
+    was done, `marks[-1]` the last. Decode throughput = tokens after the first / (last - first)."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def tick(self) -> None:
+        self.marks.append(time.perf_counter())
+
+    def decode_tok_s(self, batch_size: int, new_tokens: int) -> float:
+        if len(self.marks) != new_tokens:  # e.g. a prefill split over several steps
+            raise RuntimeError(f"{len(self.marks)} ticks for {new_tokens} tokens: not one per token")
+        return batch_size * (new_tokens - 1) / (self.marks[-1] - self.marks[0])
+
+
+def _stopping_clock(clock: TokenClock):  # type: ignore[no-untyped-def]
+    """A transformers StoppingCriteria that never stops and ticks `clock` after every token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Tick(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # type: ignore[no-untyped-def]
+            clock.tick()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    return StoppingCriteriaList([Tick()])
+
+
+def hf_generate(model, batch: list[list[int]], new_tokens: int,  # type: ignore[no-untyped-def]
+                clock: TokenClock | None = None) -> None:
     """Left-padded static batch through transformers generate, exactly `new_tokens` each."""
     width = max(len(p) for p in batch)
     ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -87,7 +122,38 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int) -> None:  # type
         mask[row, width - len(prompt):] = 1
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+                       do_sample=False, pad_token_id=0,
+                       stopping_criteria=_stopping_clock(clock) if clock is not None else None)
+
+
+def ours_generate(engine: LLMEngine, batch: list[list[int]], params: SamplingParams, clock: TokenClock) -> None:
+    """The same batch through our engine, step by step, ticking `clock` after every step."""
+    ids = [f"bench-{i}" for i in range(len(batch))]
+    for request_id, prompt in zip(ids, batch, strict=True):
+        engine.add_request(request_id, prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+        clock.tick()
+    for request_id in ids:
+        engine.pop_completion(request_id)
+
+
+class PrefixCaching:
+    """Switches the engine's prefix cache between off and "only the system prompt cached"."""
+
+    WARM_PROMPT = "Hello!"  #: an unrelated chat request: shares only the template's system prompt
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.cache = engine.executor.prefixes  # type: ignore[attr-defined]
+
+    def off(self) -> None:
+        self.engine.executor.prefixes = None  # type: ignore[attr-defined]
+
+    def system_prompt_only(self) -> None:
+        self.cache.clear()
+        self.engine.executor.prefixes = self.cache  # type: ignore[attr-defined]
+        self.engine.generate([self.WARM_PROMPT], SamplingParams(max_new_tokens=1), chat=True)
 
 
 def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]],  # type: ignore[no-untyped-def]
@@ -97,22 +163,43 @@ def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]],  # typ
         batch = [prompts[i % len(prompts)] for i in range(batch_size)]
         params = SamplingParams(max_new_tokens=64, ignore_eos=True)
         load = OtherLoad()
-        ours_runs, theirs_runs = [], []
+        ours_runs, theirs_runs, ours_decode, theirs_decode, cached_runs = [], [], [], [], []
+        prefixes = PrefixCaching(engine)
         for _ in range(repeats):
+            prefixes.off()
             engine.generate(batch[:1], SamplingParams(max_new_tokens=2))  # warm-up
+            clock = TokenClock()
             started = time.perf_counter()
-            engine.generate(batch, params)
+            ours_generate(engine, batch, params, clock)
             ours_runs.append(batch_size * 64 / (time.perf_counter() - started))
-            hf_generate(hf_model, batch[:1], 2)
+            ours_decode.append(clock.decode_tok_s(batch_size, 64))
+            prefixes.system_prompt_only()
+            reused = engine.stats().prefix_tokens_reused
             started = time.perf_counter()
-            hf_generate(hf_model, batch, 64)
+            ours_generate(engine, batch, params, TokenClock())
+            cached_runs.append(batch_size * 64 / (time.perf_counter() - started))
+            reused = engine.stats().prefix_tokens_reused - reused
+            hf_generate(hf_model, batch[:1], 2)
+            clock = TokenClock()
+            started = time.perf_counter()
+            hf_generate(hf_model, batch, 64, clock)
             theirs_runs.append(batch_size * 64 / (time.perf_counter() - started))
-        ours, theirs = max(ours_runs), max(theirs_runs)
+            theirs_decode.append(clock.decode_tok_s(batch_size, 64))
+        ours, theirs, cached = max(ours_runs), max(theirs_runs), max(cached_runs)
+        ours_dec, theirs_dec = max(ours_decode), max(theirs_decode)
         rows.append({"batch": batch_size, "ours_tok_s": ours, "transformers_tok_s": theirs,
                      "ratio": ours / theirs, "ours_runs": ours_runs, "transformers_runs": theirs_runs,
-                     "others_cpu_s": load.seconds()})
+                     "ours_decode_tok_s": ours_dec, "transformers_decode_tok_s": theirs_dec,
+                     "decode_ratio": ours_dec / theirs_dec, "ours_decode_runs": ours_decode,
+                     "transformers_decode_runs": theirs_decode,
+                     "ours_system_prompt_cached_tok_s": cached, "system_prompt_cached_ratio": cached / theirs,
+                     "ours_system_prompt_cached_runs": cached_runs,
+                     "prefix_tokens_reused_per_run": reused, "others_cpu_s": load.seconds()})
         print(f"batch {batch_size:>2}: ours {ours:7.1f} tok/s  transformers {theirs:7.1f} tok/s  "
-              f"ratio {ours / theirs:.2f}x{load.text()}", flush=True)
+              f"ratio {ours / theirs:.2f}x | decode only: ours {ours_dec:7.1f}  transformers "
+              f"{theirs_dec:7.1f}  ratio {ours_dec / theirs_dec:.2f}x | system prompt cached: ours "
+              f"{cached:7.1f} tok/s  ratio {cached / theirs:.2f}x ({reused} tokens reused)"
+              f"{load.text()}", flush=True)
     return rows
 
 
@@ -204,6 +291,7 @@ def main() -> None:
     static = static_batches(engine, hf_model, prompts, sizes, max(1, args.repeats))
     mixed: list[dict] = []
     if "mixed" in parts:
+        PrefixCaching(engine).off()
         work = make_workload(prompts, args.requests, args.rate, args.seed)
         tokens = sum(w.new_tokens for w in work)
         load = OtherLoad()

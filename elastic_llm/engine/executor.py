@@ -65,3 +65,14 @@ class SwappingExecutor(Executor, Protocol):
 
     def on_host(self) -> frozenset[str]:
         """Requests whose KV is in host memory now (a prefetch in flight counts as on device)."""
+
+
+class PrefixCachingExecutor(Executor, Protocol):
+    """An executor that can also reuse the KV of prompt prefixes other requests computed."""
+
+    def reuse_prefix(self, request_id: str, tokens: Sequence[int], limit: int) -> int:
+        """Fill a request that holds no KV with cached KV of a prefix of ``tokens[:limit]``;
+        returns the positions filled (0 if none)."""
+
+    def remember_prefix(self, request_id: str, tokens: Sequence[int]) -> None:
+        """Keep the KV of `tokens`, the request's first tokens (computed), for later requests."""

@@ -54,6 +54,9 @@ class LLMEngine:
         executor: what runs the network and holds the KV (default: `LocalExecutor`, this process).
         parallel: run the replica as P pipeline stages x M tensor ranks in P*M local processes
             (`ParallelConfig` with D = 1, or a (P, M) pair); None or (1, 1): this process.
+        prefix_cache_bytes: KV of prompt prefixes kept for reuse by later requests with the same
+            prefix (e.g. a shared system prompt); 0 turns prefix caching off. Applies to the
+            default in-process executor; None: its default (64 MiB).
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike[str] = DEFAULT_MODEL, *,
@@ -61,13 +64,15 @@ class LLMEngine:
                  residency: ResidencyConfig | None = None, seed: int = 0,
                  clock: Callable[[], float] = time.monotonic,
                  executor: Executor | None = None,
-                 parallel: ParallelConfig | tuple[int, int] | None = None) -> None:
+                 parallel: ParallelConfig | tuple[int, int] | None = None,
+                 prefix_cache_bytes: int | None = None) -> None:
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.spec = self.model.spec
         self.tokenizer = self.model.tokenizer
         self.scheduler = scheduler if scheduler is not None else FCFS()
         self.limits = limits or BatchLimits()
-        self.executor: Executor = executor if executor is not None else self._make_executor(parallel)
+        self.executor: Executor = (executor if executor is not None
+                                   else self._make_executor(parallel, prefix_cache_bytes))
         self._residency = self._residency_policy(residency)
         self.clock = clock
         self._seeds = random.Random(seed)
@@ -162,12 +167,18 @@ class LLMEngine:
         if not decision.scheduled:
             return []
         started = self.clock()
-        works = [self._work(self._requests[w.request_id], w.num_tokens) for w in decision.scheduled]
+        reused: dict[str, int] = {}
+        works: list[StepWork] = []
+        for scheduled in decision.scheduled:
+            request = self._requests[scheduled.request_id]
+            reuse = reused[request.request_id] = self._reuse_prefix(request, scheduled.num_tokens)
+            works.append(self._work(request, self._compute_budget(scheduled.num_tokens, reuse)))
         logits = self.executor.execute(works)
         samplers = [self._requests[w.request_id] for w in works if w.sample]
         chosen = sample_tokens(logits, [r.params for r in samplers], [len(r.output_ids) for r in samplers])
         for work in works:
             self._requests[work.request_id].num_computed += len(work.token_ids)
+            self._remember_prefix(self._requests[work.request_id], work)
         now = self.clock()
         outputs = [req.append(token, now) for req, token in zip(samplers, chosen, strict=True)]
         for output in outputs:
@@ -176,7 +187,7 @@ class LLMEngine:
         self._counters.record_iteration(works, len(decision.preempted), self._device_kv_bytes())
         self.scheduler.update(IterationOutcome(
             now=now, duration=now - started,
-            computed={w.request_id: len(w.token_ids) for w in works},
+            computed={w.request_id: len(w.token_ids) + reused[w.request_id] for w in works},
             sampled=tuple(req.request_id for req in samplers)))
         return outputs
 
@@ -205,6 +216,34 @@ class LLMEngine:
             self.scheduler.mark_kv_dropped(request_id, len(request.pending_tokens()))  # type: ignore[attr-defined]
         executor.swap_in(decision.swap_in)
         executor.prefetch(decision.prefetch)
+
+    def _reuse_prefix(self, request: EngineRequest, budget: int) -> int:
+        """A request about to compute from position 0 takes cached prefix KV where the executor
+        has some, leaving at least one token to compute; returns the positions reused.
+
+        Reused positions cost no compute, so without a device KV budget the scheduled `budget`
+        is still computed after them; with one, reuse stays within the scheduled tokens so the
+        KV held after the iteration is what the residency plan counted on."""
+        reuse = getattr(self.executor, "reuse_prefix", None)
+        if reuse is None or request.num_computed > 0:
+            return 0
+        pending = request.pending_tokens()
+        limit = len(pending) if self._residency is None else min(budget, len(pending))
+        reused = int(reuse(request.request_id, pending, limit - 1))
+        request.num_computed = reused
+        self._counters.prefix_tokens_reused += reused
+        return reused
+
+    def _compute_budget(self, scheduled: int, reused: int) -> int:
+        """Tokens to compute for a request scheduled `scheduled` tokens that reused `reused`."""
+        return scheduled if self._residency is None else scheduled - reused
+
+    def _remember_prefix(self, request: EngineRequest, work: StepWork) -> None:
+        """The work computed the prompt's last token: offer the prompt's KV to later requests."""
+        remember = getattr(self.executor, "remember_prefix", None)
+        prompt = len(request.prompt_ids)
+        if remember is not None and work.start_position < prompt <= work.start_position + len(work.token_ids):
+            remember(request.request_id, request.prompt_ids)
 
     @staticmethod
     def _work(request: EngineRequest, budget: int) -> StepWork:
@@ -244,10 +283,13 @@ class LLMEngine:
         return EngineRequest(request_id, prompt_ids, params, arrival, self._eos_ids,
                              self.spec.max_position_embeddings, decode)
 
-    def _make_executor(self, parallel: ParallelConfig | tuple[int, int] | None) -> Executor:
+    def _make_executor(self, parallel: ParallelConfig | tuple[int, int] | None,
+                       prefix_cache_bytes: int | None) -> Executor:
         config = self._parallel_config(parallel) if parallel is not None else None
         if config is None or (config.P, config.M) == (1, 1):
-            return LocalExecutor(self.model.network, self.spec)
+            if prefix_cache_bytes is None:
+                return LocalExecutor(self.model.network, self.spec)
+            return LocalExecutor(self.model.network, self.spec, prefix_cache_bytes=prefix_cache_bytes)
         from elastic_llm.engine.replica.sharded_executor import ShardedExecutor
 
         return ShardedExecutor(self.model, config)

@@ -10,6 +10,10 @@ KV layout: requests' caches live in slots of one `KVPool`, so the decode attenti
 is a few batched ops per layer; a request that would outgrow the pool's `pool_max_positions` moves
 to a private `KVCache` (attended on its own). On CPU the network's matrices are also packed once
 for faster batched GEMMs (`LlamaNetwork.pack_weights`).
+
+Prefix caching: the KV of finished prompt prefills is kept in whole blocks (`PrefixCache`, up to
+`prefix_cache_bytes`, outside the KV budget of swapping); a new request whose prompt starts with
+cached blocks gets a copy of them and computes only the rest (`reuse_prefix`, `remember_prefix`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from elastic_llm.engine.executor import StepWork
+from elastic_llm.engine.prefix_cache import PrefixCache
 from elastic_llm.model.kv_cache import KVCache, KVPool, KVState, PooledKVCache
 from elastic_llm.model.layers import SequenceSlice
 from elastic_llm.model.llama import LlamaNetwork
@@ -30,8 +35,10 @@ from elastic_llm.model.spec import ModelSpec
 class LocalExecutor:
     """Runs a `LlamaNetwork` holding every layer and keeps per-request KV caches by id."""
 
+    DEFAULT_PREFIX_CACHE_BYTES = 64 * 2**20  #: prefix KV kept by default (64 MiB)
+
     def __init__(self, network: LlamaNetwork, spec: ModelSpec, *, pool_max_positions: int = 1024,
-                 pack_weights: bool = True) -> None:
+                 pack_weights: bool = True, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         self.network = network
         self.spec = spec
         first = next(network.parameters())
@@ -43,6 +50,8 @@ class LocalExecutor:
         if pack_weights and self.device.type == "cpu":
             network.pack_weights()
         self._caches: dict[str, KVCache | PooledKVCache] = {}
+        self.prefixes = (PrefixCache(prefix_cache_bytes)
+                         if prefix_cache_bytes > 0 and self._kv_heads > 0 else None)  #: None: off
         self._host: dict[str, KVState] = {}
         self._incoming: dict[str, Future[KVCache]] = {}
         self._copier: ThreadPoolExecutor | None = None
@@ -119,6 +128,27 @@ class LocalExecutor:
         if isinstance(cache, PooledKVCache):
             cache.release()
         return cache
+
+    # ------------------------------------------------------------------ prefix caching
+    def reuse_prefix(self, request_id: str, tokens: Sequence[int], limit: int) -> int:
+        """Give a request that holds no KV the cached KV of the longest whole-block prefix of
+        ``tokens[:limit]``; returns the positions filled (0: nothing cached, or caching off)."""
+        if (self.prefixes is None or request_id in self._caches or request_id in self._host
+                or request_id in self._incoming):
+            return 0
+        found = self.prefixes.match(tokens, limit)
+        if found is None:
+            return 0
+        keys, values = found
+        state = KVState(0, tuple(keys.unbind(0)), tuple(values.unbind(0)), keys.shape[2])
+        self._caches[request_id] = self._adopt(state)
+        return state.length
+
+    def remember_prefix(self, request_id: str, tokens: Sequence[int]) -> None:
+        """Keep the whole blocks of `tokens` (the request's first tokens, already computed)."""
+        cache = self._caches.get(request_id)
+        if self.prefixes is not None and cache is not None:
+            self.prefixes.insert(tokens[: cache.length], cache.read)
 
     # ------------------------------------------------------------------ KV by request
     def kv_length(self, request_id: str) -> int:

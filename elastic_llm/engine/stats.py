@@ -20,6 +20,7 @@ class EngineStats:
     bytes_swapped_out: int  #: KV bytes copied device -> host
     bytes_swapped_in: int  #: KV bytes copied host -> device (blocking and prefetched)
     swap_seconds: float  #: time the engine loop spent blocked on swap copies
+    prefix_tokens_reused: int = 0  #: prompt tokens whose KV was copied from the prefix cache
 
 
 class EngineCounters:
@@ -31,6 +32,7 @@ class EngineCounters:
         self.preemptions = 0
         self.tokens_dropped = 0
         self.peak_device_kv_bytes = 0
+        self.prefix_tokens_reused = 0
 
     def record_iteration(self, works: Sequence[StepWork], preempted: int, device_kv_bytes: int) -> None:
         """Count one executed iteration."""
@@ -50,4 +52,5 @@ class EngineCounters:
             bytes_swapped_out=getattr(executor, "bytes_swapped_out", 0),
             bytes_swapped_in=getattr(executor, "bytes_swapped_in", 0),
             swap_seconds=getattr(executor, "swap_seconds", 0.0),
+            prefix_tokens_reused=self.prefix_tokens_reused,
         )

@@ -1,6 +1,6 @@
 """Per-request KV caches and their plain-tensor export (`KVState`).
 
-Two layouts with one interface (`reserve`, `write_and_read`, `advance`, `export`, `length`):
+Two layouts with one interface (`reserve`, `write_and_read`, `advance`, `read`, `export`, `length`):
 
 - `KVCache`: a request's own buffers, for each layer of the process's layer range keys and values
   shaped ``[kv_heads, capacity, head_dim]``; the first ``length`` positions are valid. Capacity
@@ -95,6 +95,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Mark `n` more positions valid."""
         self.length += n
+
+    def read(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [start, end), each ``[layers, kv_heads, n, head_dim]`` (a copy)."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"positions [{start}, {end}) are not all cached ({self.length} are)")
+        return (torch.stack([k[:, start:end] for k in self._keys]),
+                torch.stack([v[:, start:end] for v in self._values]))
 
     def export(self) -> KVState:
         """Copy the valid part out as a `KVState`."""
@@ -279,6 +286,13 @@ class PooledKVCache:
     def advance(self, n: int) -> None:
         """Mark `n` more positions valid."""
         self.length += n
+
+    def read(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [start, end), each ``[layers, kv_heads, n, head_dim]`` (a copy)."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"positions [{start}, {end}) are not all cached ({self.length} are)")
+        return (self.pool._keys[:, self.slot, :, start:end].clone(),
+                self.pool._values[:, self.slot, :, start:end].clone())
 
     def export(self) -> KVState:
         """Copy the valid part out as a `KVState`."""
