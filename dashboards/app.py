@@ -62,7 +62,7 @@ def live() -> None:
         st.error(f"cannot read the controller at {address}: {exc}")
         return
     cost = status["cost"]
-    cards = st.columns(6)
+    cards = st.columns(7)
     cards[0].metric("queued / running", f"{status['queued']} / {status['running']}")
     cards[1].metric("finished", status["finished"])
     cards[2].metric("latency mean / P99", f"{status['latency_mean_s'] or 0:.1f} / {status['latency_p99_s'] or 0:.1f} s")
@@ -70,6 +70,7 @@ def live() -> None:
                     f"{cost['savings_vs_on_demand']:.0%} below on-demand only")
     cards[4].metric("tokens recomputed", status["tokens_recomputed"])
     cards[5].metric("KV migrated", f"{status['kv_bytes_migrated'] / 2**20:.1f} MiB")
+    cards[6].metric("prefix tokens reused", status.get("prefix_tokens_reused", 0))
     history = _history(status)
     left, right = st.columns(2)
     left.subheader("latency")

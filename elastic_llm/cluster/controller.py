@@ -257,6 +257,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
             "reshards": list(self.reshards),
             "cost": self._cost(tokens),
             "controller_overhead": self._loops.overhead(),
+            "prefix_tokens_reused": self._loops.prefix_tokens_reused(),
         }
 
     def _cost(self, tokens: int) -> dict[str, Any]:

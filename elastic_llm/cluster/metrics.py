@@ -47,6 +47,8 @@ class ControllerCollector:
             "kv_migrated_bytes": ("KV bytes moved between replicas by stateful migration",
                                   status["kv_bytes_migrated"]),
             "preemption_notices": ("Preemption notices handled", len(status["notices"])),
+            "prefix_tokens_reused": ("Prompt tokens whose KV replicas copied from their prefix caches",
+                                     status.get("prefix_tokens_reused", 0)),
         }
         for name, (text, value) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=float(value))

@@ -112,6 +112,7 @@ class ReplicaActor:
         self._busy_seconds = 0.0  # inside engine.step()
         self._overhead_seconds = 0.0  # the loop's own work while serving: commands and commits
         self._period_seconds = 0.0  # iterations as long as they really take, pacing included
+        self._prefix_reused_before = 0  # prompt tokens reused from prefix caches by earlier engines
         self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
         self._thread.start()
 
@@ -216,6 +217,7 @@ class ReplicaActor:
             for request_id in list(self._counts):
                 self._engine.abort(request_id)
                 self._forget(request_id)
+            self._prefix_reused_before = self._prefix_reused()
             self._engine.close()  # a sharded replica's shards are started afresh
             self._engine = self._build_engine()
             answer.set_result(None)
@@ -372,8 +374,14 @@ class ReplicaActor:
         if tokens or finished:
             self._send({"tokens": tokens, "finished": finished or []})
 
+    def _prefix_reused(self) -> int:
+        """Prompt tokens this replica took from prefix caches (every engine it has built)."""
+        engine = getattr(self, "_engine", None)
+        reused = engine.stats().prefix_tokens_reused if engine is not None else 0
+        return self._prefix_reused_before + reused
+
     def _send(self, payload: dict[str, Any]) -> None:
         message = {"op": COMMIT_OP, "replica": self.replica_id,
                    "loop": [self._iterations, self._busy_seconds, self._overhead_seconds,
-                            self._period_seconds], **payload}
+                            self._period_seconds, self._prefix_reused()], **payload}
         self._worker.loop.add_callback(self._worker.batched_stream.send, message)

@@ -60,10 +60,17 @@ class LoopStats:
     def __init__(self) -> None:
         # replica -> (iterations, seconds in step(), seconds outside it, iteration periods incl. pacing)
         self._counters: dict[str, tuple[int, float, float, float]] = {}
+        self._prefix_reused: dict[str, int] = {}  # replica -> prompt tokens taken from its prefix cache
 
     def record(self, replica: str, loop: Sequence[float]) -> None:
         """Adopt the counters of one commit message."""
         self._counters[replica] = (int(loop[0]), loop[1], loop[2], loop[3])
+        if len(loop) > 4:
+            self._prefix_reused[replica] = int(loop[4])
+
+    def prefix_tokens_reused(self) -> int:
+        """Prompt tokens the replicas took from their prefix caches instead of computing them."""
+        return sum(self._prefix_reused.values())
 
     def overhead(self) -> float:
         """Replica loop time outside `step()` (commands, commits) per second inside it."""

@@ -124,6 +124,7 @@ def _check_monitoring(llm: ServingClient) -> None:
     metrics = generate_latest().decode()
     finished = [line for line in metrics.splitlines() if line.startswith("elastic_llm_requests_finished_total")]
     assert finished and float(finished[0].split()[-1]) == llm.status()["finished"] >= 2
+    assert any(line.startswith("elastic_llm_prefix_tokens_reused_total") for line in metrics.splitlines())
     address = llm._dask.scheduler.address  # noqa: SLF001
     app = AppTest.from_file(str(Path(__file__).parents[2] / "dashboards" / "app.py"),
                             default_timeout=60)
@@ -133,6 +134,7 @@ def _check_monitoring(llm: ServingClient) -> None:
     assert not app.exception and not app.error, [e.value for e in app.error]
     labels = {m.label: m.value for m in app.metric}
     assert labels["finished"] == str(llm.status()["finished"])
+    assert labels["prefix tokens reused"] == str(llm.status()["prefix_tokens_reused"])
 
 
 def _ask_from_a_task(checkpoint: str, prompt: list[int]) -> tuple[int, ...]:

@@ -23,10 +23,13 @@ def test_stream_yields_the_final_text(smollm2: Any) -> None:
         wait_for(lambda: llm.status()["replicas"][0]["state"] == "ready", timeout=180)
         pieces = list(llm.stream(QUESTION, max_new_tokens=40))
         final = llm.submit(QUESTION, max_new_tokens=40).result(timeout=120)
+        # the second ask of the same chat prompt copied its cached prefix KV (whole blocks of 8)
+        reused = llm.status()["prefix_tokens_reused"]
         llm.close()
     assert len(pieces) > 3, "text must arrive piece by piece"
     assert "".join(pieces) == final.text == expected.text
     assert "Paris" in final.text
+    assert reused >= 24, reused
 
 
 @pytest.mark.smollm2
