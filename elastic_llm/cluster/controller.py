@@ -90,6 +90,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
         self.ledger = CostLedger()
         self._loops = LoopStats()
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas by stateful migration
+        self.weight_bytes_from_peers = 0  #: weight bytes new replicas took from peers (not the checkpoint)
         self.on_demand_price = on_demand_price_per_hour
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -241,7 +242,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
             "policy": self.policy,
             "replicas": [{"replica": h.replica_id, "worker": h.worker, "state": h.state.value,
                           "requests": len(self.table.unfinished(h.replica_id)),
-                          "parallel": list(h.parallel), "shards": list(h.shards)}
+                          "parallel": list(h.parallel), "shards": list(h.shards), "weights": h.weights}
                          for h in self.replicas.values()],
             "queued": len(self.table.queued()),
             "running": len(self.table.unfinished()) - len(self.table.queued()),
@@ -252,6 +253,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
             "restarts": sum(r.restarts for r in self.table.records()),
             "requests_restarted": sum(r.restarts > 0 for r in self.table.records()),
             "kv_bytes_migrated": self.kv_bytes_migrated,
+            "weight_bytes_from_peers": self.weight_bytes_from_peers,
             "tokens_committed": sum(len(r.committed) for r in self.table.records()),
             "notices": [asdict(n) for n in self.notices],
             "reshards": list(self.reshards),
@@ -332,14 +334,34 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
         """Start a replica led by `worker` (sharded `parallel` over `shards` when given); whether
         it started."""
         handle = ReplicaHandle(f"r{next(self._ids)}", worker, shards=shards, parallel=parallel)
+        peer = self._weight_peer() if not shards and self.policy == "spotserve" else None
         try:
-            await self._start_actor(handle)
+            await self._start_actor(handle, deferred=peer is not None)
+            if peer is not None:
+                await self._weights_from(peer, handle)
             await self._until_ready(handle)
         except Exception as exc:  # noqa: BLE001 - the worker may die while the replica starts
             logger.warning("replica %s on %s did not start: %s", handle.replica_id, worker, exc)
             self.replicas.pop(handle.replica_id, None)
             return False
         return True
+
+    def _weight_peer(self) -> ReplicaHandle | None:
+        """A ready whole-model replica not about to leave (least loaded first) to send a new
+        replica its weights; None: the new one reads the checkpoint."""
+        ready = [h for h in self.replicas.values() if h.state is ReplicaState.READY and not h.shards
+                 and h.actor is not None and h.worker not in self._leaving]
+        return min(ready, key=lambda h: self._outstanding(h.replica_id), default=None)
+
+    async def _weights_from(self, peer: ReplicaHandle, handle: ReplicaHandle) -> None:
+        """`peer` pushes its weights to the deferred replica `handle`, which then builds (from the
+        checkpoint if the push failed)."""
+        try:
+            self.weight_bytes_from_peers += await peer.actor.push_weights(handle.actor)
+        except Exception as exc:  # noqa: BLE001 - the peer died or left: the checkpoint is still there
+            logger.warning("weights %s -> %s failed (%s): it reads the checkpoint", peer.replica_id,
+                           handle.replica_id, exc)
+        await handle.actor.build()
 
     async def _start_actor(self, handle: ReplicaHandle, deferred: bool = False) -> None:
         """Register `handle` and create its `ReplicaActor` on its leader worker."""
@@ -356,6 +378,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
         info = await handle.actor.wait_ready()
         self._start_seconds = time.time() - handle.started_at
         handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
+        handle.weights = str(info.get("weights", "checkpoint"))
         if handle.state is ReplicaState.STARTING:
             handle.state = ReplicaState.READY
         self._wake()

@@ -46,6 +46,8 @@ class ControllerCollector:
                                   status["tokens_recomputed"]),
             "kv_migrated_bytes": ("KV bytes moved between replicas by stateful migration",
                                   status["kv_bytes_migrated"]),
+            "weights_from_peers_bytes": ("Weight bytes new replicas took from peers, not the checkpoint",
+                                         status.get("weight_bytes_from_peers", 0)),
             "preemption_notices": ("Preemption notices handled", len(status["notices"])),
             "prefix_tokens_reused": ("Prompt tokens whose KV replicas copied from their prefix caches",
                                      status.get("prefix_tokens_reused", 0)),

@@ -13,6 +13,10 @@ With `ReplicaOptions.parallel` above (1, 1) the replica is sharded: this actor (
 worker) runs the engine's scheduler and a `DaskShardedExecutor` whose `ShardActor`s hold the weight
 and KV slices on P*M workers (the leader among them); `reshard` switches it to another (P, M) and
 set of workers at a token boundary, keeping every request's KV.
+
+Weights: a whole-model replica reads them from the checkpoint store, or, created `deferred`, takes
+them from a peer replica that pushes its own (`push_weights` -> `receive_weights`, worker to
+worker, in chunks) before `build`; if the peer's weights are incomplete it reads the checkpoint.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ class ReplicaActor:
         if not deferred:
             self._go.set()
         self._adopted: list[RequestState] = []  # taken by `receive`, resumed once the engine is built
+        self._received: dict[str, Any] = {}  # weights a peer pushed (`receive_weights`), used by the build
+        self._weights_source = "checkpoint"  # where the engine's weights came from: checkpoint or peer
+        self._weight_bytes_from_peer = 0
         self._ready: Future[None] = Future()
         self._error: str | None = None
         self._iterations = 0
@@ -122,6 +129,7 @@ class ReplicaActor:
         self._ready.result(timeout)
         return {"replica": self.replica_id, "worker": self._worker.address,
                 "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token,
+                "weights": self._weights_source, "weight_bytes_from_peer": self._weight_bytes_from_peer,
                 "parallel": list(self._parallel), "shards": list(self._shards)}
 
     def start_requests(self, states: Sequence[RequestState]) -> int:
@@ -168,6 +176,29 @@ class ReplicaActor:
         """(Deferred replica) hold these requests (with their KV) until `build` resumes them."""
         self._adopted.extend(states)
         return len(states)
+
+    WEIGHT_CHUNK_BYTES = 64 * 2**20  #: weights per message when this replica sends them to a peer
+
+    def push_weights(self, target: Any, timeout: float = 120.0) -> int:
+        """Send this whole-model replica's weights to `target` (a deferred replica:
+        `receive_weights`), worker to worker in chunks; returns the bytes sent."""
+        self._ready.result(timeout)
+        if self._options.sharded:
+            raise ValueError("a sharded replica's weights move by resharding, not push_weights")
+        items = list(self._engine.model.network.tensors().items())
+        sent, size, chunk = 0, 0, {}
+        for index, (name, tensor) in enumerate(items):
+            chunk[name] = tensor
+            size += tensor.numel() * tensor.element_size()
+            if size >= self.WEIGHT_CHUNK_BYTES or index == len(items) - 1:
+                target.receive_weights(chunk).result(timeout)
+                sent, size, chunk = sent + size, 0, {}
+        return sent
+
+    def receive_weights(self, tensors: dict[str, Any]) -> int:
+        """(Deferred replica) keep these weights for `build`, which then reads no weights file."""
+        self._received.update(tensors)
+        return len(tensors)
 
     def build(self) -> None:
         """(Deferred replica) build the engine now; adopted requests resume once it is ready."""
@@ -280,16 +311,10 @@ class ReplicaActor:
         import torch
 
         from elastic_llm.engine.llm_engine import LLMEngine
-        from elastic_llm.model.loader import load_model
         from elastic_llm.scheduling import FCFS, BatchLimits, MLFQConfig, SkipJoinMLFQ
 
         torch.set_num_threads(self._options.threads)
-        started = time.perf_counter()
-        model = load_model(self._options.model)
-        if self._options.checkpoint_bandwidth:
-            weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())
-            time.sleep(max(0.0, weight_bytes / self._options.checkpoint_bandwidth
-                           - (time.perf_counter() - started)))
+        model = self._load_model()
         limits = BatchLimits(self._options.max_batch_size, self._options.max_batch_tokens)
         scheduler = FCFS() if self._options.scheduler == "fcfs" else SkipJoinMLFQ(MLFQConfig(skip_join=False))
         if not self._options.sharded:
@@ -307,6 +332,32 @@ class ReplicaActor:
             self._client, model, ParallelConfig(D=1, P=pipeline, M=tensor, B=self._options.max_batch_size),
             workers=self._shards, timeout_s=self._options.shard_timeout_s, threads=self._options.threads)
         return LLMEngine(model, scheduler=scheduler, limits=limits, executor=executor)
+
+    def _load_model(self):  # type: ignore[no-untyped-def]
+        """The model, with the weights a peer sent when they are complete, else from the
+        checkpoint store (at `checkpoint_bandwidth`)."""
+        from elastic_llm.errors import ModelLoadError
+        from elastic_llm.model.loader import load_model
+
+        received, self._received = self._received, {}
+        if received:
+            try:
+                model = load_model(self._options.model, tensors=received)
+            except ModelLoadError as exc:
+                logger.warning("replica %s: weights from the peer unusable (%s): reading the checkpoint",
+                               self.replica_id, exc)
+            else:
+                self._weights_source = "peer"
+                self._weight_bytes_from_peer = sum(t.numel() * t.element_size() for t in received.values())
+                return model
+        started = time.perf_counter()
+        model = load_model(self._options.model)
+        self._weights_source = "checkpoint"
+        if self._options.checkpoint_bandwidth:
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())
+            time.sleep(max(0.0, weight_bytes / self._options.checkpoint_bandwidth
+                           - (time.perf_counter() - started)))
+        return model
 
     def _drain(self, block: bool) -> None:
         try:

@@ -57,9 +57,20 @@ class LlamaNetwork(nn.Module):
         """Build with empty parameters, then fill every parameter with its slice from `weights`."""
         network = cls(spec, rotary, **kwargs)  # type: ignore[arg-type]
         network.load(weights, dtype)
-        network.to(device)
-        network.rotary.inv_freq = network.rotary.inv_freq.to(device)
-        return network.eval()
+        return network._placed(device)
+
+    @classmethod
+    def from_tensors(cls, spec: ModelSpec, rotary: Rotary, tensors: dict[str, torch.Tensor],
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaNetwork:
+        """A whole network built from a peer's `tensors()` instead of the checkpoint."""
+        network = cls(spec, rotary)
+        network.adopt(tensors, dtype)
+        return network._placed(device)
+
+    def _placed(self, device: torch.device | str) -> LlamaNetwork:
+        self.to(device)
+        self.rotary.inv_freq = self.rotary.inv_freq.to(device)
+        return self.eval()
 
     def load(self, weights: SafetensorsWeights, dtype: torch.dtype = torch.float32) -> None:
         """Read this process's slices; raise `ModelLoadError` on any shape mismatch."""
@@ -84,6 +95,34 @@ class LlamaNetwork(nn.Module):
         if wrong:
             raise ModelLoadError("weights do not match config.json: " + "; ".join(wrong[:5]))
         self.to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter by name, a tied head once (under the embedding's name): what a peer
+        process of the same layout needs to `adopt` instead of reading the checkpoint."""
+        return {name: param.data for name, param in self.named_parameters()}
+
+    def adopt(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> int:
+        """Take every parameter from `tensors` (another process's `tensors()` of the same layout)
+        instead of the checkpoint; returns the bytes taken.
+
+        Raises:
+            ModelLoadError: a parameter is missing or has another shape.
+        """
+        tied = (self.spec.tie_word_embeddings and self.embed is not None and self.lm_head is not None
+                and self.head_rows == (0, self.spec.vocab_size))
+        taken = 0
+        for name, param in list(self.named_parameters()):
+            if tied and name == "lm_head.weight":
+                continue
+            tensor = tensors.get(name)
+            if tensor is None or tuple(tensor.shape) != tuple(param.shape):
+                found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+                raise ModelLoadError(f"peer weights: {name} {found}, expected {tuple(param.shape)}")
+            param.data = tensor.to(dtype).clone()  # own memory (received buffers may be read-only)
+            taken += tensor.numel() * tensor.element_size()
+        if tied:
+            self.lm_head.weight = self.embed.weight  # type: ignore[union-attr]
+        return taken
 
     def pack_weights(self, batch_hint: int = 32) -> int:
         """Keep a CPU-friendly blocked copy of every matrix (see `Linear.pack`); returns how many.

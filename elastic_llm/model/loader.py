@@ -76,8 +76,12 @@ def read_spec(checkpoint_dir: Path, name: str, dtype: torch.dtype = torch.float3
 
 def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               load_tokenizer: bool = True) -> LoadedModel:
+               load_tokenizer: bool = True, tensors: dict[str, torch.Tensor] | None = None) -> LoadedModel:
     """Load a Llama-family model by embedded name, checkpoint directory or GGUF file.
+
+    `tensors`: the whole network's parameters as another process holds them
+    (`LlamaNetwork.tensors()`), taken instead of reading the weights files; the checkpoint
+    directory still gives the config and the tokenizer.
 
     Raises:
         ModelLoadError: unknown path, unreadable, corrupt or truncated files.
@@ -85,8 +89,11 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *,
     """
     checkpoint_dir = resolve_checkpoint(name_or_path)
     config, spec = read_spec(checkpoint_dir, Path(os.fspath(name_or_path)).name, dtype)
-    weights = SafetensorsWeights(checkpoint_dir)
-    network = LlamaNetwork.from_checkpoint(spec, build_rotary(config, spec), weights, device, dtype)
+    if tensors is None:
+        weights = SafetensorsWeights(checkpoint_dir)
+        network = LlamaNetwork.from_checkpoint(spec, build_rotary(config, spec), weights, device, dtype)
+    else:
+        network = LlamaNetwork.from_tensors(spec, build_rotary(config, spec), tensors, device, dtype)
     tokenizer = None
     if load_tokenizer and (checkpoint_dir / "tokenizer_config.json").is_file():
         tokenizer = Tokenizer(checkpoint_dir, extra_eos_ids=spec.eos_token_ids)

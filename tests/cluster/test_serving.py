@@ -85,12 +85,20 @@ def test_churn_loses_nothing_and_matches_a_churn_free_run(
 def test_noticed_preemption_migrates_kv_and_recomputes_nothing(
         fleet: tuple[SpotEmulator, ServingClient], checkpoint: Path) -> None:
     emulator, llm = fleet
-    prompts = _prompts(9)
+    # a worker joining a running fleet gets its replica's weights from a ready peer, not the checkpoint
+    emulator.acquire("d", market="spot", price_per_hour=1.9)
+    llm.wait_for_replicas(4, timeout=120)
+    scheduler = llm._dask.cluster.scheduler  # noqa: SLF001 - the fixture's LocalCluster
+    [address_d] = [a for a, ws in scheduler.workers.items() if ws.name == "d"]
+    status = llm.status()
+    assert {r["worker"]: r["weights"] for r in status["replicas"]}[address_d] == "peer"
+    assert status["weight_bytes_from_peers"] > 0
+    prompts = _prompts(16)
     futures = llm.map(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     wait_for(lambda: all(r["requests"] > 0 for r in llm.status()["replicas"]), timeout=30)
     emulator.preempt("a", notice=True)
     results = [f.result(timeout=150) for f in futures]
-    assert [r.token_ids for r in results] == _reference(checkpoint, prompts)
+    assert [r.token_ids for r in results] == _reference(checkpoint, prompts)  # the peer-built one too
     status = llm.status()
     assert status["tokens_recomputed"] == 0
     assert status["notices"][0]["migrated"] > 0
