@@ -26,9 +26,9 @@ from elastic_llm.model.checkpoint import DEFAULT_MODEL
 COLUMNS = (("policy", "{:>14}"), ("completed", "{:>5}"), ("lost", "{:>4}"), ("latency_p50_s", "{:>7.1f}"),
            ("latency_p90_s", "{:>7.1f}"), ("latency_p99_s", "{:>7.1f}"), ("throughput_tok_s", "{:>7.1f}"),
            ("requests_recomputed", "{:>6}"), ("tokens_recomputed", "{:>7}"), ("kv_bytes_migrated", "{:>11}"),
-           ("cost_usd", "{:>7.3f}"), ("controller_overhead", "{:>7.2%}"))
+           ("weight_bytes_from_peers", "{:>11}"), ("cost_usd", "{:>7.3f}"), ("controller_overhead", "{:>7.2%}"))
 HEADERS = ("policy", "done", "lost", "P50 s", "P90 s", "P99 s", "tok/s", "recomp", "tok rec", "KV moved B",
-           "cost $", "ctl ovh")
+           "peer wts B", "cost $", "ctl ovh")
 
 
 def table(reports: list[PolicyReport]) -> str:

@@ -74,6 +74,8 @@ class PolicyReport:
     on_demand_usd_per_1k_tokens: float | None  #: the same instance time at on-demand price
     controller_overhead: float  #: replica loop time outside `step()` / time in `step()`
     wall_s: float
+    weight_bytes_from_peers: int = 0  #: weights new replicas took from peers instead of the checkpoint
+    prefix_tokens_reused: int = 0  #: prompt tokens whose KV came from the replicas' prefix caches
 
 
 def initial_and_rest(trace: SpotTrace) -> tuple[list[str], SpotTrace]:
@@ -132,7 +134,9 @@ def run_policy(policy: str, config: ReplayConfig,
         cost_usd=(cost["spot_usd"] + cost["on_demand_usd"]) * config.time_scale,
         usd_per_1k_tokens=_scaled(cost["usd_per_1k_tokens"], config.time_scale),
         on_demand_usd_per_1k_tokens=_scaled(cost["on_demand_only_usd_per_1k_tokens"], config.time_scale),
-        controller_overhead=status["controller_overhead"], wall_s=makespan)
+        controller_overhead=status["controller_overhead"], wall_s=makespan,
+        weight_bytes_from_peers=status["weight_bytes_from_peers"],
+        prefix_tokens_reused=status["prefix_tokens_reused"])
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
