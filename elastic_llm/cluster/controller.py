@@ -242,7 +242,8 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
             "policy": self.policy,
             "replicas": [{"replica": h.replica_id, "worker": h.worker, "state": h.state.value,
                           "requests": len(self.table.unfinished(h.replica_id)),
-                          "parallel": list(h.parallel), "shards": list(h.shards), "weights": h.weights}
+                          "parallel": list(h.parallel), "shards": list(h.shards), "weights": h.weights,
+                          "start_seconds": h.start_seconds}
                          for h in self.replicas.values()],
             "queued": len(self.table.queued()),
             "running": len(self.table.unfinished()) - len(self.table.queued()),
@@ -376,7 +377,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
     async def _until_ready(self, handle: ReplicaHandle) -> None:
         """Wait for the replica's engine, then let it take requests."""
         info = await handle.actor.wait_ready()
-        self._start_seconds = time.time() - handle.started_at
+        self._start_seconds = handle.start_seconds = time.time() - handle.started_at
         handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
         handle.weights = str(info.get("weights", "checkpoint"))
         if handle.state is ReplicaState.STARTING:

@@ -35,6 +35,7 @@ class ReplicaHandle:
     parallel: tuple[int, int] = (1, 1)  #: its (P, M) now
     noticed: bool = False  #: its leader got a preemption notice: it is being evacuated or replaced
     weights: str = ""  #: where its weights came from once ready: "checkpoint" or "peer"
+    start_seconds: float | None = None  #: from its creation to ready (weights loaded, engine built)
     #: held while its shape or workers change (growth, reshard, leader handover): one at a time
     switching: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -92,6 +92,7 @@ def test_noticed_preemption_migrates_kv_and_recomputes_nothing(
     [address_d] = [a for a, ws in scheduler.workers.items() if ws.name == "d"]
     status = llm.status()
     assert {r["worker"]: r["weights"] for r in status["replicas"]}[address_d] == "peer"
+    assert all(r["start_seconds"] > 0 for r in status["replicas"])
     assert status["weight_bytes_from_peers"] > 0
     prompts = _prompts(16)
     futures = llm.map(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
