@@ -178,7 +178,9 @@ class LLMEngine:
         chosen = sample_tokens(logits, [r.params for r in samplers], [len(r.output_ids) for r in samplers])
         for work in works:
             self._requests[work.request_id].num_computed += len(work.token_ids)
-            self._remember_prefix(self._requests[work.request_id], work)
+            request = self._requests[work.request_id]
+            if work.start_position < len(request.prompt_ids) <= work.start_position + len(work.token_ids):
+                self._offer_prefix(request.request_id, request.prompt_ids)  # its prompt is computed
         now = self.clock()
         outputs = [req.append(token, now) for req, token in zip(samplers, chosen, strict=True)]
         for output in outputs:
@@ -238,12 +240,11 @@ class LLMEngine:
         """Tokens to compute for a request scheduled `scheduled` tokens that reused `reused`."""
         return scheduled if self._residency is None else scheduled - reused
 
-    def _remember_prefix(self, request: EngineRequest, work: StepWork) -> None:
-        """The work computed the prompt's last token: offer the prompt's KV to later requests."""
+    def _offer_prefix(self, request_id: str, tokens: Sequence[int]) -> None:
+        """Offer the KV of `tokens` (the request's first tokens, computed) to later requests."""
         remember = getattr(self.executor, "remember_prefix", None)
-        prompt = len(request.prompt_ids)
-        if remember is not None and work.start_position < prompt <= work.start_position + len(work.token_ids):
-            remember(request.request_id, request.prompt_ids)
+        if remember is not None:
+            remember(request_id, tokens)
 
     @staticmethod
     def _work(request: EngineRequest, budget: int) -> StepWork:
@@ -356,6 +357,8 @@ class LLMEngine:
 
     def _retire(self, request_id: str, now: float) -> None:
         request = self._take(request_id)
+        # a follow-up turn's prompt starts with this prompt and its answer: keep their KV too
+        self._offer_prefix(request_id, [*request.prompt_ids, *request.output_ids])
         self.executor.release(request_id)
         self._finished[request_id] = request.completion(now)
 

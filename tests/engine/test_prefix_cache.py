@@ -96,6 +96,22 @@ def test_shared_prefixes_reuse_kv_and_change_no_token(tiny_checkpoint: Callable[
     assert results[1 << 20] == results[0]
 
 
+def test_a_follow_up_turn_reuses_the_previous_prompt_and_answer(tiny_checkpoint: Callable[[str], Path]) -> None:
+    path = tiny_checkpoint("llama-gqa-untied")
+    first = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    outputs = {}
+    for budget in (0, 1 << 20):
+        engine = _engine(path, budget)
+        answer = engine.generate([first], params)[0].token_ids
+        follow_up = [*first, *answer, 7, 8, 9]  # the conversation so far, then the next message
+        outputs[budget] = (answer, engine.generate([follow_up], params)[0].token_ids)
+        reused = engine.stats().prefix_tokens_reused
+    assert outputs[1 << 20] == outputs[0]
+    # KV existed for the prompt and all but the last answer token: 29 positions, 3 whole blocks
+    assert reused == 24
+
+
 def test_a_request_that_reused_a_prefix_exports_and_resumes_exactly(
         tiny_checkpoint: Callable[[str], Path]) -> None:
     path = tiny_checkpoint("qwen2-bias")
