@@ -37,13 +37,14 @@ from elastic_llm.cluster.cost import CostLedger
 from elastic_llm.cluster.evacuation import Evacuation
 from elastic_llm.cluster.instance import fleet_info, instance_info
 from elastic_llm.cluster.notices import NoticeBoard
-from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaActor, ReplicaOptions
+from elastic_llm.cluster.placement import Placement
+from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaOptions
 from elastic_llm.cluster.replicas import LoopStats, NoticeRecord, ReplicaHandle, ReplicaState
 from elastic_llm.cluster.request_table import RequestRecord, RequestStatus, RequestTable
 from elastic_llm.cluster.sharded_control import ShardedControl
-from elastic_llm.engine.sequence import RequestState
 from elastic_llm.planning.profiles import InstanceProfile
 from elastic_llm.sampling import SamplingParams
+from elastic_llm.scheduling.affinity import PrefixAffinity
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ PLUGIN_NAME = "elastic_llm"
 POLICIES = ("spotserve", "reroute", "reparallelize")
 
 
-class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
+class ElasticController(Evacuation, Placement, ShardedControl, SchedulerPlugin):
     """Controller of elastic LLM serving on the Dask scheduler (register with `Client.register_plugin`).
 
     Args:
@@ -91,6 +92,7 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
         self._loops = LoopStats()
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas by stateful migration
         self.weight_bytes_from_peers = 0  #: weight bytes new replicas took from peers (not the checkpoint)
+        self.affinity = PrefixAffinity()  #: which prompt prefixes each replica's prefix cache has seen
         self.on_demand_price = on_demand_price_per_hour
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -309,6 +311,8 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
                     continue
                 if self.table.finish(request_id, reason, text, now):
                     touched.add(request_id)
+                    record = self.table.get(request_id)  # its replica now caches prompt and answer
+                    self.affinity.observe(replica, [*record.prompt_token_ids, *record.committed])
             for request_id, error in failed or ():
                 if self._owned_by(request_id, replica) and self.table.fail(request_id, error, now):
                     touched.add(request_id)
@@ -330,60 +334,6 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
         return sorted(w for w in self.scheduler.workers
                       if w not in held and w not in self._leaving and w not in self._suspect)
 
-    async def _place_replica(self, worker: str, shards: tuple[str, ...] = (),
-                             parallel: tuple[int, int] = (1, 1)) -> bool:
-        """Start a replica led by `worker` (sharded `parallel` over `shards` when given); whether
-        it started."""
-        handle = ReplicaHandle(f"r{next(self._ids)}", worker, shards=shards, parallel=parallel)
-        peer = self._weight_peer() if not shards and self.policy == "spotserve" else None
-        try:
-            await self._start_actor(handle, deferred=peer is not None)
-            if peer is not None:
-                await self._weights_from(peer, handle)
-            await self._until_ready(handle)
-        except Exception as exc:  # noqa: BLE001 - the worker may die while the replica starts
-            logger.warning("replica %s on %s did not start: %s", handle.replica_id, worker, exc)
-            self.replicas.pop(handle.replica_id, None)
-            return False
-        return True
-
-    def _weight_peer(self) -> ReplicaHandle | None:
-        """A ready whole-model replica not about to leave (least loaded first) to send a new
-        replica its weights; None: the new one reads the checkpoint."""
-        ready = [h for h in self.replicas.values() if h.state is ReplicaState.READY and not h.shards
-                 and h.actor is not None and h.worker not in self._leaving]
-        return min(ready, key=lambda h: self._outstanding(h.replica_id), default=None)
-
-    async def _weights_from(self, peer: ReplicaHandle, handle: ReplicaHandle) -> None:
-        """`peer` pushes its weights to the deferred replica `handle`, which then builds (from the
-        checkpoint if the push failed)."""
-        try:
-            self.weight_bytes_from_peers += await peer.actor.push_weights(handle.actor)
-        except Exception as exc:  # noqa: BLE001 - the peer died or left: the checkpoint is still there
-            logger.warning("weights %s -> %s failed (%s): it reads the checkpoint", peer.replica_id,
-                           handle.replica_id, exc)
-        await handle.actor.build()
-
-    async def _start_actor(self, handle: ReplicaHandle, deferred: bool = False) -> None:
-        """Register `handle` and create its `ReplicaActor` on its leader worker."""
-        self.replicas[handle.replica_id] = handle
-        assert self._client is not None
-        handle.future = self._client.submit(
-            ReplicaActor, handle.replica_id, self.replica_options, handle.shards, handle.parallel, deferred,
-            actor=True, workers=[handle.worker], allow_other_workers=False, pure=False,
-            key=f"elastic-llm-replica-{handle.replica_id}")
-        handle.actor = await handle.future
-
-    async def _until_ready(self, handle: ReplicaHandle) -> None:
-        """Wait for the replica's engine, then let it take requests."""
-        info = await handle.actor.wait_ready()
-        self._start_seconds = handle.start_seconds = time.time() - handle.started_at
-        handle.kv_bytes_per_token = int(info["kv_bytes_per_token"])
-        handle.weights = str(info.get("weights", "checkpoint"))
-        if handle.state is ReplicaState.STARTING:
-            handle.state = ReplicaState.READY
-        self._wake()
-
     async def _dispatch_loop(self) -> None:
         assert self._wakeup is not None
         while True:
@@ -394,35 +344,6 @@ class ElasticController(Evacuation, ShardedControl, SchedulerPlugin):
                 await self._dispatch()
             except Exception:  # noqa: BLE001
                 logger.exception("elastic_llm: dispatch failed")
-
-    async def _dispatch(self) -> None:
-        ready = [h for h in self.replicas.values() if h.state is ReplicaState.READY]
-        queued = self.table.queued()
-        if not ready or not queued:
-            return
-        load = {h.replica_id: self._outstanding(h.replica_id) for h in ready}
-        batches: dict[str, list[RequestState]] = {}
-        for record in queued:
-            target = min(load, key=load.__getitem__)
-            load[target] += len(record.prompt_token_ids) + record.params.max_new_tokens
-            self.table.assign(record.request_id, target)
-            batches.setdefault(target, []).append(RequestState(
-                record.request_id, record.prompt_token_ids, tuple(record.committed), record.params))
-        for replica_id, states in batches.items():
-            self._spawn(self._hand_over(self.replicas[replica_id], states))
-
-    async def _hand_over(self, handle: ReplicaHandle, states: list[RequestState]) -> None:
-        try:
-            await handle.actor.start_requests(states)
-        except Exception as exc:  # noqa: BLE001 - replica died: the requests go back to the queue
-            logger.warning("hand-over to %s failed: %s", handle.replica_id, exc)
-            for state in states:
-                self._requeue(self.table.get(state.request_id), lost_kv=False)
-            self._wake()
-
-    def _outstanding(self, replica_id: str) -> int:
-        return sum(len(r.prompt_token_ids) + r.params.max_new_tokens - len(r.committed)
-                   for r in self.table.unfinished(replica_id))
 
     async def _restart_everything(self) -> None:
         """Reparallelize baseline: every replica reloads from the checkpoint, every request restarts."""

@@ -5,7 +5,8 @@ causal attention a position's keys and values depend only on the tokens up to it
 whose prompt starts with a cached prefix copies that KV instead of computing it again.
 
 Prompts are cut into blocks of `block_size` tokens. Block k of a prompt is stored under the key of
-(block k-1's key, block k's tokens), and every entry keeps its parent key and its tokens, so a
+(block k-1's key, block k's tokens) (`scheduling.affinity.chain_key`, which the controller's
+prefix-affinity routing computes too), and every entry keeps its parent key and its tokens, so a
 lookup walks the chain from the first block, verifies each entry exactly and stops at the first
 miss: a block is only ever found through the exact token sequence before it. Blocks are evicted
 least recently used once their bytes pass the budget, a chain's later blocks before its earlier
@@ -20,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from elastic_llm.scheduling.affinity import BLOCK_SIZE, chain_key
 
 #: Reads positions [start, end) of a request's KV as fresh tensors (the cache keeps them):
 #: (keys, values), each [layers, kv_heads, n, head_dim].
@@ -49,7 +52,7 @@ class PrefixCache:
         block_size: tokens per block; prefixes are matched in whole blocks.
     """
 
-    def __init__(self, budget_bytes: int, block_size: int = 8) -> None:
+    def __init__(self, budget_bytes: int, block_size: int = BLOCK_SIZE) -> None:
         if budget_bytes <= 0 or block_size <= 0:
             raise ValueError("budget_bytes and block_size must be > 0")
         self.budget_bytes = budget_bytes
@@ -87,7 +90,7 @@ class PrefixCache:
         added = 0
         for start in range(len(chain) * size, len(tokens) - size + 1, size):
             block = tuple(tokens[start:start + size])
-            key = hash((parent, block))
+            key = chain_key(parent, block)
             if key in self._blocks:  # another chain's block under the same hash: stop here
                 break
             keys, values = read(start, start + size)
@@ -115,7 +118,7 @@ class PrefixCache:
         parent: int | None = None
         for start in range(0, len(tokens) - size + 1, size):
             block = tuple(tokens[start:start + size])
-            key = hash((parent, block))
+            key = chain_key(parent, block)
             entry = self._blocks.get(key)
             if entry is None or entry.parent != parent or entry.tokens != block:
                 break

@@ -125,6 +125,23 @@ def test_stream_cancel_and_bad_input(fleet: tuple[SpotEmulator, ServingClient], 
     _check_monitoring(llm)
 
 
+@pytest.mark.timeout(180)
+def test_a_follow_up_turn_goes_to_the_replica_holding_the_conversation(
+        fleet: tuple[SpotEmulator, ServingClient], checkpoint: Path) -> None:
+    _, llm = fleet
+    generator = torch.Generator().manual_seed(11)
+    first = torch.randint(1, 320, (150,), generator=generator).tolist()
+    answer = llm.submit(first, max_new_tokens=20, ignore_eos=True).result(timeout=60).token_ids
+    follow_up = [*first, *answer, 7, 8, 9]
+    # the replica that served the first turn is made busier than the others (105 queued tokens),
+    # yet still gets the follow-up: its cache saves 168 tokens of prefill
+    blocker = llm.submit([5, 6, 7, 8, 9], max_new_tokens=100, ignore_eos=True)
+    second = llm.submit(follow_up, max_new_tokens=20, ignore_eos=True).result(timeout=60)
+    blocker.result(timeout=60)
+    assert second.token_ids == _reference(checkpoint, [follow_up], 20)[0]
+    assert llm.status()["prefix_tokens_reused"] >= 168
+
+
 def _check_monitoring(llm: ServingClient) -> None:
     """The prometheus collector (scheduler process = this process) and the Streamlit page."""
     from prometheus_client import generate_latest
