@@ -84,6 +84,8 @@ class ReplicaOptions:
 class ReplicaActor:
     """One replica of the model on this worker, serving requests the controller hands it."""
 
+    WEIGHT_CHUNK_BYTES = 64 * 2**20  #: weights per message when this replica sends them to a peer
+
     def __init__(self, replica_id: str, options: ReplicaOptions, shards: Sequence[str] = (),
                  parallel: tuple[int, int] | None = None, deferred: bool = False) -> None:
         """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`);
@@ -176,8 +178,6 @@ class ReplicaActor:
         """(Deferred replica) hold these requests (with their KV) until `build` resumes them."""
         self._adopted.extend(states)
         return len(states)
-
-    WEIGHT_CHUNK_BYTES = 64 * 2**20  #: weights per message when this replica sends them to a peer
 
     def push_weights(self, target: Any, timeout: float = 120.0) -> int:
         """Send this whole-model replica's weights to `target` (a deferred replica:

@@ -177,8 +177,8 @@ class LLMEngine:
         samplers = [self._requests[w.request_id] for w in works if w.sample]
         chosen = sample_tokens(logits, [r.params for r in samplers], [len(r.output_ids) for r in samplers])
         for work in works:
-            self._requests[work.request_id].num_computed += len(work.token_ids)
             request = self._requests[work.request_id]
+            request.num_computed += len(work.token_ids)
             if work.start_position < len(request.prompt_ids) <= work.start_position + len(work.token_ids):
                 self._offer_prefix(request.request_id, request.prompt_ids)  # its prompt is computed
         now = self.clock()
@@ -289,7 +289,7 @@ class LLMEngine:
         config = self._parallel_config(parallel) if parallel is not None else None
         if config is None or (config.P, config.M) == (1, 1):
             if prefix_cache_bytes is None:
-                return LocalExecutor(self.model.network, self.spec)
+                prefix_cache_bytes = LocalExecutor.DEFAULT_PREFIX_CACHE_BYTES
             return LocalExecutor(self.model.network, self.spec, prefix_cache_bytes=prefix_cache_bytes)
         from elastic_llm.engine.replica.sharded_executor import ShardedExecutor
 
