@@ -73,15 +73,12 @@ class PrefixAffinity:
 
     def matched_tokens(self, replica: str, tokens: Sequence[int]) -> int:
         """Tokens at the start of `tokens` whose blocks `replica` has seen."""
-        seen = self._seen.get(replica)
-        if not seen:
-            return 0
-        matched = 0
-        for key in block_keys(tokens, self.block_size):
-            if key not in seen:
-                break
-            matched += self.block_size
-        return matched
+        return self._matched(replica, block_keys(tokens, self.block_size))
+
+    def _matched(self, replica: str, keys: list[int]) -> int:
+        seen = self._seen.get(replica, {})
+        blocks = next((i for i, key in enumerate(keys) if key not in seen), len(keys))
+        return blocks * self.block_size
 
     def choose(self, tokens: Sequence[int], load: Mapping[str, int]) -> str:
         """The replica for a request of `tokens`, given each candidate's queued work in tokens.
@@ -92,9 +89,10 @@ class PrefixAffinity:
         if not load:
             raise ValueError("no replica to choose from")
         least = min(load, key=lambda r: (load[r], r))
-        best, best_matched = least, self.matched_tokens(least, tokens)
+        keys = block_keys(tokens, self.block_size)
+        best, best_matched = least, self._matched(least, keys)
         for replica in sorted(load):
-            matched = self.matched_tokens(replica, tokens)
+            matched = self._matched(replica, keys)
             if matched > best_matched and load[replica] - load[least] <= matched:
                 best, best_matched = replica, matched
         return best
