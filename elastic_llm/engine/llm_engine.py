@@ -35,6 +35,7 @@ from elastic_llm.scheduling import (
     SchedulerOutput,
     plan_iteration,
 )
+from elastic_llm.scheduling.affinity import block_keys, common_blocks
 
 Prompt = str | Sequence[int]
 
@@ -58,6 +59,10 @@ class LLMEngine:
             prefix (e.g. a shared system prompt); 0 turns prefix caching off. Applies to the
             default in-process executor; None: its default (64 MiB).
     """
+
+    #: a prompt sharing at least this many uncached prefix tokens with another prompt of the same
+    #: pass waits one iteration for that prefix's KV instead of computing it again
+    SHARED_PREFILL_MIN = 16
 
     def __init__(self, model: LoadedModel | str | os.PathLike[str] = DEFAULT_MODEL, *,
                  scheduler: RequestScheduler | None = None, limits: BatchLimits | None = None,
@@ -173,6 +178,9 @@ class LLMEngine:
             request = self._requests[scheduled.request_id]
             reuse = reused[request.request_id] = self._reuse_prefix(request, scheduled.num_tokens)
             works.append(self._work(request, self._compute_budget(scheduled.num_tokens, reuse)))
+        deferred = self._shared_prefill_followers(works)
+        works = [w for w in works if w.request_id not in deferred]
+        self._counters.prefills_deferred += len(deferred)
         logits = self.executor.execute(works)
         samplers = [self._requests[w.request_id] for w in works if w.sample]
         chosen = sample_tokens(logits, [r.params for r in samplers], [len(r.output_ids) for r in samplers])
@@ -235,6 +243,30 @@ class LLMEngine:
         request.num_computed = reused
         self._counters.prefix_tokens_reused += reused
         return reused
+
+    def _shared_prefill_followers(self, works: Sequence[StepWork]) -> set[str]:
+        """Prompts that would compute the same uncached prefix (at least `SHARED_PREFILL_MIN`
+        tokens) in this pass as an earlier prompt of the pass, which computes its whole prompt
+        now: they wait one iteration and then copy that prefix from the prefix cache."""
+        cache = getattr(self.executor, "prefixes", None)
+        if cache is None:
+            return set()
+        leaders: dict[int, list[int]] = {}  # first block key -> the leader's block keys
+        followers: set[str] = set()
+        for work in works:
+            if work.start_position != 0:  # already continuing from cached or computed KV
+                continue
+            keys = block_keys(work.token_ids, cache.block_size)
+            if not keys:
+                continue
+            leader = leaders.get(keys[0])
+            if leader is None:
+                if work.sample:  # its whole prompt is computed now, so cached after this pass
+                    leaders[keys[0]] = keys
+                continue
+            if common_blocks(keys, leader) * cache.block_size >= self.SHARED_PREFILL_MIN:
+                followers.add(work.request_id)
+        return followers
 
     def _compute_budget(self, scheduled: int, reused: int) -> int:
         """Tokens to compute for a request scheduled `scheduled` tokens that reused `reused`."""

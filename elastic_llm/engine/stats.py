@@ -21,6 +21,7 @@ class EngineStats:
     bytes_swapped_in: int  #: KV bytes copied host -> device (blocking and prefetched)
     swap_seconds: float  #: time the engine loop spent blocked on swap copies
     prefix_tokens_reused: int = 0  #: prompt tokens whose KV was copied from the prefix cache
+    prefills_deferred: int = 0  #: prompts that waited an iteration to copy a prefix another computed
 
 
 class EngineCounters:
@@ -33,6 +34,7 @@ class EngineCounters:
         self.tokens_dropped = 0
         self.peak_device_kv_bytes = 0
         self.prefix_tokens_reused = 0
+        self.prefills_deferred = 0
 
     def record_iteration(self, works: Sequence[StepWork], preempted: int, device_kv_bytes: int) -> None:
         """Count one executed iteration."""
@@ -53,4 +55,5 @@ class EngineCounters:
             bytes_swapped_in=getattr(executor, "bytes_swapped_in", 0),
             swap_seconds=getattr(executor, "swap_seconds", 0.0),
             prefix_tokens_reused=self.prefix_tokens_reused,
+            prefills_deferred=self.prefills_deferred,
         )

@@ -38,6 +38,11 @@ def block_keys(tokens: Sequence[int], block_size: int = BLOCK_SIZE) -> list[int]
     return keys
 
 
+def common_blocks(keys: Sequence[int], other: Sequence[int]) -> int:
+    """How many leading blocks two `block_keys` lists share (chained keys: equal means same prefix)."""
+    return next((i for i, (a, b) in enumerate(zip(keys, other)) if a != b), min(len(keys), len(other)))
+
+
 class PrefixAffinity:
     """Which prefix blocks each replica has seen, and the routing choice that follows.
 

@@ -145,3 +145,18 @@ def test_smollm2_chat_prompts_share_the_system_prompt(smollm2) -> None:  # type:
     assert got == expected
     # the chat template's system prompt and "user" framing: 24 tokens, three whole blocks of 8
     assert cached.stats().prefix_tokens_reused == 24
+
+
+def test_prompts_arriving_together_compute_a_shared_prefix_once(tiny_checkpoint: Callable[[str], Path]) -> None:
+    path = tiny_checkpoint("llama-gqa-untied")
+    shared = list(range(30, 54))  # 24 tokens: three whole blocks
+    prompts = [shared + [1, 2, 3], shared + [4, 5], shared[:12] + [6, 7, 8], [9] * 20 + [10]]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    plain = _engine(path, 0).generate(prompts, params)
+    engine = _engine(path, 1 << 20)
+    together = engine.generate(prompts, params)  # one batch: all four scheduled in the first pass
+    assert [c.token_ids for c in together] == [c.token_ids for c in plain]
+    stats = engine.stats()
+    # the second prompt waits one pass and copies the 24 shared tokens; the third shares only one
+    # block (8 tokens, below the 16-token threshold) and the fourth nothing: both compute at once
+    assert stats.prefills_deferred == 1 and stats.prefix_tokens_reused == 24
