@@ -180,6 +180,8 @@ class LLMEngine:
             works.append(self._work(request, self._compute_budget(scheduled.num_tokens, reuse)))
         deferred = self._shared_prefill_followers(works)
         works = [w for w in works if w.request_id not in deferred]
+        for request_id in deferred:
+            self._requests[request_id].prefill_deferred = True
         self._counters.prefills_deferred += len(deferred)
         logits = self.executor.execute(works)
         samplers = [self._requests[w.request_id] for w in works if w.sample]
@@ -247,15 +249,16 @@ class LLMEngine:
     def _shared_prefill_followers(self, works: Sequence[StepWork]) -> set[str]:
         """Prompts that would compute the same uncached prefix (at least `SHARED_PREFILL_MIN`
         tokens) in this pass as an earlier prompt of the pass, which computes its whole prompt
-        now: they wait one iteration and then copy that prefix from the prefix cache."""
+        now: they wait one iteration and then copy that prefix from the prefix cache. A prompt
+        waits at most once (if the cache could not keep the prefix, it computes it next time)."""
         cache = getattr(self.executor, "prefixes", None)
         if cache is None:
             return set()
         leaders: dict[int, list[int]] = {}  # first block key -> the leader's block keys
         followers: set[str] = set()
         for work in works:
-            if work.start_position != 0:  # already continuing from cached or computed KV
-                continue
+            if work.start_position != 0 or self._requests[work.request_id].prefill_deferred:
+                continue  # continuing from cached or computed KV, or it waited once already
             keys = block_keys(work.token_ids, cache.block_size)
             if not keys:
                 continue

@@ -37,6 +37,7 @@ class EngineRequest:
         self.params = params
         self.output_ids: list[int] = []
         self.num_computed = 0  #: tokens whose keys/values the executor holds
+        self.prefill_deferred = False  #: it once waited a pass for a prefix another prompt computed
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None
         self.finish_reason: FinishReason | None = None

@@ -160,3 +160,16 @@ def test_prompts_arriving_together_compute_a_shared_prefix_once(tiny_checkpoint:
     # the second prompt waits one pass and copies the 24 shared tokens; the third shares only one
     # block (8 tokens, below the 16-token threshold) and the fourth nothing: both compute at once
     assert stats.prefills_deferred == 1 and stats.prefix_tokens_reused == 24
+
+
+def test_a_cache_too_small_for_the_shared_prefix_costs_one_pass_and_no_token(
+        tiny_checkpoint: Callable[[str], Path]) -> None:
+    path = tiny_checkpoint("llama-gqa-untied")
+    shared = list(range(30, 54))
+    prompts = [shared + [1, 2, 3], shared + [4, 5]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = [c.token_ids for c in _engine(path, 0).generate(prompts, params)]
+    # a budget below one block: nothing is kept, so the follower waits once and then computes it all
+    engine = _engine(path, 100)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+    assert engine.stats().prefills_deferred == 1 and engine.stats().prefix_tokens_reused == 0
