@@ -106,6 +106,8 @@ class ElasticController(Evacuation, Placement, ShardedControl, SchedulerPlugin):
         self.profile = profile
         self._planner = None  # ShapePlanner, made when first needed (the model spec comes from a worker)
         self._fixed_shape = None  # the baselines' shape, once chosen
+        self._planned_rate = None  # arrival rate (requests/s) the sharded fleet's shapes were planned for
+        self.load_replans: list[dict[str, float]] = []  #: plans made again because the load moved
         self._placing = None  # asyncio.Lock serialising sharded placement (made in start)
         self.reshards: list[dict[str, Any]] = []  #: every switch of a sharded replica's shape
         self._start_seconds = 5.0  # how long a replica took to start, last time (seconds)
@@ -131,6 +133,8 @@ class ElasticController(Evacuation, Placement, ShardedControl, SchedulerPlugin):
         self._client = await Client(scheduler.address, asynchronous=True, name="elastic-llm-controller")
         if self.replica_options.sharded:
             self._spawn(self._place_sharded())
+            if self.replica_options.auto_parallel and self.policy == "spotserve":
+                self._spawn(self._watch_load())
         else:
             for address in list(scheduler.workers):
                 self._spawn(self._place_replica(address))
@@ -260,6 +264,7 @@ class ElasticController(Evacuation, Placement, ShardedControl, SchedulerPlugin):
             "tokens_committed": sum(len(r.committed) for r in self.table.records()),
             "notices": [asdict(n) for n in self.notices],
             "reshards": list(self.reshards),
+            "load_replans": list(self.load_replans),
             "cost": self._cost(tokens),
             "controller_overhead": self._loops.overhead(),
             "prefix_tokens_reused": self._loops.prefix_tokens_reused(),

@@ -96,6 +96,17 @@ class ShapePlanner:
         return self._optimizers[memory_bytes]
 
 
+def load_changed(planned: float | None, current: float, factor: float = 2.0,
+                 floor: float = 1.0 / 60) -> bool:
+    """Whether the arrival rate moved far enough from the one the running shapes were planned
+    for to plan again: by `factor` or more either way. Rates under `floor` (requests/s) count
+    as `floor`, so that a trickle of requests does not re-plan again and again."""
+    if planned is None:
+        return False
+    low, high = sorted((max(planned, floor), max(current, floor)))
+    return high >= factor * low
+
+
 def fit_shape(current: tuple[int, int], workers: int) -> tuple[int, int]:
     """Without a planner (an explicit `ReplicaOptions.parallel`): the (P, M) a replica that lost
     workers switches to on `workers` workers: the most positions that fit, preferring the current

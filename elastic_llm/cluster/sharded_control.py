@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from elastic_llm.cluster.instance import instance_info
 from elastic_llm.cluster.replicas import NoticeRecord, ReplicaHandle, ReplicaState
-from elastic_llm.cluster.shapes import ShapePlanner, cpu_profile, fit_shape
+from elastic_llm.cluster.shapes import ShapePlanner, cpu_profile, fit_shape, load_changed
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.planning.errors import NoFeasibleConfigError
 from elastic_llm.planning.measured import MeasuredProfile
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: Window (seconds) over which the arrival rate handed to the optimizer is measured.
 RATE_WINDOW_S = 60.0
+#: Seconds between checks of the arrival rate against the one the shapes were planned for.
+LOAD_CHECK_S = 5.0
 
 
 def model_spec_of(model: str) -> ModelSpec:
@@ -62,6 +64,8 @@ class ShardedControl:
 
     _fixed_shape: tuple[int, int] | None
     _planner: ShapePlanner | None
+    _planned_rate: float | None
+    load_replans: list[dict[str, float]]
     _placing: asyncio.Lock | None
     _start_seconds: float
     profile: str | os.PathLike[str] | InstanceProfile | None
@@ -109,14 +113,32 @@ class ShardedControl:
         if workers < 1:
             return None
         planner = await self._shape_planner()
+        rate = self._arrival_rate()
         try:
-            decision = planner.choose(workers, self._memory_budget(), self._arrival_rate(), current)
+            decision = planner.choose(workers, self._memory_budget(), rate, current)
         except NoFeasibleConfigError as exc:
             logger.info("no replica shape fits %d workers: %s", workers, exc)
             return None
         if self.policy != "spotserve":  # the baselines keep their first shape
             self._fixed_shape = decision.shape
+        if current is None:  # a plan for the whole fleet: the rate it was made for
+            self._planned_rate = rate
         return decision.shape
+
+    async def _watch_load(self: ElasticController) -> None:
+        """(spotserve, parallel="auto") Plan the fleet again when the arrival rate of the last
+        minute has moved 2x or more from the one its shapes were planned for."""
+        while True:
+            await asyncio.sleep(LOAD_CHECK_S)
+            rate = self._arrival_rate()
+            if not load_changed(self._planned_rate, rate):
+                continue
+            logger.info("arrival rate %.3f/s, planned for %.3f/s: planning again", rate, self._planned_rate)
+            self.load_replans.append({"time": time.time(), "planned_rate": self._planned_rate, "rate": rate})
+            try:
+                await self._place_sharded()
+            except Exception:  # noqa: BLE001 - the next membership change or check tries again
+                logger.exception("elastic_llm: re-planning for load failed")
 
     # ------------------------------------------------------------------ placement and growth
     async def _place_sharded(self: ElasticController) -> None:

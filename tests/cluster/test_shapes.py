@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from elastic_llm.cluster.replica_actor import ReplicaOptions
-from elastic_llm.cluster.shapes import CPU_WORKER, ShapePlanner, cpu_profile, fit_shape, with_memory_budget
+from elastic_llm.cluster.shapes import (
+    CPU_WORKER,
+    ShapePlanner,
+    cpu_profile,
+    fit_shape,
+    load_changed,
+    with_memory_budget,
+)
 from elastic_llm.model.spec import described_model
 from elastic_llm.planning.errors import NoFeasibleConfigError
 from elastic_llm.planning.measured import MeasuredProfile
@@ -65,3 +72,10 @@ def test_fit_shape_keeps_the_most_positions_and_prefers_the_tensor_degree() -> N
     assert fit_shape((2, 1), 4) == (4, 1)
     with pytest.raises(ValueError):
         fit_shape((1, 1), 0)
+
+
+def test_load_changed_needs_a_2x_move_either_way_above_a_floor() -> None:
+    assert not load_changed(None, 5.0)  # nothing planned yet
+    assert load_changed(0.0, 0.67) and load_changed(1.0, 2.0) and load_changed(2.0, 1.0)
+    assert not load_changed(1.0, 1.9) and not load_changed(1.0, 0.6)
+    assert not load_changed(0.0, 0.01)  # both under the floor of one request a minute
