@@ -78,6 +78,8 @@ def run_demo(model: str = DEFAULT_MODEL, max_new_tokens: int = 96, grace_s: floa
         f"{sum(n['migrated'] for n in status['notices'])} migrated with their KV "  # type: ignore[union-attr]
         f"({status['kv_bytes_migrated'] / 2**20:.1f} MiB)",
         f"{status['tokens_recomputed']} tokens recomputed",
+        f"{status['weight_bytes_from_peers'] / 2**20:.0f} MiB of weights from peers",
+        f"{status['prefix_tokens_reused']} prompt tokens reused",
         f"cost ${status['cost']['spot_usd']:.4f} on spot vs "  # type: ignore[index]
         f"${status['cost']['on_demand_only_usd']:.4f} on demand",  # type: ignore[index]
     ]))

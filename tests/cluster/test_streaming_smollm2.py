@@ -42,3 +42,4 @@ def test_quickstart_demo_migrates_and_summarises(smollm2: Any, capsys: pytest.Ca
     assert "Paris" in out and "[spot] spot-3 joined" in out
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("summary: 4 requests finished") and "0 tokens recomputed" in summary
+    assert "MiB of weights from peers" in summary and "prompt tokens reused" in summary
