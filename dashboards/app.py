@@ -88,6 +88,11 @@ def live() -> None:
     if status.get("reshards"):
         st.subheader("shape changes (P, M) of sharded replicas")
         st.dataframe(pd.DataFrame(status["reshards"]), use_container_width=True)
+    if status.get("load_replans"):
+        st.subheader("plans made again because the arrival rate moved (requests/s)")
+        replans = pd.DataFrame(status["load_replans"])
+        replans["time"] = pd.to_datetime(replans["time"], unit="s")
+        st.dataframe(replans, use_container_width=True)
     st.caption(f"updated {time.strftime('%H:%M:%S')} - controller overhead "
                f"{status['controller_overhead']:.2%} of step time")
 

@@ -56,6 +56,18 @@ def expected(model: LoadedModel, prompts: list[list[int]]) -> list[tuple[int, ..
     return [c.token_ids for c in LLMEngine(model).generate(prompts, GREEDY)]
 
 
+def _dashboard(address: str) -> list[str]:
+    """The Streamlit monitor's subheaders for the controller at `address` (no errors allowed)."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(str(Path(__file__).parents[2] / "dashboards" / "app.py"), default_timeout=60)
+    app.run()
+    app.sidebar.text_input[0].set_value(address)
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    return [header.value for header in app.subheader]
+
+
 def _the_ready_replica(llm: ServingClient, timeout: float) -> dict:  # type: ignore[type-arg]
     """Wait until exactly one replica is ready; its status entry."""
     (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
@@ -280,7 +292,9 @@ def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, mode
             wait_for(lambda: sum(r["state"] == "ready" for r in llm.status()["replicas"]) == 4, timeout=120)
             results = [f.result(timeout=120) for f in futures]
             status = llm.status()
+            page = _dashboard(client.scheduler.address)
     assert [r.token_ids for r in results] == want
+    assert "plans made again because the arrival rate moved (requests/s)" in page
     (replan,) = status["load_replans"]
     assert replan["planned_rate"] == 0.0 and replan["rate"] >= 0.5
     (shrink,) = status["reshards"]
