@@ -67,8 +67,7 @@ class LoopStats:
     def record(self, replica: str, loop: Sequence[float]) -> None:
         """Adopt the counters of one commit message."""
         self._counters[replica] = (int(loop[0]), loop[1], loop[2], loop[3])
-        if len(loop) > 4:
-            self._prefix_reused[replica] = int(loop[4])
+        self._prefix_reused[replica] = int(loop[4])
 
     def prefix_tokens_reused(self) -> int:
         """Prompt tokens the replicas took from their prefix caches instead of computing them."""

@@ -68,6 +68,16 @@ def _dashboard(address: str) -> list[str]:
     return [header.value for header in app.subheader]
 
 
+def _preempt_mid_generation(llm: ServingClient, prompts: list[list[int]], new_tokens: int, worker: str,
+                            grace_s: float) -> tuple[list, dict]:  # type: ignore[type-arg]
+    """Generate `prompts`; once two tokens per prompt are committed, preempt `worker` with
+    `grace_s` of notice. Returns the results and the final status."""
+    futures = llm.map(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
+    assert llm.preempt(worker, grace_s=grace_s) == "accepted"
+    return [f.result(timeout=120) for f in futures], llm.status()
+
+
 def _the_ready_replica(llm: ServingClient, timeout: float) -> dict:  # type: ignore[type-arg]
     """Wait until exactly one replica is ready; its status entry."""
     (replica,) = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"],
@@ -318,11 +328,7 @@ def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor_replica
         with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
             replica = _the_ready_replica(llm, timeout=90)
             leader = replica["worker"]
-            futures = llm.map(prompts, max_new_tokens=200, ignore_eos=True)
-            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
-            assert llm.preempt(leader, grace_s=6.0) == "accepted"
-            results = [f.result(timeout=120) for f in futures]
-            status = llm.status()
+            results, status = _preempt_mid_generation(llm, prompts, 200, leader, grace_s=6.0)
     assert [r.token_ids for r in results] == want
     (after,) = [r for r in status["replicas"] if r["state"] == "ready"]
     assert after["replica"] != replica["replica"] and leader not in after["shards"]
@@ -350,11 +356,7 @@ def test_reroute_dissolves_a_sharded_replica_that_loses_a_worker_and_its_request
                            chat=False) as llm:
             replica = _the_ready_replica(llm, timeout=90)
             (other,) = [w for w in replica["shards"] if w != replica["worker"]]
-            futures = llm.map(prompts, max_new_tokens=120, ignore_eos=True)
-            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
-            assert llm.preempt(other, grace_s=3.0) == "accepted"
-            results = [f.result(timeout=120) for f in futures]
-            status = llm.status()
+            results, status = _preempt_mid_generation(llm, prompts, 120, other, grace_s=3.0)
     assert [r.token_ids for r in results] == want
     assert status["requests_restarted"] == len(prompts) and status["kv_bytes_migrated"] == 0
     assert not status["reshards"]  # the shape never changed: the replica was replaced
