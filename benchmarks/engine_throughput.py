@@ -4,12 +4,14 @@ Same model (the embedded SmolLM2-135M-Instruct, fp32, the same cached safetensor
 same prompts, greedy decoding:
 
 1. static batches of 1, 8 and 32 requests, 64 new tokens each (tokens/s including prefill, and
-   decode-only tokens/s: the tokens after each request's first / the time after the first step).
+   decode-only tokens/s: the tokens generated after the step by which every request had its
+   first token / the time after that step; a prefill may take several steps).
    Ours runs three times: prefix caching off; on but empty ("cold", the default engine on a
    fresh start: prompts arriving together that share a prefix compute it once); and on with
    only the chat template's system prompt (24 tokens) cached, by one unrelated chat request, as
-   on a server whose earlier traffic used the same template. The benchmark's prompts repeat, so
-   a cache kept between runs would reuse whole prompts: it is cleared before each run;
+   on a server whose earlier traffic used the same template. The prompts of a batch are
+   distinct ("Request k: ..."), so they share only the template's system prompt; a cache kept
+   between runs would reuse whole prompts, so it is cleared before each run;
 2. a mixed workload: requests arrive spread out (Poisson), each wants 16-256 tokens. Our engine
    batches continuously (requests join and leave at any iteration); transformers must batch
    statically: each batch takes every request that has arrived and runs until its longest member
@@ -38,7 +40,6 @@ import torch
 
 from elastic_llm import LLMEngine, SamplingParams
 from elastic_llm.model.loader import load_model
-from elastic_llm.scheduling import BatchLimits
 
 BASE_PROMPTS = (
     "Tell me a story about a dragon who learns to cook.",
@@ -85,19 +86,25 @@ class OtherLoad:
 
 
 class TokenClock:
-    """Times each generated token of a batch: `marks[0]` is when the first token (the prefill's)
-    was done, `marks[-1]` the last. Decode throughput = tokens after the first / (last - first)."""
+    """Times a batch's generation step by step: each tick records the time, the tokens generated
+    in that step and whether every request had its first token by then.
+
+    Decode throughput = tokens generated after the first tick at which every request had started
+    / the time from that tick to the last. (A prefill may take several steps: chunked prefill.)
+    """
 
     def __init__(self) -> None:
-        self.marks: list[float] = []
+        self.marks: list[tuple[float, int, bool]] = []
 
-    def tick(self) -> None:
-        self.marks.append(time.perf_counter())
+    def tick(self, tokens: int, all_started: bool) -> None:
+        self.marks.append((time.perf_counter(), tokens, all_started))
 
-    def decode_tok_s(self, batch_size: int, new_tokens: int) -> float:
-        if len(self.marks) != new_tokens:  # e.g. a prefill split over several steps
-            raise RuntimeError(f"{len(self.marks)} ticks for {new_tokens} tokens: not one per token")
-        return batch_size * (new_tokens - 1) / (self.marks[-1] - self.marks[0])
+    def decode_tok_s(self) -> float:
+        start = next((i for i, mark in enumerate(self.marks) if mark[2]), None)
+        if start is None or start == len(self.marks) - 1:
+            raise RuntimeError("no decode steps after every request started")
+        tokens = sum(mark[1] for mark in self.marks[start + 1:])
+        return tokens / (self.marks[-1][0] - self.marks[start][0])
 
 
 def _stopping_clock(clock: TokenClock):  # type: ignore[no-untyped-def]
@@ -106,7 +113,7 @@ def _stopping_clock(clock: TokenClock):  # type: ignore[no-untyped-def]
 
     class Tick(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):  # type: ignore[no-untyped-def]
-            clock.tick()
+            clock.tick(input_ids.shape[0], True)
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     return StoppingCriteriaList([Tick()])
@@ -132,9 +139,11 @@ def ours_generate(engine: LLMEngine, batch: list[list[int]], params: SamplingPar
     ids = [f"bench-{i}" for i in range(len(batch))]
     for request_id, prompt in zip(ids, batch, strict=True):
         engine.add_request(request_id, prompt, params)
+    started: set[str] = set()
     while engine.has_unfinished():
-        engine.step()
-        clock.tick()
+        outputs = engine.step()
+        started.update(out.request_id for out in outputs if out.new_token_ids)
+        clock.tick(sum(len(out.new_token_ids) for out in outputs), len(started) == len(ids))
     for request_id in ids:
         engine.pop_completion(request_id)
 
@@ -157,15 +166,23 @@ class PrefixCaching:
             self.engine.generate([self.WARM_PROMPT], SamplingParams(max_new_tokens=1), chat=True)
 
 
+def distinct_prompts(engine: LLMEngine, n: int) -> list[list[int]]:
+    """`n` chat prompts that differ right after the chat template's framing ("Request k: ..."):
+    the only prefix they share is the template's system prompt, as with distinct users."""
+    assert engine.tokenizer is not None
+    return [engine.tokenizer.chat_prompt_ids(f"Request {i + 1}: {BASE_PROMPTS[i % len(BASE_PROMPTS)]}")
+            for i in range(n)]
+
+
 def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]],  # type: ignore[no-untyped-def]
                    sizes: tuple[int, ...] = (1, 8, 32), repeats: int = 1) -> list[dict]:
     """Each size: `repeats` rounds of our engine in every prefix-cache mode, then transformers.
-    Decode-only throughput comes from the "off" runs (one engine step per token there)."""
+    Decode-only throughput comes from the "off" runs (every prompt prefilled in full there)."""
     rows = []
     prefixes = PrefixCaching(engine)
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
     for batch_size in sizes:
-        batch = [prompts[i % len(prompts)] for i in range(batch_size)]
+        batch = prompts[:batch_size]
         load = OtherLoad()
         runs: dict[str, list[float]] = {name: [] for name in (*PrefixCaching.MODES, "transformers")}
         decode: dict[str, list[float]] = {"off": [], "transformers": []}
@@ -183,13 +200,13 @@ def static_batches(engine: LLMEngine, hf_model, prompts: list[list[int]],  # typ
                 after = engine.stats()
                 reused[mode] = after.prefix_tokens_reused - before.prefix_tokens_reused
                 if mode == "off":
-                    decode["off"].append(clock.decode_tok_s(batch_size, 64))
+                    decode["off"].append(clock.decode_tok_s())
             hf_generate(hf_model, batch[:1], 2)
             clock = TokenClock()
             started = time.perf_counter()
             hf_generate(hf_model, batch, 64, clock)
             runs["transformers"].append(batch_size * 64 / (time.perf_counter() - started))
-            decode["transformers"].append(clock.decode_tok_s(batch_size, 64))
+            decode["transformers"].append(clock.decode_tok_s())
         best = {name: max(values) for name, values in runs.items()}
         theirs = best["transformers"]
         dec_ours, dec_theirs = max(decode["off"]), max(decode["transformers"])
@@ -284,14 +301,15 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     model = load_model("smollm2-135m-instruct")
-    engine = LLMEngine(model, limits=BatchLimits(max_batch_size=32, max_batch_tokens=4096))
+    engine = LLMEngine(model)  # default limits: 32 requests, on a CPU 512 tokens per iteration
     hf_model = LlamaForCausalLM.from_pretrained(model.checkpoint_dir).eval()
     assert model.tokenizer is not None
     prompts = [model.tokenizer.chat_prompt_ids(p) for p in BASE_PROMPTS]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}", flush=True)
+          f"torch {torch.__version__}, engine limits {engine.limits}", flush=True)
     sizes = tuple(size for size in (1, 8, 32) if f"batch{size}" in parts)
-    static = static_batches(engine, hf_model, prompts, sizes, max(1, args.repeats))
+    static = static_batches(engine, hf_model, distinct_prompts(engine, max(sizes, default=1)), sizes,
+                            max(1, args.repeats))
     mixed: list[dict] = []
     if "mixed" in parts:
         PrefixCaching(engine).set("off")

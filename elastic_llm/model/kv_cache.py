@@ -6,8 +6,8 @@ Two layouts with one interface (`reserve`, `write_and_read`, `advance`, `read`, 
   shaped ``[kv_heads, capacity, head_dim]``; the first ``length`` positions are valid. Capacity
   grows by doubling so appends are amortised O(1) and reads are views (no copy).
 - `PooledKVCache`: a slot of a `KVPool` that holds many requests in one
-  ``[layers, slots, kv_heads, capacity, head_dim]`` tensor pair, so that the decode step of a
-  whole batch writes its keys/values and attends with a few batched ops per layer.
+  ``[layers, 2, slots, kv_heads, capacity, head_dim]`` tensor (keys, then values), so that the
+  decode step of a whole batch writes its keys/values and attends with a few batched ops per layer.
 """
 
 from __future__ import annotations
@@ -130,8 +130,10 @@ class KVCache:
 class KVPool:
     """Preallocated KV storage shared by many requests, so decode attention can be batched.
 
-    Keys and values of every held layer live in two tensors shaped
-    ``[num_layers, slots, kv_heads, capacity, head_dim]``; each request owns one slot (a
+    Keys and values of every held layer live in one tensor shaped
+    ``[num_layers, 2, slots, kv_heads, capacity, head_dim]`` (index 0 keys, 1 values; `_keys` and
+    `_values` are views of it), so one indexed write stores a batch's keys and values of a layer;
+    each request owns one slot (a
     `PooledKVCache` handle). Slots and capacity grow by doubling (one copy of the pool, amortised);
     requests whose length would pass `max_capacity` do not fit and must use a private `KVCache`.
     Free slots are reused lowest first, so the live slots stay a compact range. The storage is
@@ -149,7 +151,7 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)
         self.max_capacity = max_capacity
         self._initial = (max(1, slots), max(1, min(capacity, max_capacity)))
-        self._keys = self._values = self._no_storage()
+        self._set_storage(self._no_storage())
         self._owners: list[PooledKVCache | None] = []
 
     # ------------------------------------------------------------------ storage
@@ -176,22 +178,28 @@ class KVPool:
         """Values of absolute layer `layer`: ``[slots, kv_heads, capacity, head_dim]`` (a view)."""
         return self._values[layer - self.layer_start]
 
+    def kv(self, layer: int) -> torch.Tensor:
+        """Keys and values of absolute layer `layer`: ``[2, slots, kv_heads, capacity, head_dim]``."""
+        return self._kv[layer - self.layer_start]
+
     def _no_storage(self) -> torch.Tensor:
-        return torch.empty((self.num_layers, 0, self.num_kv_heads, 0, self.head_dim),
+        return torch.empty((self.num_layers, 2, 0, self.num_kv_heads, 0, self.head_dim),
                            dtype=self.dtype, device=self.device)
 
+    def _set_storage(self, kv: torch.Tensor) -> None:
+        self._kv = kv
+        self._keys, self._values = kv[:, 0], kv[:, 1]
+
     def _allocate_storage(self, slots: int, capacity: int) -> None:
-        shape = (self.num_layers, slots, self.num_kv_heads, capacity, self.head_dim)
-        self._keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self._values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (self.num_layers, 2, slots, self.num_kv_heads, capacity, self.head_dim)
+        self._set_storage(torch.zeros(shape, dtype=self.dtype, device=self.device))
         self._owners = [None] * slots
 
     def _resize(self, slots: int, capacity: int) -> None:
-        old_keys, old_values, owners = self._keys, self._values, self._owners
-        keep_slots, keep_len = min(slots, old_keys.shape[1]), min(capacity, old_keys.shape[3])
+        old, owners = self._kv, self._owners
+        keep_slots, keep_len = min(slots, old.shape[2]), min(capacity, old.shape[4])
         self._allocate_storage(slots, capacity)
-        self._keys[:, :keep_slots, :, :keep_len] = old_keys[:, :keep_slots, :, :keep_len]
-        self._values[:, :keep_slots, :, :keep_len] = old_values[:, :keep_slots, :, :keep_len]
+        self._kv[:, :, :keep_slots, :, :keep_len] = old[:, :, :keep_slots, :, :keep_len]
         self._owners[:keep_slots] = owners[:keep_slots]
 
     def fits(self, positions: int) -> bool:
@@ -244,7 +252,7 @@ class KVPool:
         if self._owners[cache.slot] is cache:
             self._owners[cache.slot] = None
         if self.live == 0:  # nothing left: give the memory back, start small next time
-            self._keys = self._values = self._no_storage()
+            self._set_storage(self._no_storage())
             self._owners = []
 
 

@@ -9,7 +9,7 @@ process, an all-reduce across ranks). Layers read their own slices from the chec
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,20 @@ class DecodeGroup:
     span_index: torch.Tensor | None  #: member -> index in the range; None: identity (span == n)
     masked: torch.Tensor  #: True where a key is hidden [span, 1, 1, max_len]
     max_len: int  #: longest member (keys attended per slot)
+    _biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def score_bias(self, kv_heads: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """0 where a key is seen, -inf where hidden, laid out as the batched scores
+        ``[span * kv_heads, group_size, max_len]``; built once per pass, shared by every layer."""
+        key = (kv_heads, group_size, dtype)
+        bias = self._biases.get(key)
+        if bias is None:
+            hidden = torch.zeros(self.masked.shape, dtype=dtype, device=self.masked.device)
+            hidden.masked_fill_(self.masked, float("-inf"))
+            bias = hidden.expand(self.span, kv_heads, group_size, self.max_len).reshape(
+                self.span * kv_heads, group_size, self.max_len)
+            self._biases[key] = bias
+        return bias
 
     @classmethod
     def build(cls, members: Sequence[SequenceSlice], window: int | None, total_rows: int,
@@ -178,15 +192,25 @@ class Linear(nn.Module):
         self._packed = (_weight_key(weight), packed)
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b, plus `residual` when given (added inside the packed kernel: one pass, the
+        same sums as adding afterwards)."""
         packed = self._packed
         if (packed is not None and x.dim() == 2 and x.shape[0] >= Linear.PACKED_MIN_ROWS
                 and x.dtype == torch.float32 and packed[0] == _weight_key(self.weight)):
             bias = self.bias
-            if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
-                return F.linear(x, self.weight, bias)
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[1], bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            if bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"):
+                if residual is None:
+                    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[1], bias, "none", [], "")
+                if residual.shape == (x.shape[0], self.weight.shape[0]) and residual.dtype == torch.float32:
+                    return torch.ops.mkldnn._linear_pointwise.binary(
+                        x.contiguous(), residual.contiguous(), packed[1], bias, "add")
+        out = F.linear(x, self.weight, self.bias)
+        if residual is None:
+            return out
+        if residual.shape != out.shape:
+            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(out.shape)}")
+        return residual + out
 
 
 class Embedding(nn.Module):
@@ -209,6 +233,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -216,7 +242,12 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half convention) with a cos/sin table grown on demand."""
+    """Rotary position embedding (rotate-half convention) with a cos/sin table grown on demand.
+
+    The sin table carries the rotate-half sign (its first half negated), so a rotation is
+    ``x * cos + swap_halves(x) * sin``: the same products and sums as
+    ``x * cos + rotate_half(x) * sin``, one negation fewer.
+    """
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
         super().__init__()
@@ -232,11 +263,13 @@ class Rotary(nn.Module):
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos = (emb.cos() * self.attention_scaling).to(dtype)
-            self._sin = (emb.sin() * self.attention_scaling).to(dtype)
+            sin = (emb.sin() * self.attention_scaling).to(dtype)
+            half = sin.shape[-1] // 2
+            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         return self._cos, self._sin
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of each row's position, shaped [T, 1, D] (computed once per pass)."""
+        """cos and signed sin of each row's position, shaped [T, 1, D] (computed once per pass)."""
         if positions.numel() == 0:
             cos_table, sin_table = self._table(1, dtype)
         else:
@@ -245,19 +278,20 @@ class Rotary(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate `q` [T, Hq, D] and `k` [T, Hkv, D] by each row's position."""
+        """Rotate `q` [T, Hq, D] and `k` [T, Hkv, D] by each row's position (new tensors)."""
         cos, sin = self.cos_sin(positions, q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` [T, H, D] by precomputed `cos_sin` rows."""
-        return x * cos + _rotate_half(x) * sin
+    def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` [T, H, D] in place by precomputed `cos_sin` rows; returns `x`."""
+        turned = _swap_halves(x).mul_(sin)
+        return x.mul_(cos).add_(turned)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
 
 def _causal_mask(num_new: int, total: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -299,30 +333,32 @@ class Attention(nn.Module):
         self.o.weight.data = weights.get(f"{prefix}o_proj.weight", 1, lo * d, hi * d).contiguous()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, layer: int,
-                seqs: Sequence[SequenceSlice] | AttentionBatch) -> torch.Tensor:
+                seqs: Sequence[SequenceSlice] | AttentionBatch,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output projected back to the hidden size, plus `residual` when given."""
         batch = seqs if isinstance(seqs, AttentionBatch) else AttentionBatch(list(seqs), None)
         tokens = x.shape[0]
         qkv = self.qkv(x)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q_width, kv_width = hq * d, hkv * d
+        q_width = hq * d
         if batch.cos is not None and batch.sin is not None:
-            # q and k rotated together: one set of elementwise ops for both
-            qk = Rotary.rotate(qkv[:, :q_width + kv_width].view(tokens, hq + hkv, d), batch.cos, batch.sin)
-            q, k = qk[:, :hq], qk[:, hq:]
+            cos, sin = batch.cos, batch.sin
         else:
-            q = qkv[:, :q_width].view(tokens, hq, d)
-            k = qkv[:, q_width:q_width + kv_width].view(tokens, hkv, d)
-            q, k = rotary(q, k, positions)
-        v = qkv[:, q_width + kv_width:].view(tokens, hkv, d)
+            cos, sin = rotary.cos_sin(positions, x.dtype)
+        # q and k rotated together, in place: keys and values stay side by side in `qkv`
+        qk = Rotary.rotate_(qkv[:, : q_width + hkv * d].view(tokens, hq + hkv, d), cos, sin)
+        q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, q_width + hkv * d:].view(tokens, hkv, d)
+        kv = qkv[:, q_width:].view(tokens, 2, hkv, d)  # each row's keys then values
         group = batch.decode
         if group is not None and group.rows is None and not batch.loop:
-            out = self._attend_decode(group, layer, q, k, v)
+            out = self._attend_decode(group, layer, q, kv)
         else:
             out = q.new_empty(tokens, hq, d)
             if group is not None:
                 rows = group.rows
-                picked = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
-                attended = self._attend_decode(group, layer, *picked)
+                attended = (self._attend_decode(group, layer, q, kv) if rows is None
+                            else self._attend_decode(group, layer, q[rows], kv[rows]))
                 if rows is None:
                     out[: attended.shape[0]] = attended
                 else:
@@ -333,25 +369,25 @@ class Attention(nn.Module):
                 rows_ = slice(seq.start, seq.start + seq.num_new)
                 keys, values = seq.cache.write_and_read(layer, k_heads[:, rows_], v_heads[:, rows_])
                 out[rows_] = self._attend(q_heads[:, rows_], keys, values).transpose(0, 1)
-        return self.reduce(self.o(out.reshape(tokens, q_width)))
+        return _project(self.o, self.reduce, out.reshape(tokens, q_width), residual)
 
-    def _attend_decode(self, group: DecodeGroup, layer: int, q: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor) -> torch.Tensor:
-        """One new token per member: q [n, H, D], k/v [n, Hkv, D] -> [n, H, D]."""
+    def _attend_decode(self, group: DecodeGroup, layer: int, q: torch.Tensor, kv: torch.Tensor
+                       ) -> torch.Tensor:
+        """One new token per member: q [n, H, D], kv [n, 2, Hkv, D] (keys, values) -> [n, H, D]."""
         n, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
-        pool_keys, pool_values = group.pool.keys(layer), group.pool.values(layer)
-        pool_keys[group.slots, :, group.write_positions] = k
-        pool_values[group.slots, :, group.write_positions] = v
-        span_slots = slice(group.lo, group.lo + group.span)
-        keys = pool_keys[span_slots, :, : group.max_len]  # [span, Hkv, L, D], a view
-        values = pool_values[span_slots, :, : group.max_len]
-        grouped = q.reshape(n, hkv, self.num_heads // hkv, d)  # query heads of one KV head together
+        size = self.num_heads // hkv  # query heads per KV head
+        pool_kv = group.pool.kv(layer)  # [2, slots, Hkv, capacity, D]
+        pool_kv[:, group.slots, :, group.write_positions] = kv
+        span_slots, length = slice(group.lo, group.lo + group.span), group.max_len
+        batched = group.span * hkv
+        keys = pool_kv[0, span_slots, :, :length].reshape(batched, length, d)  # views, no copy
+        values = pool_kv[1, span_slots, :, :length].reshape(batched, length, d)
+        grouped = q.reshape(n, hkv, size, d)  # query heads of one KV head together
         if group.span_index is not None:
-            grouped = grouped.new_zeros(group.span, *grouped.shape[1:]).index_copy_(
-                0, group.span_index, grouped)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [span, Hkv, G, L]
-        scores.mul_(d ** -0.5).masked_fill_(group.masked, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [span, Hkv, G, D]
+            grouped = grouped.new_zeros(group.span, hkv, size, d).index_copy_(0, group.span_index, grouped)
+        scores = torch.baddbmm(group.score_bias(hkv, size, q.dtype), grouped.reshape(batched, size, d),
+                               keys.transpose(1, 2), alpha=d ** -0.5)  # [span * Hkv, G, L]
+        out = torch.bmm(torch.softmax(scores, dim=-1), values).view(group.span, hkv, size, d)
         if group.span_index is not None:
             out = out.index_select(0, group.span_index)
         return out.reshape(n, self.num_heads, d)
@@ -392,10 +428,11 @@ class MLP(nn.Module):
         self.gate_up.weight.data = torch.cat((gate, up), 0).contiguous()
         self.down.weight.data = weights.get(f"{prefix}down_proj.weight", 1, lo, hi).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output, plus `residual` when given."""
         fused = self.gate_up(x)
         gate, up = fused[..., : self.width], fused[..., self.width:]  # width 0: an empty AutoTP rank
-        return self.reduce(self.down(F.silu(gate) * up))
+        return _project(self.down, self.reduce, F.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -419,5 +456,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 seqs: Sequence[SequenceSlice] | AttentionBatch) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), positions, rotary, self.index, seqs)
-        return x + self.mlp(self.post_attn_norm(x))
+        x = self.attn(self.input_norm(x), positions, rotary, self.index, seqs, residual=x)
+        return self.mlp(self.post_attn_norm(x), residual=x)
+
+
+def _project(linear: Linear, reduce: Reduce, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + reduce(linear(x))``; on one rank the residual is added inside the matrix
+    multiply. With several ranks it is added once, after the partial outputs are summed."""
+    if residual is None:
+        return reduce(linear(x))
+    if reduce is no_reduce:
+        return linear(x, residual)
+    return residual + reduce(linear(x))

@@ -189,3 +189,13 @@ def test_resume_rejects_kv_of_another_shape(engine_factory: Callable[..., LLMEng
     broken = replace(state, kv=replace(state.kv, keys=state.kv.keys[:-1]))
     with pytest.raises(InvalidRequestError, match="KV state"):
         engine_factory().resume_request(broken)
+
+
+def test_default_limits_prefill_in_chunks_on_a_cpu(tiny_checkpoint: Callable[[str], Path]) -> None:
+    """On a CPU the default token budget is `CPU_BATCH_TOKENS`; given limits are kept."""
+    from elastic_llm.model.loader import load_model
+
+    engine = LLMEngine(load_model(tiny_checkpoint("llama-gqa-untied")))
+    assert engine.limits == BatchLimits(max_batch_tokens=LLMEngine.CPU_BATCH_TOKENS)
+    mine = BatchLimits(max_batch_size=4, max_batch_tokens=4096)
+    assert LLMEngine(engine.model, limits=mine).limits == mine

@@ -155,3 +155,37 @@ def test_packed_linear_follows_weight_changes() -> None:
     layer.weight.data = torch.randn(5, 8)  # new data
     torch.testing.assert_close(layer(x), x @ layer.weight.T)
     assert packed in (True, False)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_linear_adds_the_residual_with_the_same_sums(rows: int) -> None:
+    """The residual added inside the packed multiply gives exactly `residual + linear(x)`, with
+    and without a bias, packed or not; a residual of another shape is refused."""
+    generator = torch.Generator().manual_seed(rows)
+    for bias in (False, True):
+        layer = Linear(24, 16, bias=bias)
+        layer.weight.data = torch.randn(16, 24, generator=generator)
+        if bias:
+            layer.bias.data = torch.randn(16, generator=generator)  # type: ignore[union-attr]
+        x, residual = torch.randn(rows, 24, generator=generator), torch.randn(rows, 16, generator=generator)
+        for packed in (False, True):
+            if packed:
+                layer.pack()
+            assert torch.equal(layer(x, residual), residual + layer(x))
+        with pytest.raises(ValueError, match="residual of shape"):
+            layer(x, torch.randn(rows + 1, 16))
+
+
+def test_pool_keys_and_values_are_views_of_one_tensor() -> None:
+    """One indexed write through `kv(layer)` stores keys and values; `keys`/`values`, export and
+    growth see it."""
+    pool = KVPool(2, 3, 2, 4, torch.float32, CPU, slots=1, capacity=4, max_capacity=64)
+    cache = pool.allocate(3)
+    written = torch.randn(1, 2, 2, 4)  # [members, keys/values, kv heads, head dim]
+    pool.kv(3)[:, torch.tensor([cache.slot]), :, torch.tensor([0])] = written
+    assert torch.equal(pool.keys(3)[cache.slot, :, 0], written[0, 0])
+    assert torch.equal(pool.values(3)[cache.slot, :, 0], written[0, 1])
+    cache.length = 1
+    pool.allocate(40)  # grows slots and capacity: contents move with the storage
+    state = cache.export()
+    assert torch.equal(state.keys[1][:, 0], written[0, 0]) and torch.equal(state.values[1][:, 0], written[0, 1])
