@@ -8,7 +8,7 @@ does it in one pass per row. It shortened a batch-32 SmolLM2 decode step by abou
 The extension is built with the machine's C++ compiler for its own CPU (``-march=native``)
 into ``<cache_dir>/kernels/<key>``. The key covers the source, torch, Python and the CPU, so
 other machines and versions build their own. The first build takes about 30 s; later processes
-load it. Where it cannot be built (no compiler, no headers), one warning is logged and the eager
+import the built library directly (0.15 s), without running a build tool. Where it cannot be built (no compiler, no headers), one warning is logged and the eager
 PyTorch ops run instead. ``ELASTIC_LLM_CPU_KERNELS=0`` turns the kernels off.
 
 The fused RMSNorm sums the squares in another order than PyTorch, so its results can differ from
@@ -17,11 +17,14 @@ the eager ops in the last bit.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -87,16 +90,46 @@ def build_key() -> str:
 
 def _build() -> ModuleType | None:
     try:
-        from torch.utils.cpp_extension import load
-
-        key = build_key()
-        directory = cache_dir() / "kernels" / key
-        directory.mkdir(parents=True, exist_ok=True)
-        if not any(directory.glob("*.so")):
-            log.warning("building fused CPU kernels (once per machine, about 30 s) in %s", directory)
-        return load(name=f"elastic_llm_cpu_ops_{key}", sources=[str(SOURCE)], extra_cflags=list(FLAGS),
-                    build_directory=str(directory), verbose=False)
+        return _load_or_build()
     except Exception as exc:  # no compiler, no headers, a failed build: the eager ops still work
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         log.warning("fused CPU kernels unavailable, using the eager ops: %s", reason)
         return None
+
+
+def _load_or_build() -> ModuleType:
+    """Import the built library, building it first if this machine has none (one process builds,
+    under a file lock, in a scratch directory; the finished library is then renamed into place,
+    so no process ever loads a half-written file, and a built library is never rebuilt: loading
+    runs no build tool)."""
+    key = build_key()
+    name = f"elastic_llm_cpu_ops_{key}"
+    directory = cache_dir() / "kernels" / key
+    library = directory / f"{name}.so"
+    if library.exists():
+        return _import(name, library)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():  # another process built it while this one waited
+            return _import(name, library)
+        from torch.utils.cpp_extension import load
+
+        log.warning("building fused CPU kernels (once per machine, about 30 s) in %s", directory)
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            module = load(name=name, sources=[str(SOURCE)], extra_cflags=list(FLAGS),
+                          build_directory=scratch, verbose=False)
+            os.replace(Path(scratch) / library.name, library)
+        return module
+
+
+def _import(name: str, library: Path) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module

@@ -53,3 +53,18 @@ def test_the_environment_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) 
     assert not cpu_ops.enabled()
     monkeypatch.setenv("ELASTIC_LLM_CPU_KERNELS", "1")
     assert cpu_ops.enabled()
+
+
+def test_a_built_library_loads_in_a_new_process_without_build_tools() -> None:
+    """Worker processes import the library built at set-up; with no compiler or ninja on PATH
+    they still get it (nothing is rebuilt at run time)."""
+    if cpu_ops.kernels() is None:
+        pytest.skip("fused CPU kernels unavailable on this machine")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": "/nonexistent"}
+    code = "from elastic_llm.model import cpu_ops; print(cpu_ops.kernels() is not None)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr[-500:]
