@@ -48,13 +48,13 @@ def enabled() -> bool:
 
 
 def kernels() -> ModuleType | None:
-    """The compiled extension (built on the first call in any process of this machine), or None
+    """The compiled extension (built once per machine, imported by every later process), or None
     where it is turned off or cannot be built."""
     global _module
     if _module is _UNSET:
         with _lock:
             if _module is _UNSET:
-                _module = _build() if enabled() else None
+                _module = _load() if enabled() else None
     return _module  # type: ignore[return-value]
 
 
@@ -88,7 +88,7 @@ def build_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _build() -> ModuleType | None:
+def _load() -> ModuleType | None:
     try:
         return _load_or_build()
     except Exception as exc:  # no compiler, no headers, a failed build: the eager ops still work
