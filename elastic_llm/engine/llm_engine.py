@@ -99,7 +99,7 @@ class LLMEngine:
     def _default_limits(self) -> BatchLimits:
         weight = next(self.model.network.parameters(), None)
         if weight is not None and weight.device.type == "cpu":
-            return BatchLimits(max_batch_tokens=min(BatchLimits.max_batch_tokens, self.CPU_BATCH_TOKENS))
+            return BatchLimits(max_batch_tokens=self.CPU_BATCH_TOKENS)
         return BatchLimits()
 
     # ------------------------------------------------------------------ requests in and out
