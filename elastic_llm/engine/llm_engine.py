@@ -180,7 +180,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ one iteration
     def step(self) -> list[RequestOutput]:
         """Run one iteration: schedule, move KV as decided, execute one flat batch, commit tokens."""
-        decision = self._decide(self.clock())
+        now = self.clock()
+        decision = self._decide(now)
+        if self._residency is None:
+            decision = self._decide_after_prefix_reuse(decision, now)
         self._move_kv(decision)
         if not decision.scheduled:
             return []
@@ -189,7 +192,8 @@ class LLMEngine:
         works: list[StepWork] = []
         for scheduled in decision.scheduled:
             request = self._requests[scheduled.request_id]
-            reuse = reused[request.request_id] = self._reuse_prefix(request, scheduled.num_tokens)
+            reuse = reused[request.request_id] = (self._reuse_prefix(request, scheduled.num_tokens)
+                                                  if self._residency is not None else 0)
             works.append(self._work(request, self._compute_budget(scheduled.num_tokens, reuse)))
         deferred = self._shared_prefill_followers(works)
         works = [w for w in works if w.request_id not in deferred]
@@ -242,13 +246,34 @@ class LLMEngine:
         executor.swap_in(decision.swap_in)
         executor.prefetch(decision.prefetch)
 
+    def _decide_after_prefix_reuse(self, decision: SchedulerOutput, now: float) -> SchedulerOutput:
+        """Without a device KV budget: scheduled requests that have computed nothing take cached
+        prefix KV first and the scheduler, told (`skip_cached`), decides again, until no newly
+        scheduled request finds any. The token budget then goes to tokens that need computing:
+        32 prompts sharing a system prompt start in one pass fewer."""
+        tried: set[str] = set()
+        while True:
+            fresh = [self._requests[work.request_id] for work in decision.scheduled
+                     if work.request_id not in tried and self._requests[work.request_id].num_computed == 0]
+            skipped = False
+            for request in fresh:
+                tried.add(request.request_id)
+                reused = self._reuse_prefix(request, len(request.pending_tokens()))
+                if reused:
+                    self.scheduler.skip_cached(request.request_id, reused)
+                    skipped = True
+            if not skipped:
+                return decision
+            decision = self._decide(now)
+
     def _reuse_prefix(self, request: EngineRequest, budget: int) -> int:
         """A request about to compute from position 0 takes cached prefix KV where the executor
         has some, leaving at least one token to compute; returns the positions reused.
 
-        Reused positions cost no compute, so without a device KV budget the scheduled `budget`
-        is still computed after them; with one, reuse stays within the scheduled tokens so the
-        KV held after the iteration is what the residency plan counted on."""
+        Without a device KV budget this runs before the scheduler's final decision, which then
+        budgets only the tokens still to compute (`_decide_after_prefix_reuse`). With one, it runs
+        on the scheduled batch and reuse stays within the scheduled tokens, so the KV held after
+        the iteration is what the residency plan counted on."""
         reuse = getattr(self.executor, "reuse_prefix", None)
         if reuse is None or request.num_computed > 0:
             return 0

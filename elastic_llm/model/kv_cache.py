@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from elastic_llm.model import huge_pages
+
 
 @dataclass(frozen=True)
 class KVState:
@@ -192,7 +194,7 @@ class KVPool:
 
     def _allocate_storage(self, slots: int, capacity: int) -> None:
         shape = (self.num_layers, 2, slots, self.num_kv_heads, capacity, self.head_dim)
-        self._set_storage(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self._set_storage(huge_pages.zeros(shape, self.dtype, self.device))
         self._owners = [None] * slots
 
     def _resize(self, slots: int, capacity: int) -> None:

@@ -289,6 +289,8 @@ class Rotary(nn.Module):
     @staticmethod
     def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate `x` [T, H, D] in place by precomputed `cos_sin` rows; returns `x`."""
+        if cpu_ops.rotate_(x, cos, sin):  # one pass, the same sums (False off the CPU, without kernels)
+            return x
         turned = _swap_halves(x).mul_(sin)
         return x.mul_(cos).add_(turned)
 
@@ -381,7 +383,8 @@ class Attention(nn.Module):
         n, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
         size = self.num_heads // hkv  # query heads per KV head
         pool_kv = group.pool.kv(layer)  # [2, slots, Hkv, capacity, D]
-        pool_kv[:, group.slots, :, group.write_positions] = kv
+        if not cpu_ops.store_rows(pool_kv, group.slots, group.write_positions, kv):
+            pool_kv[:, group.slots, :, group.write_positions] = kv
         span_slots, length = slice(group.lo, group.lo + group.span), group.max_len
         batched = group.span * hkv
         keys = pool_kv[0, span_slots, :, :length].reshape(batched, length, d)  # views, no copy

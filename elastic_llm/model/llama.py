@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from elastic_llm.errors import ModelLoadError
+from elastic_llm.model import huge_pages
 from elastic_llm.model.layers import (
     AttentionBatch,
     DecoderLayer,
@@ -49,6 +50,7 @@ class LlamaNetwork(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_head else None
         self.lm_head = (Linear(spec.hidden_size, self.head_rows[1] - self.head_rows[0], bias=False)
                         if has_head else None)
+        self.packed_pages: huge_pages.Collapse | None = None  #: huge-page backing of packed weights
 
     @classmethod
     def from_checkpoint(cls, spec: ModelSpec, rotary: Rotary, weights: SafetensorsWeights,
@@ -128,8 +130,13 @@ class LlamaNetwork(nn.Module):
         """Keep a CPU-friendly blocked copy of every matrix (see `Linear.pack`); returns how many.
 
         Costs one more copy of the weights in memory; the parameters themselves are unchanged.
+        The copies are backed by transparent huge pages where the OS allows (collapsed on a
+        background thread: `packed_pages`).
         """
-        return sum(module.pack(batch_hint) for module in self.modules() if isinstance(module, Linear))
+        with huge_pages.backing_new_memory() as collapse:
+            packed = sum(module.pack(batch_hint) for module in self.modules() if isinstance(module, Linear))
+        self.packed_pages = collapse[0] if collapse else None
+        return packed
 
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor,

@@ -90,6 +90,12 @@ class RequestScheduler(ABC):
         """Learn what the last scheduled iteration computed and how long it took."""
 
     @abstractmethod
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        """The KV of the request's next `num_tokens` prefill tokens came from a cache, computing
+        nothing: it has that many fewer to compute (at least one, which samples, remains). Not an
+        iteration: nothing ran and no service is charged. Unknown ids are ignored."""
+
+    @abstractmethod
     def __contains__(self, request_id: object) -> bool:
         """Whether the scheduler holds `request_id`."""
 

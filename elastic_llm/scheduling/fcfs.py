@@ -54,6 +54,11 @@ class FCFS(RequestScheduler):
             if entry is not None:
                 entry.pending = max(0, entry.pending - tokens)
 
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.pending = max(1, entry.pending - num_tokens)
+
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries
 

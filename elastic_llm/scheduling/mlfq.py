@@ -180,6 +180,12 @@ class SkipJoinMLFQ(RequestScheduler):
         self._last_ran = frozenset(ran)
         self._incumbents = frozenset(ran - demoted)
 
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        """Cached prefix KV shortened the request's prefill; its level and service are kept."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.pending = max(1, entry.pending - num_tokens)
+
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries
 

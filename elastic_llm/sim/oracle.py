@@ -66,6 +66,10 @@ class ShortestRemainingFirst(RequestScheduler):
                 self._remaining[request_id] -= 1
         self._last_ran = frozenset(rid for rid in outcome.computed if rid in self._pending)
 
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        if request_id in self._pending:
+            self._pending[request_id] = max(1, self._pending[request_id] - num_tokens)
+
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._pending
 

@@ -173,3 +173,28 @@ def test_a_cache_too_small_for_the_shared_prefix_costs_one_pass_and_no_token(
     engine = _engine(path, 100)
     assert [c.token_ids for c in engine.generate(prompts, params)] == expected
     assert engine.stats().prefills_deferred == 1 and engine.stats().prefix_tokens_reused == 0
+
+
+def test_the_token_budget_goes_to_tokens_that_need_computing(tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Prompts that will copy a cached prefix are budgeted for their uncached tokens only, so more
+    of them start in one pass (the scheduler is told before it decides: `skip_cached`)."""
+    path = tiny_checkpoint("llama-gqa-untied")
+    shared = list(range(30, 54))  # 24 tokens: three whole blocks
+    prompts = [shared + [60 + i, 70 + i, 80 + i, 90 + i] for i in range(8)]  # 28 tokens each
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    expected = [c.token_ids for c in _engine(path, 0).generate(prompts, params)]
+    engine = _engine(path, 1 << 20, limits=BatchLimits(max_batch_size=8, max_batch_tokens=44))
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    first_token_pass: dict[str, int] = {}
+    passes = 0
+    while engine.has_unfinished():
+        passes += 1
+        for output in engine.step():
+            first_token_pass.setdefault(output.request_id, passes)
+    assert [engine.pop_completion(str(i)).token_ids for i in range(8)] == expected
+    # pass 1: the first prompt computes all 28 tokens; the second, given a 16-token chunk of the same
+    # two blocks, waits for that prefix. Pass 2: the first's decode plus 7 x 4 uncached tokens = 29
+    # <= 44. Budgeted at 28 tokens each, only one more would start in pass 2.
+    assert first_token_pass == {"0": 1, **{str(i): 2 for i in range(1, 8)}}
+    assert engine.stats().prefix_tokens_reused == 7 * 24

@@ -108,3 +108,20 @@ def test_skip_join_beats_fcfs_mean_jct_on_long_head_of_line() -> None:
         assert all(r.finished_s is not None for r in done.values())
         jct[name] = statistics.mean((r.finished_s or 0.0) - r.arrival_s for r in done.values())
     assert jct["mlfq"] * 2 < jct["fcfs"]
+
+
+def test_fcfs_and_the_oracle_budget_a_prefill_shortened_by_a_cache() -> None:
+    from elastic_llm.scheduling import ScheduledWork
+    from elastic_llm.sim import ShortestRemainingFirst
+
+    for sched in (FCFS(), ShortestRemainingFirst({"a": 5, "b": 5})):
+        sched.add_request("a", 30, now=0.0)
+        sched.add_request("b", 30, now=0.0)
+        limits = BatchLimits(max_batch_tokens=40)
+        assert sched.schedule(0.0, limits).scheduled == (ScheduledWork("a", 30), ScheduledWork("b", 10))
+        sched.skip_cached("a", 24)
+        sched.skip_cached("b", 29)
+        sched.skip_cached("unknown", 1)  # ignored
+        assert sched.schedule(0.0, limits).scheduled == (ScheduledWork("a", 6), ScheduledWork("b", 1))
+        sched.skip_cached("a", 10)  # at least the token that samples remains
+        assert sched.schedule(0.0, limits).scheduled[0] == ScheduledWork("a", 1)

@@ -286,3 +286,16 @@ def test_estimate_is_capped_by_starvation_promotion() -> None:
     est = sched.estimate_next_scheduled(1.0, limits)
     assert est["bottom1"] == 1.0
     assert est["bottom2"] == pytest.approx(2.5)  # arrived 0.5 + alpha 2.0, not inf
+
+
+def test_skip_cached_shortens_the_prefill_without_charging_service() -> None:
+    sched = SkipJoinMLFQ(MLFQConfig(base_quantum_s=0.01), PER_TOKEN)
+    sched.add_request("a", 30, now=0.0)
+    level = sched.state("a").level
+    sched.skip_cached("a", 24)
+    assert sched.state("a").pending_tokens == 6 and sched.state("a").level == level
+    assert sched.state("a").attained_s == 0.0
+    assert sched.schedule(0.0, BatchLimits()).scheduled == (ScheduledWork("a", 6),)
+    sched.skip_cached("a", 100)  # at least the token that samples remains
+    assert sched.state("a").pending_tokens == 1
+    sched.skip_cached("unknown", 3)  # ignored
