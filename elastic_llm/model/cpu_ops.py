@@ -11,7 +11,8 @@ The extension is built with the machine's C++ compiler for its own CPU (``-march
 into ``<cache_dir>/kernels/<key>``. The key covers the source, torch, Python and the CPU, so
 other machines and versions build their own. The first build takes about 30 s; later processes
 import the built library directly (0.15 s), without running a build tool. Where it cannot be
-built (no compiler, no headers), one warning is logged and the eager PyTorch ops run instead. ``ELASTIC_LLM_CPU_KERNELS=0`` turns the kernels off.
+built (no compiler, no headers), one warning is logged and the eager PyTorch ops run instead.
+``ELASTIC_LLM_CPU_KERNELS=0`` turns the kernels off.
 
 The fused RMSNorm sums the squares in another order than PyTorch, so its results can differ from
 the eager ops in the last bit. The rotation is built without FMA contraction
@@ -93,8 +94,9 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 def store_rows(pool: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> bool:
     """``pool[:, slots, :, positions] = rows`` for pool [2, S, Hkv, C, D] and rows [n, 2, Hkv, D],
     as one copy loop; False (nothing done) where the kernel does not apply."""
-    if (not _fp32_cpu(pool, rows) or pool.dim() != 5 or rows.dim() != 4 or pool.stride(4) != 1
-            or rows.stride(3) != 1 or rows.stride(2) != rows.shape[3] or rows.stride(1) != rows.shape[2] * rows.shape[3]
+    contiguous_rows = (rows.dim() == 4 and rows.stride(3) == 1 and rows.stride(2) == rows.shape[3]
+                       and rows.stride(1) == rows.shape[2] * rows.shape[3])  # each row: keys, values
+    if (not _fp32_cpu(pool, rows) or pool.dim() != 5 or pool.stride(4) != 1 or not contiguous_rows
             or slots.device.type != "cpu" or positions.device.type != "cpu"):
         return False
     module = kernels()

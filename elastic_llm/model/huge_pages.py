@@ -2,16 +2,17 @@
 
 A CPU decode step streams every weight matrix from memory (540 MB for SmolLM2-135M in fp32). On
 4 KiB pages that is 130k pages per step, each a TLB miss; on 2 MiB pages it is a few hundred.
-Backing the packed weights and the KV pool by transparent huge pages shortened a batch-32
-decode step by about 6% on the 2-core development machine (docs/benchmarks.md).
+Backing the packed weights and the KV pool by transparent huge pages made whole batch-32 runs
+2-5% faster on the 2-core development machine (docs/benchmarks.md, run 8).
 
 Two ways in:
 
 - `backing_new_memory()` wraps code that allocates and fills large buffers whose addresses Python
   cannot see (oneDNN's packed weights are opaque tensors). Anonymous memory newly mapped inside
-  the block (new mappings, the heap's new tail) is marked ``MADV_HUGEPAGE`` and collapsed into huge pages
-  (``MADV_COLLAPSE``, Linux 6.1+): a copy, about 1.5 ms per 2 MiB, done on a background thread
-  by default so that the caller is not held up; until it is done the small pages serve.
+  the block (new mappings, the heap's new tail) is marked ``MADV_HUGEPAGE`` and collapsed into
+  huge pages (``MADV_COLLAPSE``, Linux 6.1+): a copy, about 1.5 ms per 2 MiB, done on a
+  background thread by default so that the caller is not held up; until it is done the small
+  pages serve.
 - `zeros()` allocates a tensor, marks it before its first touch and zero-fills it, so its pages
   are huge from the start (no copy).
 
