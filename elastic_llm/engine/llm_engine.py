@@ -192,9 +192,10 @@ class LLMEngine:
         works: list[StepWork] = []
         for scheduled in decision.scheduled:
             request = self._requests[scheduled.request_id]
+            # with a device KV budget, cached prefixes are taken here, within the scheduled tokens
             reuse = reused[request.request_id] = (self._reuse_prefix(request, scheduled.num_tokens)
                                                   if self._residency is not None else 0)
-            works.append(self._work(request, self._compute_budget(scheduled.num_tokens, reuse)))
+            works.append(self._work(request, scheduled.num_tokens - reuse))
         deferred = self._shared_prefill_followers(works)
         works = [w for w in works if w.request_id not in deferred]
         for request_id in deferred:
@@ -308,10 +309,6 @@ class LLMEngine:
             if common_blocks(keys, leader) * cache.block_size >= self.SHARED_PREFILL_MIN:
                 followers.add(work.request_id)
         return followers
-
-    def _compute_budget(self, scheduled: int, reused: int) -> int:
-        """Tokens to compute for a request scheduled `scheduled` tokens that reused `reused`."""
-        return scheduled if self._residency is None else scheduled - reused
 
     def _offer_prefix(self, request_id: str, tokens: Sequence[int]) -> None:
         """Offer the KV of `tokens` (the request's first tokens, computed) to later requests."""
