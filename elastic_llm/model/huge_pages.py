@@ -8,7 +8,7 @@ Backing the packed weights and the KV pool by transparent huge pages made whole 
 Two ways in:
 
 - `backing_new_memory()` wraps code that allocates and fills large buffers whose addresses Python
-  cannot see (oneDNN's packed weights are opaque tensors). Anonymous memory newly mapped inside
+  cannot see (tensors made inside C++ kernels, oneDNN's opaque packed weights). Anonymous memory newly mapped inside
   the block (new mappings, the heap's new tail) is marked ``MADV_HUGEPAGE`` and collapsed into
   huge pages (``MADV_COLLAPSE``, Linux 6.1+): a copy, about 1.5 ms per 2 MiB, done on a
   background thread by default so that the caller is not held up; until it is done the small

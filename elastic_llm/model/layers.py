@@ -162,11 +162,12 @@ def _weight_key(weight: torch.Tensor) -> tuple[object, ...]:
 class Linear(nn.Module):
     """y = x W^T (+ b). Parameters are allocated empty and filled by a loader, never initialised.
 
-    `pack()` keeps, next to the parameter, a copy of the weight in oneDNN's blocked layout for
-    fp32 CPU inference; inputs of at least `PACKED_MIN_ROWS` rows then use it (faster than
-    `F.linear` for a batch of rows on CPU). The copy stops being used as soon as the parameter
-    changes: new data (``weight.data = ...``) or an in-place write to the parameter. An in-place
-    write through ``weight.data`` bypasses the version counter: call `pack()` again after one.
+    `pack()` keeps, next to the parameter, a copy of the weight laid out for fp32 CPU inference:
+    the panels of our own AVX2 multiply (`cpu_ops.linear`, csrc/linear.cpp) where the kernels are
+    built, else oneDNN's blocked layout. Inputs of at least `PACKED_MIN_ROWS` rows then use it.
+    The copy stops being used as soon as the parameter changes: new data (``weight.data = ...``)
+    or an in-place write to the parameter. An in-place write through ``weight.data`` bypasses the
+    version counter: call `pack()` again after one.
     """
 
     PACKED_MIN_ROWS = 1  #: rows from which the packed copy is used (measured no slower at 1 row)
@@ -175,43 +176,69 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self._packed: tuple[tuple[object, ...], torch.Tensor] | None = None
+        self._packed: _Packed | None = None
+
+    @property
+    def packed_kind(self) -> str | None:
+        """Which packed copy is kept: "panels" (ours), "onednn", or None."""
+        return None if self._packed is None else self._packed.kind
 
     def pack(self, batch_hint: int = 32) -> bool:
-        """Prepare the blocked copy of the weight; False (and nothing kept) where unsupported."""
+        """Prepare the packed copy of the weight; False (and nothing kept) where unsupported.
+        `batch_hint` tunes oneDNN's layout; our panels serve every batch size alike."""
         self._packed = None
         weight = self.weight
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() == 0
-                or not torch.backends.mkldnn.is_available()):
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() == 0:
+            return False
+        panels = cpu_ops.pack_linear(weight)
+        if panels is not None:
+            self._packed = _Packed(_weight_key(weight), "panels", panels)
+            return True
+        if not torch.backends.mkldnn.is_available():
             return False
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+            blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
             probe = torch.zeros(Linear.PACKED_MIN_ROWS, weight.shape[1])
-            torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+            torch.ops.mkldnn._linear_pointwise(probe, blocked, None, "none", [], "")
         except (RuntimeError, AttributeError):
             return False
-        self._packed = (_weight_key(weight), packed)
+        self._packed = _Packed(_weight_key(weight), "onednn", blocked)
         return True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + b, plus `residual` when given (added inside the packed kernel: one pass, the
         same sums as adding afterwards)."""
-        packed = self._packed
-        if (packed is not None and x.dim() == 2 and x.shape[0] >= Linear.PACKED_MIN_ROWS
-                and x.dtype == torch.float32 and packed[0] == _weight_key(self.weight)):
-            bias = self.bias
-            if bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"):
-                if residual is None:
-                    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[1], bias, "none", [], "")
-                if residual.shape == (x.shape[0], self.weight.shape[0]) and residual.dtype == torch.float32:
-                    return torch.ops.mkldnn._linear_pointwise.binary(
-                        x.contiguous(), residual.contiguous(), packed[1], bias, "add")
-        out = F.linear(x, self.weight, self.bias)
-        if residual is None:
+        if residual is not None and residual.shape != (*x.shape[:-1], self.weight.shape[0]):
+            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of "
+                             f"{(*x.shape[:-1], self.weight.shape[0])}")
+        out = self._packed_forward(x, residual)
+        if out is not None:
             return out
-        if residual.shape != out.shape:
-            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(out.shape)}")
-        return residual + out
+        out = F.linear(x, self.weight, self.bias)
+        return out if residual is None else residual + out
+
+    def _packed_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        packed, bias = self._packed, self.bias
+        if (packed is None or x.dim() != 2 or x.shape[0] < Linear.PACKED_MIN_ROWS
+                or x.dtype != torch.float32 or packed.key != _weight_key(self.weight)
+                or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"))
+                or (residual is not None and residual.dtype != torch.float32)):
+            return None
+        if packed.kind == "panels":
+            return cpu_ops.linear(x, packed.tensor, self.weight.shape[0], bias, residual)
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.tensor, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(
+            x.contiguous(), residual.contiguous(), packed.tensor, bias, "add")
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A packed copy of a Linear's weight: for which weight contents, of which kind."""
+
+    key: tuple[object, ...]
+    kind: str  #: "panels" (cpu_ops.linear) or "onednn"
+    tensor: torch.Tensor
 
 
 class Embedding(nn.Module):

@@ -127,7 +127,7 @@ class LlamaNetwork(nn.Module):
         return taken
 
     def pack_weights(self, batch_hint: int = 32) -> int:
-        """Keep a CPU-friendly blocked copy of every matrix (see `Linear.pack`); returns how many.
+        """Keep a CPU-friendly packed copy of every matrix (see `Linear.pack`); returns how many.
 
         Costs one more copy of the weights in memory; the parameters themselves are unchanged.
         The copies are backed by transparent huge pages where the OS allows (collapsed on a

@@ -1,5 +1,6 @@
-// Fused CPU kernels for the model's elementwise work (built on first use by
-// elastic_llm/model/cpu_ops.py; the eager PyTorch ops run where this cannot be built).
+// Fused CPU kernels for the model's elementwise work, and the bindings of linear.cpp's packed
+// matrix multiply (built on first use by elastic_llm/model/cpu_ops.py; the eager PyTorch ops and
+// oneDNN run where this cannot be built).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -132,8 +133,20 @@ void store_rows(torch::Tensor& pool, const torch::Tensor& slots, const torch::Te
   }
 }
 
+// linear.cpp
+bool packed_linear_available();
+torch::Tensor pack_linear(const torch::Tensor& weight);
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t n,
+                            const c10::optional<torch::Tensor>& bias,
+                            const c10::optional<torch::Tensor>& residual);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row of a 2-D fp32 CPU tensor");
   m.def("rotate_", &rotate_, "rotary embedding in place (rotate-half convention, signed sin)");
   m.def("store_rows", &store_rows, "copy KV rows into a pool at (slot, position)");
+  m.def("packed_linear_available", &packed_linear_available, "whether packed_linear was built (AVX2+FMA)");
+  m.def("pack_linear", &pack_linear, "pack a [N, K] fp32 weight into panels for packed_linear");
+  m.def("packed_linear", &packed_linear, "x W^T (+ bias) (+ residual) with W packed by pack_linear",
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("residual") = pybind11::none());
 }
