@@ -8,9 +8,9 @@
 // loads 16 activations (two vectors), broadcasts 6 weights and does 12 FMAs. Every weight is read
 // from memory once per block of 16 rows and used 16 times from registers; a block's activations
 // (16 K floats) stay in L1/L2 while a thread streams its range of panels past them. Weights are
-// prefetched 256 k-steps ahead (6 KiB), across panel boundaries. On the 2-core AVX2 machine this
-// ran a SmolLM2 decode step's matrix multiplies 1.5x faster than oneDNN's packed fp32 path at
-// 32 rows, and no slower from 1 to 512 rows (docs/benchmarks.md).
+// prefetched 256 k-steps ahead (6 KiB), across panel boundaries. On the 2-core AVX2 machine a
+// SmolLM2 forward pass's multiplies ran 1.45x faster than with oneDNN's packed fp32 path at 32
+// rows, and 1.05-1.78x faster from 1 to 512 rows (benchmarks/linear_kernel.py, docs/benchmarks.md).
 //
 // Numerics. Each output is one fused multiply-add chain over k = 0 .. K-1 in order, then + bias,
 // then + residual: the result of a row does not depend on the other rows of the batch, on how
