@@ -17,7 +17,7 @@ import torch
 
 from elastic_llm import LLMEngine, SamplingParams
 from elastic_llm.model import huge_pages
-from elastic_llm.model.layers import Linear, _Packed, _weight_key
+from elastic_llm.model.linear import Linear, _Packed, _weight_key
 from elastic_llm.model.loader import load_model
 from engine_throughput import PrefixCaching, TokenClock, distinct_prompts, ours_generate
 

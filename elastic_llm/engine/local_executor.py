@@ -9,8 +9,8 @@ device budget the engine enforces is a logical one.
 KV layout: requests' caches live in slots of one `KVPool`, so the decode attention of a whole batch
 is a few batched ops per layer; a request that would outgrow the pool's `pool_max_positions` moves
 to a private `KVCache` (attended on its own). On CPU the network's matrices are also packed once
-for our AVX2 multiply (`LlamaNetwork.pack_weights`, `cpu_ops.linear`), on transparent huge pages where Linux
-allows (`elastic_llm.model.huge_pages`), as is the pool.
+for our AVX2 multiply (`LlamaNetwork.pack_weights`, `cpu_ops.linear`), on transparent huge pages
+where Linux allows (`elastic_llm.model.huge_pages`), as is the pool.
 
 Prefix caching: the KV of finished prompt prefills is kept in whole blocks (`PrefixCache`, up to
 `prefix_cache_bytes`, outside the KV budget of swapping); a new request whose prompt starts with

@@ -10,8 +10,9 @@ of an advanced-indexing write; together about 1% of a decode step, bit for bit t
 `linear` is ``x W^T (+ b) (+ residual)`` with W packed once by `pack_linear` (AVX2 + FMA; see
 `csrc/linear.cpp` for the layout). A decode step is mostly these multiplies; at 32 rows ours ran
 them 1.45x faster than oneDNN's packed fp32 path (1.05-1.78x from 1 to 512 rows,
-`benchmarks/linear_kernel.py`). `Linear` falls back to oneDNN where the kernels are not built. Each output row depends only on its own
-input row, never on the rest of the batch or the thread count.
+`benchmarks/linear_kernel.py`). `Linear` falls back to oneDNN where the kernels are not built.
+Each output row depends only on its own input row, never on the rest of the batch or the thread
+count.
 
 The extension is built with the machine's C++ compiler for its own CPU (``-march=native``, and
 OpenMP, so that the kernels run on torch's own intra-op threads) into

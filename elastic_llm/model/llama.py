@@ -19,7 +19,6 @@ from elastic_llm.model.layers import (
     AttentionBatch,
     DecoderLayer,
     Embedding,
-    Linear,
     Reduce,
     RMSNorm,
     Rotary,
@@ -27,6 +26,7 @@ from elastic_llm.model.layers import (
     TensorShard,
     no_reduce,
 )
+from elastic_llm.model.linear import Linear
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.weights import SafetensorsWeights
 

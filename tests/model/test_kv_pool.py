@@ -12,7 +12,8 @@ from elastic_llm import LLMEngine, SamplingParams
 from elastic_llm.engine.executor import StepWork
 from elastic_llm.engine.local_executor import LocalExecutor
 from elastic_llm.model.kv_cache import KVCache, KVPool, KVState, PooledKVCache
-from elastic_llm.model.layers import Linear, SequenceSlice
+from elastic_llm.model.layers import SequenceSlice
+from elastic_llm.model.linear import Linear
 from elastic_llm.model.loader import load_model
 
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from elastic_llm.model import cpu_ops
-from elastic_llm.model.layers import Linear
+from elastic_llm.model.linear import Linear
 
 
 def _available() -> bool:
