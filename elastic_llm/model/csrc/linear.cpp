@@ -61,6 +61,26 @@ inline void panel_times_block(const float* __restrict at, const float* __restric
     for (int v = 0; v < V; ++v) _mm256_storeu_ps(tile + j * kBlockRows + 8 * v, acc[j][v]);
 }
 
+// x [M, K] (any strides) -> [blocks, K, 16]: [b, k, r] = x[16 b + r, k], zeros past row M. One
+// pass, no intermediate tensors (per call this was zeros + copy + transposed copy in torch ops).
+torch::Tensor transposed_blocks(const torch::Tensor& x, int64_t blocks) {
+  const int64_t m = x.size(0), k = x.size(1), row_stride = x.stride(0), col_stride = x.stride(1);
+  auto at = torch::empty({blocks, k, kBlockRows}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* out = at.data_ptr<float>();
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* block = out + b * k * kBlockRows;
+    const int64_t rows = std::min(kBlockRows, m - b * kBlockRows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = xp + (b * kBlockRows + r) * row_stride;
+      for (int64_t i = 0; i < k; ++i) block[i * kBlockRows + r] = row[i * col_stride];
+    }
+    for (int64_t r = rows; r < kBlockRows; ++r)
+      for (int64_t i = 0; i < k; ++i) block[i * kBlockRows + r] = 0.f;
+  }
+  return at;
+}
+
 }  // namespace
 
 bool packed_linear_available() { return true; }
@@ -99,9 +119,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels,
   auto y = torch::empty({m, n}, x.options());
   if (m == 0) return y;
   const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  auto padded = torch::zeros({blocks * kBlockRows, k}, x.options());
-  padded.narrow(0, 0, m).copy_(x);
-  const auto at = padded.view({blocks, kBlockRows, k}).transpose(1, 2).contiguous();
+  const auto at = transposed_blocks(x, blocks);
   const float* atp = at.data_ptr<float>();
   const float* wp = panels.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
