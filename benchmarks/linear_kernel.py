@@ -24,14 +24,10 @@ SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (5
 LAYERS = 30
 
 
-def best_seconds(fn, rounds: int) -> float:  # type: ignore[no-untyped-def]
+def seconds(fn) -> float:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -64,10 +60,12 @@ def main() -> None:
                 "ours": lambda: [cpu_ops.linear(x, p, n) for p in panels[name]],  # noqa: B023
             }
             rounds = 3 if rows > 100 else (12 if name != "lm_head" else 40)
+            for fn in kernels.values():
+                fn()  # warm-up
             best = {key: float("inf") for key in kernels}
             for _ in range(rounds):  # alternate, so both see the same machine
                 for key, fn in kernels.items():
-                    best[key] = min(best[key], best_seconds(fn, 1))
+                    best[key] = min(best[key], seconds(fn))
             copies = len(weights[name])
             flops = 2 * rows * n * k
             for key in kernels:

@@ -136,7 +136,7 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch
     module = kernels()
     if module is None:
         return None
-    return module.packed_linear(x.contiguous(), panels, out_features,
+    return module.packed_linear(x, panels, out_features,  # any strides: the kernel reads x once
                                 None if bias is None else bias.contiguous(),
                                 None if residual is None else residual.contiguous())
 

@@ -42,6 +42,17 @@ def test_packed_linear_matches_a_float64_product(rows: int, out_features: int, i
 
 
 @needs_panels
+def test_a_strided_input_gives_what_its_contiguous_copy_gives() -> None:
+    """The kernel reads x at its strides (transposed and column-sliced views, no copy first)."""
+    generator = torch.Generator().manual_seed(3)
+    panels = cpu_ops.pack_linear(torch.randn(20, 24, generator=generator))
+    assert panels is not None
+    for x in (torch.randn(24, 19, generator=generator).t(), torch.randn(19, 48, generator=generator)[:, ::2]):
+        assert not x.is_contiguous()
+        assert torch.equal(cpu_ops.linear(x, panels, 20), cpu_ops.linear(x.contiguous(), panels, 20))
+
+
+@needs_panels
 def test_a_rows_result_does_not_depend_on_the_rest_of_the_batch() -> None:
     """Alone, in batches of 5, 16 and 37 at any position, on one thread or two: bit for bit the
     same row (so batching, preemption and resume never change a request's numbers)."""

@@ -61,8 +61,8 @@ inline void panel_times_block(const float* __restrict at, const float* __restric
     for (int v = 0; v < V; ++v) _mm256_storeu_ps(tile + j * kBlockRows + 8 * v, acc[j][v]);
 }
 
-// x [M, K] (any strides) -> [blocks, K, 16]: [b, k, r] = x[16 b + r, k], zeros past row M. One
-// pass, no intermediate tensors (per call this was zeros + copy + transposed copy in torch ops).
+// x [M, K] (any strides) -> [blocks, K, 16]: [b, k, r] = x[16 b + r, k], zeros past row M, in
+// one pass over x.
 torch::Tensor transposed_blocks(const torch::Tensor& x, int64_t blocks) {
   const int64_t m = x.size(0), k = x.size(1), row_stride = x.stride(0), col_stride = x.stride(1);
   auto at = torch::empty({blocks, k, kBlockRows}, x.options());
