@@ -30,6 +30,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from elastic_llm.control.messages import (
+    FailCommit,
+    FinishCommit,
+    LoopCounters,
+    MovedRequest,
+    ReplicaCommit,
+    ReplicaInfo,
+    ReshardSummary,
+    TokenCommit,
+)
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.request import RequestOutput
 
@@ -126,13 +136,12 @@ class ReplicaActor:
         self._thread.start()
 
     # ------------------------------------------------------------------ methods (actor thread)
-    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 300.0) -> ReplicaInfo:
         """Block until the model is loaded; returns this replica's description."""
         self._ready.result(timeout)
-        return {"replica": self.replica_id, "worker": self._worker.address,
-                "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token,
-                "weights": self._weights_source, "weight_bytes_from_peer": self._weight_bytes_from_peer,
-                "parallel": list(self._parallel), "shards": list(self._shards)}
+        return ReplicaInfo(self.replica_id, self._worker.address, int(self._engine.executor.kv_bytes_per_token),
+                           self._weights_source, self._weight_bytes_from_peer, self._parallel,
+                           tuple(self._shards))
 
     def start_requests(self, states: Sequence[RequestState]) -> int:
         """Queue requests (new, or resumed from committed tokens, with or without KV)."""
@@ -154,25 +163,25 @@ class ReplicaActor:
         return answer.result(timeout)
 
     def pull_from(self, source: Any, request_ids: Sequence[str] | None,
-                  include_kv: bool = True) -> list[tuple[str, int]]:
+                  include_kv: bool = True) -> tuple[MovedRequest, ...]:
         """Take requests (with their KV) straight from another replica's actor, worker to worker;
-        returns (request id, KV bytes received) for each request taken."""
+        what was taken."""
         states = source.export_requests(request_ids, include_kv).result()
         self._commands.put(lambda: self._resume(states))
-        return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+        return _moved(states)
 
     def hand_over(self, target: Any, request_ids: Sequence[str] | None = None,
-                  timeout: float = 120.0) -> list[tuple[str, int]]:
+                  timeout: float = 120.0) -> tuple[MovedRequest, ...]:
         """Pause at the next token boundary, cut these requests (all if None) out WITH their KV
         and push them to `target` (a deferred replica: `receive`), worker to worker; returns
-        (request id, KV bytes) for each request handed over.
+        what was handed over.
 
         The push (rather than the target pulling) keeps actor calls out of the target's worker
         before its engine exists: a pull from there slowed every later shard call of that worker
         to the next 1-4 s event-loop tick."""
         states = self.export_requests(request_ids, True, timeout)
         target.receive(states).result(timeout)
-        return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+        return _moved(states)
 
     def receive(self, states: Sequence[RequestState]) -> int:
         """(Deferred replica) hold these requests (with their KV) until `build` resumes them."""
@@ -213,10 +222,10 @@ class ReplicaActor:
                 "requests": engine.num_requests if engine is not None else 0}
 
     def reshard(self, parallel: tuple[int, int], workers: Sequence[str],
-                timeout: float = 300.0) -> dict[str, Any]:
+                timeout: float = 300.0) -> ReshardSummary:
         """At the next token boundary switch this sharded replica to `parallel` (P, M) on
         `workers` (P*M addresses), keeping every request's KV; a summary of what moved."""
-        answer: Future[dict[str, Any]] = Future()
+        answer: Future[ReshardSummary] = Future()
         names = list(workers)
 
         def switch() -> None:
@@ -230,12 +239,10 @@ class ReplicaActor:
                 return
             self._shards = list(self._engine.executor.placement.workers)
             self._parallel = (report.new.P, report.new.M)
-            answer.set_result({"old": list(report.old.shape) if report.old else None,
-                               "new": list(report.new.shape), "epoch": report.epoch,
-                               "kv_requests": report.kv_requests, "kv_bytes": report.kv_bytes,
-                               "weight_bytes": report.weight_bytes,
-                               "checkpoint_bytes": report.checkpoint_bytes, "seconds": report.seconds,
-                               "shards": list(self._shards)})
+            answer.set_result(ReshardSummary(
+                report.old.shape if report.old else None, report.new.shape, report.epoch,
+                tuple(self._shards), report.kv_requests, report.kv_bytes, report.weight_bytes,
+                report.checkpoint_bytes, report.seconds))
 
         self._commands.put(switch)
         return answer.result(timeout)
@@ -379,7 +386,7 @@ class ReplicaActor:
             try:
                 self._engine.resume_request(state)
             except Exception as exc:  # noqa: BLE001 - reported to the controller as a failure
-                self._send({"failed": [[state.request_id, f"{type(exc).__name__}: {exc}"]]})
+                self._send(failed=(FailCommit(state.request_id, f"{type(exc).__name__}: {exc}"),))
                 continue
             self._counts[state.request_id] = len(state.output_token_ids)
             if state.output_token_ids:
@@ -404,7 +411,7 @@ class ReplicaActor:
         self._unsent.pop(request_id, None)
 
     def _commit(self, outputs: list[RequestOutput]) -> None:
-        finished = []
+        finished: list[FinishCommit] = []
         for output in outputs:
             start = self._counts[output.request_id]
             self._counts[output.request_id] = start + len(output.new_token_ids)
@@ -413,17 +420,17 @@ class ReplicaActor:
             if output.finished:
                 done = self._engine.pop_completion(output.request_id)
                 # the whole output rides along: a finish never depends on earlier commits arriving
-                finished.append([output.request_id, done.finish_reason.value, done.text,
-                                 list(done.token_ids)])
+                finished.append(FinishCommit(output.request_id, done.finish_reason.value, done.text,
+                                             tuple(done.token_ids)))
         self._flush(finished)
-        for request_id, *_ in finished:
-            self._forget(request_id)
+        for done in finished:
+            self._forget(done.request_id)
 
-    def _flush(self, finished: list[list[Any]] | None = None) -> None:
-        tokens = [[rid, start, ids] for rid, (start, ids) in self._unsent.items() if ids]
+    def _flush(self, finished: Sequence[FinishCommit] = ()) -> None:
+        tokens = tuple(TokenCommit(rid, start, tuple(ids)) for rid, (start, ids) in self._unsent.items() if ids)
         self._unsent.clear()
         if tokens or finished:
-            self._send({"tokens": tokens, "finished": finished or []})
+            self._send(tokens=tokens, finished=tuple(finished))
 
     def _prefix_reused(self) -> int:
         """Prompt tokens this replica took from prefix caches (every engine it has built)."""
@@ -431,8 +438,17 @@ class ReplicaActor:
         reused = engine.stats().prefix_tokens_reused if engine is not None else 0
         return self._prefix_reused_before + reused
 
-    def _send(self, payload: dict[str, Any]) -> None:
-        message = {"op": COMMIT_OP, "replica": self.replica_id,
-                   "loop": [self._iterations, self._busy_seconds, self._overhead_seconds,
-                            self._period_seconds, self._prefix_reused()], **payload}
+    def _counters(self) -> LoopCounters:
+        return LoopCounters(self._iterations, self._busy_seconds, self._overhead_seconds, self._period_seconds,
+                            self._prefix_reused())
+
+    def _send(self, tokens: tuple[TokenCommit, ...] = (), finished: tuple[FinishCommit, ...] = (),
+              failed: tuple[FailCommit, ...] = ()) -> None:
+        commit = ReplicaCommit(self.replica_id, self._counters(), tokens, finished, failed)
+        message = {"op": COMMIT_OP, "commit": commit.to_wire()}
         self._worker.loop.add_callback(self._worker.batched_stream.send, message)
+
+
+def _moved(states: Sequence[RequestState]) -> tuple[MovedRequest, ...]:
+    """What a migration of `states` moved."""
+    return tuple(MovedRequest(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states)

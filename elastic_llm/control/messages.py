@@ -1,0 +1,177 @@
+"""Typed messages on the wire between replicas and the controller.
+
+Every message a replica sends (a commit per iteration, its description once ready, what a
+migration moved, what a reshard did) is a frozen dataclass here, with `to_wire` (msgpack-friendly
+plain data) and `from_wire` (its inverse, validating). Pure stdlib: the replica actor (cluster
+layer) builds them, the control state machine reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elastic_llm.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class LoopCounters:
+    """Cumulative counters of one replica's loop, sent with each commit."""
+
+    iterations: int = 0  #: engine iterations so far
+    busy_s: float = 0.0  #: seconds inside `engine.step()`
+    overhead_s: float = 0.0  #: seconds of the loop's own work while serving (commands, commits)
+    period_s: float = 0.0  #: seconds of iterations as long as they really took, pacing included
+    prefix_tokens_reused: int = 0  #: prompt tokens taken from the replica's prefix caches
+    preemptions: int = 0  #: requests its scheduler preempted mid-generation
+    swapped_out: int = 0  #: KV swaps from device to host memory
+    swapped_in: int = 0  #: KV swaps from host back to device memory
+
+    @property
+    def step_seconds(self) -> float:
+        """Mean iteration time (0.0 before any iteration)."""
+        if not self.iterations:
+            return 0.0
+        return max(self.period_s, self.busy_s) / self.iterations
+
+    def to_wire(self) -> list[float]:
+        """Plain list, in field order."""
+        return [self.iterations, self.busy_s, self.overhead_s, self.period_s, self.prefix_tokens_reused,
+                self.preemptions, self.swapped_out, self.swapped_in]
+
+    @classmethod
+    def from_wire(cls, data: list[float]) -> LoopCounters:
+        """Inverse of `to_wire` (older senders with fewer counters read as zeros)."""
+        values = list(data) + [0] * (8 - len(data))
+        return cls(int(values[0]), float(values[1]), float(values[2]), float(values[3]), int(values[4]),
+                   int(values[5]), int(values[6]), int(values[7]))
+
+
+@dataclass(frozen=True)
+class TokenCommit:
+    """New output tokens of one request."""
+
+    request_id: str  #: the request
+    start: int  #: index (in the request's output) of the first of `token_ids`
+    token_ids: tuple[int, ...]  #: the tokens
+
+
+@dataclass(frozen=True)
+class FinishCommit:
+    """A request that ended on the replica, with its whole output (authoritative)."""
+
+    request_id: str  #: the request
+    reason: str  #: "stop" | "length" | "abort"
+    text: str  #: the decoded output
+    token_ids: tuple[int, ...]  #: every output token
+
+
+@dataclass(frozen=True)
+class FailCommit:
+    """A request the replica could not run."""
+
+    request_id: str  #: the request
+    error: str  #: why
+
+
+@dataclass(frozen=True)
+class ReplicaCommit:
+    """One replica's iteration: one message per replica per iteration (never one per token)."""
+
+    replica: str  #: the committing replica
+    loop: LoopCounters  #: its cumulative loop counters
+    tokens: tuple[TokenCommit, ...] = ()  #: new tokens
+    finished: tuple[FinishCommit, ...] = ()  #: requests that ended
+    failed: tuple[FailCommit, ...] = ()  #: requests that failed
+
+    def to_wire(self) -> dict[str, Any]:
+        """Msgpack-friendly form."""
+        return {"replica": self.replica, "loop": self.loop.to_wire(),
+                "tokens": [[t.request_id, t.start, list(t.token_ids)] for t in self.tokens],
+                "finished": [[f.request_id, f.reason, f.text, list(f.token_ids)] for f in self.finished],
+                "failed": [[f.request_id, f.error] for f in self.failed]}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ReplicaCommit:
+        """Inverse of `to_wire`; raises `ValueError`/`TypeError`/`KeyError` on a malformed message."""
+        return cls(str(data["replica"]), LoopCounters.from_wire(data["loop"]),
+                   tuple(TokenCommit(str(r), int(s), tuple(int(t) for t in ids)) for r, s, ids in data["tokens"]),
+                   tuple(FinishCommit(str(r), str(why), str(text), tuple(int(t) for t in ids))
+                         for r, why, text, ids in data["finished"]),
+                   tuple(FailCommit(str(r), str(e)) for r, e in data["failed"]))
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a replica reports once its engine is built."""
+
+    replica: str  #: its id
+    worker: str  #: its leader worker
+    kv_bytes_per_token: int  #: KV bytes one cached token takes (all layers)
+    weights: str  #: where its weights came from: "checkpoint" or "peer"
+    weight_bytes_from_peer: int  #: bytes of weights a peer sent it
+    parallel: tuple[int, int]  #: its (P, M)
+    shards: tuple[str, ...]  #: its shard workers
+
+    def to_wire(self) -> dict[str, Any]:
+        """Msgpack-friendly form."""
+        return {"replica": self.replica, "worker": self.worker, "kv_bytes_per_token": self.kv_bytes_per_token,
+                "weights": self.weights, "weight_bytes_from_peer": self.weight_bytes_from_peer,
+                "parallel": list(self.parallel), "shards": list(self.shards)}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ReplicaInfo:
+        """Inverse of `to_wire`."""
+        parallel = tuple(int(x) for x in data["parallel"])
+        return cls(str(data["replica"]), str(data["worker"]), int(data["kv_bytes_per_token"]),
+                   str(data["weights"]), int(data["weight_bytes_from_peer"]),
+                   (parallel[0], parallel[1]), tuple(str(w) for w in data["shards"]))
+
+
+@dataclass(frozen=True)
+class MovedRequest:
+    """One request a migration moved, with the KV bytes that went along."""
+
+    request_id: str  #: the request
+    kv_bytes: int  #: bytes of its KV cache moved (0: moved without KV)
+
+
+@dataclass(frozen=True)
+class ReshardSummary:
+    """What one switch of a sharded replica to another (P, M) did."""
+
+    old: tuple[int, int] | None  #: its (P, M) before (None: it had none)
+    new: tuple[int, int]  #: its (P, M) now
+    epoch: int  #: its configuration epoch now
+    shards: tuple[str, ...]  #: its shard workers now
+    kv_requests: int  #: requests whose KV moved
+    kv_bytes: int  #: KV bytes moved
+    weight_bytes: int  #: weight bytes moved between workers
+    checkpoint_bytes: int  #: weight bytes read from the checkpoint
+    seconds: float  #: wall time of the switch
+
+    def to_wire(self) -> dict[str, Any]:
+        """Msgpack-friendly form."""
+        return {"old": list(self.old) if self.old else None, "new": list(self.new), "epoch": self.epoch,
+                "shards": list(self.shards), "kv_requests": self.kv_requests, "kv_bytes": self.kv_bytes,
+                "weight_bytes": self.weight_bytes, "checkpoint_bytes": self.checkpoint_bytes,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ReshardSummary:
+        """Inverse of `to_wire`."""
+        old = data.get("old")
+        new = tuple(int(x) for x in data["new"])
+        return cls((int(old[0]), int(old[1])) if old else None, (new[0], new[1]), int(data["epoch"]),
+                   tuple(str(w) for w in data["shards"]), int(data["kv_requests"]), int(data["kv_bytes"]),
+                   int(data["weight_bytes"]), int(data["checkpoint_bytes"]), float(data["seconds"]))
+
+
+@dataclass(frozen=True)
+class RequestWork:
+    """A request handed to a replica: new, or resumed from its committed tokens."""
+
+    request_id: str  #: the request
+    prompt_token_ids: tuple[int, ...]  #: its prompt
+    committed: tuple[int, ...]  #: output tokens already committed (resume from here)
+    params: SamplingParams  #: how to sample
