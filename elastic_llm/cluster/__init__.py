@@ -1,9 +1,10 @@
 """Cluster layer: Dask-facing building blocks of elastic serving.
 
 Pure modules (stdlib only, usable by the simulator): `contracts` (`InstanceInfo`,
-`PreemptionNotice`), `traces` (spot traces), `cost` (dollar accounting). Dask modules: `instance`
-(worker metadata), `notices` (`NoticeBoard`), `metadata` (`MetadataWatcher`), `emulator`
-(`SpotEmulator`), `downscaling` (`ScaleDownVeto`); `serialization` needs torch.
+`PreemptionNotice`, `SchedulingCounters`), `traces` (spot traces), `cost` (dollar accounting).
+Dask modules: `instance` (worker metadata), `notices` (`NoticeBoard`), `metadata`
+(`MetadataWatcher`), `emulator` (`SpotEmulator`), `downscaling` (`ScaleDownVeto`);
+`serialization` needs torch.
 
 Names are imported lazily so that importing a pure module does not pull in dask or torch.
 """
@@ -14,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from elastic_llm.cluster.contracts import InstanceInfo, PreemptionNotice
+    from elastic_llm.cluster.contracts import InstanceInfo, PreemptionNotice, SchedulingCounters
     from elastic_llm.cluster.cost import CostLedger, CostReport, InstanceSpan, cost_report
     from elastic_llm.cluster.downscaling import ScaleDownVeto
     from elastic_llm.cluster.emulator import EmulatorRecord, SpotEmulator
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from elastic_llm.cluster.traces import SpotEvent, SpotTrace, load_trace
 
 _LAZY = {
-    "InstanceInfo": "contracts", "PreemptionNotice": "contracts",
+    "InstanceInfo": "contracts", "PreemptionNotice": "contracts", "SchedulingCounters": "contracts",
     "CostLedger": "cost", "CostReport": "cost", "InstanceSpan": "cost", "cost_report": "cost",
     "ScaleDownVeto": "downscaling",
     "EmulatorRecord": "emulator", "SpotEmulator": "emulator",

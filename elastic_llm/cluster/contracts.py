@@ -1,6 +1,7 @@
-"""The cluster layer's boundary nouns: what an instance is, and a notice that it will go away.
+"""The cluster layer's boundary nouns: what an instance is, a notice that it will go away, and the
+scheduling counters a replica reports.
 
-Pure stdlib (no dask, no torch), so the simulator and the cost accounting can use them too. Both
+Pure stdlib (no dask, no torch), so the simulator and the cost accounting can use them too. All
 travel as plain msgpack-friendly dicts (`to_dict` / `from_dict`) through Dask messages.
 """
 
@@ -118,3 +119,32 @@ def parse_market(value: str) -> Market:
     if value not in MARKETS:
         raise ClusterConfigError(f"market must be one of {MARKETS}, got {value!r}")
     return cast(Market, value)
+
+
+@dataclass(frozen=True)
+class SchedulingCounters:
+    """A replica's preemptive-scheduling and KV-residency counters (cumulative, every engine it
+    has built), as its commits carry them to the controller (`to_dict`, key "scheduling")."""
+
+    preemptions: int = 0  #: times a request that ran in one iteration was left out of the next
+    bytes_swapped_out: int = 0  #: KV bytes copied device -> host (swap mode)
+    bytes_swapped_in: int = 0  #: KV bytes copied host -> device (blocking and prefetched)
+    swap_seconds: float = 0.0  #: seconds the replica's loop spent blocked on swap copies
+    tokens_dropped: int = 0  #: cached tokens discarded by recompute-mode eviction (computed again)
+
+    def plus(self, other: SchedulingCounters) -> SchedulingCounters:
+        """Field-wise sum (counters of an earlier engine plus the current one's)."""
+        return SchedulingCounters(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (msgpack-friendly) for Dask messages and `status()`."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchedulingCounters:
+        """Inverse of `to_dict`; unknown keys are ignored, missing ones read as 0."""
+        return cls(preemptions=int(data.get("preemptions", 0)),
+                   bytes_swapped_out=int(data.get("bytes_swapped_out", 0)),
+                   bytes_swapped_in=int(data.get("bytes_swapped_in", 0)),
+                   swap_seconds=float(data.get("swap_seconds", 0.0)),
+                   tokens_dropped=int(data.get("tokens_dropped", 0)))

@@ -249,7 +249,8 @@ class ElasticController(Evacuation, Placement, ShardedControl, SchedulerPlugin):
             "replicas": [{"replica": h.replica_id, "worker": h.worker, "state": h.state.value,
                           "requests": len(self.table.unfinished(h.replica_id)),
                           "parallel": list(h.parallel), "shards": list(h.shards), "weights": h.weights,
-                          "start_seconds": h.start_seconds}
+                          "start_seconds": h.start_seconds,
+                          "scheduling": self._loops.scheduling(h.replica_id).to_dict()}
                          for h in self.replicas.values()],
             "queued": len(self.table.queued()),
             "running": len(self.table.unfinished()) - len(self.table.queued()),
@@ -297,11 +298,15 @@ class ElasticController(Evacuation, Placement, ShardedControl, SchedulerPlugin):
     # ------------------------------------------------------------------ replica commits
     def on_commit(self, worker: str | None = None, replica: str = "", tokens: list[Any] | None = None,
                   finished: list[Any] | None = None, failed: list[Any] | None = None,
-                  loop: list[float] | None = None, **_: Any) -> None:
-        """One replica's iteration: new tokens, finished and failed requests, loop counters."""
+                  loop: list[float] | None = None, scheduling: dict[str, Any] | None = None,
+                  **_: Any) -> None:
+        """One replica's iteration: new tokens, finished and failed requests, loop counters,
+        preemption and swap counters ("scheduling")."""
         try:
             if loop is not None:
                 self._loops.record(replica, loop)
+            if scheduling is not None:
+                self._loops.record_scheduling(replica, scheduling)
             now = time.time()
             touched = set()
             for request_id, start, token_ids in tokens or ():

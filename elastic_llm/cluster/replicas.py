@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from elastic_llm.cluster.contracts import SchedulingCounters
+
 
 class ReplicaState(str, enum.Enum):
     """Life of a replica."""
@@ -63,11 +65,20 @@ class LoopStats:
         # replica -> (iterations, seconds in step(), seconds outside it, iteration periods incl. pacing)
         self._counters: dict[str, tuple[int, float, float, float]] = {}
         self._prefix_reused: dict[str, int] = {}  # replica -> prompt tokens taken from its prefix cache
+        self._scheduling: dict[str, SchedulingCounters] = {}  # replica -> its preemptions and KV swaps
 
     def record(self, replica: str, loop: Sequence[float]) -> None:
         """Adopt the counters of one commit message."""
         self._counters[replica] = (int(loop[0]), loop[1], loop[2], loop[3])
         self._prefix_reused[replica] = int(loop[4])
+
+    def record_scheduling(self, replica: str, counters: dict[str, Any]) -> None:
+        """Adopt the "scheduling" counters of one commit message (`SchedulingCounters.to_dict()`)."""
+        self._scheduling[replica] = SchedulingCounters.from_dict(counters)
+
+    def scheduling(self, replica_id: str) -> SchedulingCounters:
+        """The replica's last reported preemptions and KV swaps (zeros before it reported any)."""
+        return self._scheduling.get(replica_id, SchedulingCounters())
 
     def prefix_tokens_reused(self) -> int:
         """Prompt tokens the replicas took from their prefix caches instead of computing them."""
