@@ -7,7 +7,9 @@ an answer (export at a token boundary), wait for the loop to give it.
 Every iteration the loop commits the new tokens to the controller in ONE message over the worker's
 batched stream to the scheduler (fire-and-forget, ordered per worker). A request resumed here
 re-sends its whole output with its first commit, so the controller's table never misses tokens that
-an old replica committed just before it stopped.
+an old replica committed just before it stopped. Each message is a typed `ReplicaCommit`
+(`elastic_llm.control.messages`) whose `LoopCounters` carry the replica's loop times, prefix reuse,
+and its preemptions and KV swaps (`SchedulingCounters`, cumulative over every engine it built).
 
 With `ReplicaOptions.parallel` above (1, 1) the replica is sharded: this actor (on the leader
 worker) runs the engine's scheduler and a `DaskShardedExecutor` whose `ShardActor`s hold the weight
@@ -27,9 +29,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
+from elastic_llm.cluster.replica_options import ReplicaOptions
 from elastic_llm.control.messages import (
     FailCommit,
     FinishCommit,
@@ -38,57 +40,18 @@ from elastic_llm.control.messages import (
     ReplicaCommit,
     ReplicaInfo,
     ReshardSummary,
+    SchedulingCounters,
     TokenCommit,
 )
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.request import RequestOutput
+from elastic_llm.scheduling import BatchLimits, scheduler_name
 
 logger = logging.getLogger(__name__)
 
 COMMIT_OP = "elastic_llm_commit"
 
-
-@dataclass(frozen=True)
-class ReplicaOptions:
-    """How a replica's engine is built."""
-
-    model: str  #: embedded model name or checkpoint directory
-    max_batch_size: int = 16  #: requests per iteration
-    max_batch_tokens: int = 1024  #: tokens per iteration
-    scheduler: str = "fcfs"  #: "fcfs" or "skip-join" (MLFQ)
-    threads: int = 1  #: torch threads in this worker process
-    min_step_seconds: float = 0.0  #: pace iterations to at least this long (emulates a slower instance)
-    #: bytes/s at which weights come from the checkpoint store (None: as fast as local disk);
-    #: a real fleet reads object storage, so a fair baseline pays that on every reload
-    checkpoint_bandwidth: float | None = None
-    #: (P, M) of each replica: above (1, 1) the replica's engine drives a `DaskShardedExecutor`
-    #: over `ShardActor`s on P*M workers (the first, the leader, also holds the `ReplicaActor`);
-    #: "auto": the controller's planning core chooses (P, M) for the workers at hand (and
-    #: re-chooses it when they change)
-    parallel: tuple[int, int] | str = (1, 1)
-    shard_timeout_s: float = 60.0  #: limit on every shard answer and collective (sharded only)
-    #: bytes of weights + KV one worker may hold (None: the workers' own announced budget); with
-    #: parallel="auto" a model that does not fit one worker is sharded over several
-    memory_budget_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.parallel, str):
-            if self.parallel != "auto":
-                raise ValueError(f'parallel must be (P, M) or "auto", not {self.parallel!r}')
-        elif len(self.parallel) != 2 or min(self.parallel) < 1:
-            raise ValueError(f"parallel must be (P, M) with P, M >= 1, not {self.parallel!r}")
-        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
-            raise ValueError("memory_budget_bytes must be > 0")
-
-    @property
-    def auto_parallel(self) -> bool:
-        """Whether the controller chooses each replica's (P, M)."""
-        return self.parallel == "auto"
-
-    @property
-    def sharded(self) -> bool:
-        """Whether replicas run as P x M shards on several workers."""
-        return self.auto_parallel or tuple(self.parallel) != (1, 1)
+__all__ = ["COMMIT_OP", "ReplicaActor", "ReplicaOptions"]  # ReplicaOptions: from replica_options
 
 
 class ReplicaActor:
@@ -132,6 +95,7 @@ class ReplicaActor:
         self._overhead_seconds = 0.0  # the loop's own work while serving: commands and commits
         self._period_seconds = 0.0  # iterations as long as they really take, pacing included
         self._prefix_reused_before = 0  # prompt tokens reused from prefix caches by earlier engines
+        self._scheduling_before = SchedulingCounters()  # preemptions and swaps of earlier engines
         self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
         self._thread.start()
 
@@ -214,12 +178,16 @@ class ReplicaActor:
         self._go.set()
 
     def stats(self) -> dict[str, Any]:
-        """Iterations, busy time and requests held."""
+        """Iterations, busy time, requests held, the scheduler's name (read from the engine's
+        scheduler object, None before it is built) and "scheduling": `SchedulingCounters.to_dict()`
+        (preemptions, KV bytes swapped out and in, seconds blocked on swaps, tokens dropped)."""
         engine = getattr(self, "_engine", None)
         return {"replica": self.replica_id, "iterations": self._iterations,
                 "busy_seconds": self._busy_seconds, "overhead_seconds": self._overhead_seconds,
                 "error": self._error,
-                "requests": engine.num_requests if engine is not None else 0}
+                "requests": engine.num_requests if engine is not None else 0,
+                "scheduler": scheduler_name(engine.scheduler) if engine is not None else None,
+                "scheduling": self._scheduling().to_dict()}
 
     def reshard(self, parallel: tuple[int, int], workers: Sequence[str],
                 timeout: float = 300.0) -> ReshardSummary:
@@ -256,6 +224,7 @@ class ReplicaActor:
                 self._engine.abort(request_id)
                 self._forget(request_id)
             self._prefix_reused_before = self._prefix_reused()
+            self._scheduling_before = self._scheduling()
             self._engine.close()  # a sharded replica's shards are started afresh
             self._engine = self._build_engine()
             answer.set_result(None)
@@ -318,14 +287,13 @@ class ReplicaActor:
         import torch
 
         from elastic_llm.engine.llm_engine import LLMEngine
-        from elastic_llm.scheduling import FCFS, BatchLimits, MLFQConfig, SkipJoinMLFQ
 
         torch.set_num_threads(self._options.threads)
         model = self._load_model()
         limits = BatchLimits(self._options.max_batch_size, self._options.max_batch_tokens)
-        scheduler = FCFS() if self._options.scheduler == "fcfs" else SkipJoinMLFQ(MLFQConfig(skip_join=False))
-        if not self._options.sharded:
-            return LLMEngine(model, scheduler=scheduler, limits=limits)
+        scheduler = self._options.build_scheduler()
+        if not self._options.sharded:  # (kv_residency is only allowed here)
+            return LLMEngine(model, scheduler=scheduler, limits=limits, residency=self._options.kv_residency)
         from distributed import Client
 
         from elastic_llm.cluster.dask_sharded import DaskShardedExecutor
@@ -438,9 +406,20 @@ class ReplicaActor:
         reused = engine.stats().prefix_tokens_reused if engine is not None else 0
         return self._prefix_reused_before + reused
 
+    def _scheduling(self) -> SchedulingCounters:
+        """Preemptions and KV swaps of this replica (every engine it has built)."""
+        engine = getattr(self, "_engine", None)
+        if engine is None:
+            return self._scheduling_before
+        stats = engine.stats()
+        return self._scheduling_before.plus(SchedulingCounters(
+            preemptions=stats.preemptions, bytes_swapped_out=stats.bytes_swapped_out,
+            bytes_swapped_in=stats.bytes_swapped_in, swap_seconds=stats.swap_seconds,
+            tokens_dropped=stats.tokens_dropped))
+
     def _counters(self) -> LoopCounters:
         return LoopCounters(self._iterations, self._busy_seconds, self._overhead_seconds, self._period_seconds,
-                            self._prefix_reused())
+                            self._prefix_reused(), self._scheduling())
 
     def _send(self, tokens: tuple[TokenCommit, ...] = (), finished: tuple[FinishCommit, ...] = (),
               failed: tuple[FailCommit, ...] = ()) -> None:

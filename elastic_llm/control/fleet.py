@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from elastic_llm.control.messages import LoopCounters
+from elastic_llm.control.messages import LoopCounters, SchedulingCounters
 
 #: "No memory budget" (the same sentinel as `elastic_llm.planning.config.Worker.memory_bytes`).
 UNBOUNDED_MEMORY = 1 << 62
@@ -105,6 +105,13 @@ class LoopStats:
     def total(self, name: str) -> float:
         """A counter summed over every replica that ever reported."""
         return sum(getattr(c, name) for c in self._counters.values())
+
+    def scheduling_total(self) -> SchedulingCounters:
+        """Preemptions and swaps summed over every replica that ever reported."""
+        total = SchedulingCounters()
+        for counters in self._counters.values():
+            total = total.plus(counters.scheduling)
+        return total
 
     def overhead(self) -> float:
         """Replica loop time outside `step()` (commands, commits) per second inside it."""

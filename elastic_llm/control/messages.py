@@ -8,10 +8,39 @@ layer) builds them, the control state machine reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from elastic_llm.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SchedulingCounters:
+    """A replica's preemptive-scheduling and KV-residency counters (cumulative over every engine
+    it has built)."""
+
+    preemptions: int = 0  #: times a request that ran in one iteration was left out of the next
+    bytes_swapped_out: int = 0  #: KV bytes copied device -> host (swap mode)
+    bytes_swapped_in: int = 0  #: KV bytes copied host -> device (blocking and prefetched)
+    swap_seconds: float = 0.0  #: seconds the replica's loop spent blocked on swap copies
+    tokens_dropped: int = 0  #: cached tokens discarded by recompute-mode eviction (computed again)
+
+    def plus(self, other: SchedulingCounters) -> SchedulingCounters:
+        """Field-wise sum (counters of an earlier engine plus the current one's)."""
+        return SchedulingCounters(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (msgpack-friendly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchedulingCounters:
+        """Inverse of `to_dict`; unknown keys are ignored, missing ones read as 0."""
+        return cls(preemptions=int(data.get("preemptions", 0)),
+                   bytes_swapped_out=int(data.get("bytes_swapped_out", 0)),
+                   bytes_swapped_in=int(data.get("bytes_swapped_in", 0)),
+                   swap_seconds=float(data.get("swap_seconds", 0.0)),
+                   tokens_dropped=int(data.get("tokens_dropped", 0)))
 
 
 @dataclass(frozen=True)
@@ -23,9 +52,7 @@ class LoopCounters:
     overhead_s: float = 0.0  #: seconds of the loop's own work while serving (commands, commits)
     period_s: float = 0.0  #: seconds of iterations as long as they really took, pacing included
     prefix_tokens_reused: int = 0  #: prompt tokens taken from the replica's prefix caches
-    preemptions: int = 0  #: requests its scheduler preempted mid-generation
-    swapped_out: int = 0  #: KV swaps from device to host memory
-    swapped_in: int = 0  #: KV swaps from host back to device memory
+    scheduling: SchedulingCounters = field(default_factory=SchedulingCounters)  #: preemptions, swaps
 
     @property
     def step_seconds(self) -> float:
@@ -34,17 +61,18 @@ class LoopCounters:
             return 0.0
         return max(self.period_s, self.busy_s) / self.iterations
 
-    def to_wire(self) -> list[float]:
-        """Plain list, in field order."""
-        return [self.iterations, self.busy_s, self.overhead_s, self.period_s, self.prefix_tokens_reused,
-                self.preemptions, self.swapped_out, self.swapped_in]
+    def to_wire(self) -> dict[str, Any]:
+        """Msgpack-friendly form."""
+        return {"iterations": self.iterations, "busy_s": self.busy_s, "overhead_s": self.overhead_s,
+                "period_s": self.period_s, "prefix_tokens_reused": self.prefix_tokens_reused,
+                "scheduling": self.scheduling.to_dict()}
 
     @classmethod
-    def from_wire(cls, data: list[float]) -> LoopCounters:
-        """Inverse of `to_wire` (older senders with fewer counters read as zeros)."""
-        values = list(data) + [0] * (8 - len(data))
-        return cls(int(values[0]), float(values[1]), float(values[2]), float(values[3]), int(values[4]),
-                   int(values[5]), int(values[6]), int(values[7]))
+    def from_wire(cls, data: dict[str, Any]) -> LoopCounters:
+        """Inverse of `to_wire`."""
+        return cls(int(data["iterations"]), float(data["busy_s"]), float(data["overhead_s"]),
+                   float(data["period_s"]), int(data["prefix_tokens_reused"]),
+                   SchedulingCounters.from_dict(data.get("scheduling", {})))
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,7 @@ def fleet_status(fleet: FleetState, now: float) -> dict[str, Any]:
                       "requests": per_replica.get(r.replica_id, 0), "parallel": list(r.parallel),
                       "shards": list(r.shards), "weights": r.weights, "start_seconds": r.start_seconds,
                       "epoch": r.epoch, "step_seconds": fleet.loops.of(r.replica_id).step_seconds,
-                      "preemptions": fleet.loops.of(r.replica_id).preemptions,
-                      "swapped_out": fleet.loops.of(r.replica_id).swapped_out,
-                      "swapped_in": fleet.loops.of(r.replica_id).swapped_in}
+                      "scheduling": fleet.loops.of(r.replica_id).scheduling.to_dict()}
                      for r in fleet.replicas.values()],
         "workers": [{"worker": w.address, "market": w.market, "price_per_hour": w.price_per_hour,
                      "health": w.health.value, "deadline": w.deadline} for w in fleet.workers.values()],
@@ -53,8 +51,7 @@ def fleet_status(fleet: FleetState, now: float) -> dict[str, Any]:
         "load_replans": list(fleet.load_replans),
         "controller_overhead": fleet.loops.overhead(),
         "prefix_tokens_reused": int(fleet.loops.total("prefix_tokens_reused")),
-        "preemptions": int(fleet.loops.total("preemptions")),
-        "kv_swaps": int(fleet.loops.total("swapped_out") + fleet.loops.total("swapped_in")),
+        "scheduling": fleet.loops.scheduling_total().to_dict(),
         "open_operations": len(fleet.ops),
         "notes": list(fleet.shapes.notes),
     }
