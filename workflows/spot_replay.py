@@ -18,12 +18,12 @@ import json
 import platform
 from dataclasses import asdict
 
-from elastic_llm.cluster.controller import POLICIES
+from elastic_llm.control.policies import POLICY_NAMES
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.spot_replay import PolicyReport, ReplayConfig, run_policy
 from elastic_llm.model.checkpoint import DEFAULT_MODEL
 
-COLUMNS = (("policy", "{:>14}"), ("completed", "{:>5}"), ("lost", "{:>4}"), ("latency_p50_s", "{:>7.1f}"),
+COLUMNS = (("policy", "{:>21}"), ("completed", "{:>5}"), ("lost", "{:>4}"), ("latency_p50_s", "{:>7.1f}"),
            ("latency_p90_s", "{:>7.1f}"), ("latency_p99_s", "{:>7.1f}"), ("throughput_tok_s", "{:>7.1f}"),
            ("requests_recomputed", "{:>6}"), ("tokens_recomputed", "{:>7}"), ("kv_bytes_migrated", "{:>11}"),
            ("weight_bytes_from_peers", "{:>11}"), ("cost_usd", "{:>7.3f}"), ("controller_overhead", "{:>7.2%}"))
@@ -59,10 +59,14 @@ def main() -> None:
     parser.add_argument("--memory-budget", type=int, default=None,
                         help="bytes of weights + KV one worker may hold (forces sharding below the model)")
     parser.add_argument("--profile", default=None, help="elastic-llm profile JSON for the shape optimizer")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="spotserve,reroute,reparallelize",
+                        help=f"comma-separated, from: {', '.join(POLICY_NAMES)} (the last four: SpotServe's ablations)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the reports as JSON here")
     args = parser.parse_args()
+    unknown = [p for p in args.policies.split(",") if p not in POLICY_NAMES]
+    if unknown:
+        parser.error(f"unknown policy {unknown[0]!r}: choose from {', '.join(POLICY_NAMES)}")
     parallel = "auto" if args.parallel == "auto" else tuple(int(x) for x in args.parallel.split(","))
     replica = ReplicaOptions(model=args.model, max_batch_size=args.max_batch,
                              checkpoint_bandwidth=args.checkpoint_bandwidth, parallel=parallel,  # type: ignore[arg-type]

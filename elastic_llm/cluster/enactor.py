@@ -156,6 +156,13 @@ class Enactor:
         moved = await source.hand_over(successor, list(instruction.request_ids))
         return ev.TransferDone(instruction.op, tuple(moved))
 
+    async def _do_RetireReplica(self, instruction: ins.RetireReplica) -> ev.Event:
+        actor = self.actors.pop(instruction.replica_id, None)
+        self._futures.pop(instruction.replica_id, None)
+        if actor is not None:
+            await self._quiet(actor.stop())
+        return ev.ReplicaStopped(instruction.op)
+
     async def _do_Reshard(self, instruction: ins.Reshard) -> ev.Event:
         summary = await self.actors[instruction.replica_id].reshard(instruction.parallel, list(instruction.workers))
         return ev.ReshardDone(instruction.op, summary)

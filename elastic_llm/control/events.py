@@ -95,6 +95,13 @@ class ReplicaReady:
 
 
 @dataclass(frozen=True)
+class ReplicaStopped:
+    """A `RetireReplica` finished: the replica's workers are free."""
+
+    op: int  #: the operation
+
+
+@dataclass(frozen=True)
 class RequestsAssigned:
     """A replica took the requests of an `AssignRequests`."""
 
@@ -131,5 +138,5 @@ class Tick:
 
 
 Event = (WorkerJoined | WorkerLost | WorkerNoticed | RequestSubmitted | RequestsCancelled | ClientGone
-         | TokensCommitted | ModelDescribed | ReplicaCreated | ReplicaReady | RequestsAssigned
+         | TokensCommitted | ModelDescribed | ReplicaCreated | ReplicaReady | ReplicaStopped | RequestsAssigned
          | TransferDone | ReshardDone | OperationFailed | Tick)

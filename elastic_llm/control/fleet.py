@@ -43,6 +43,7 @@ class ReplicaState(str, enum.Enum):
     READY = "ready"  #: takes requests
     SWITCHING = "switching"  #: its shape or workers change (a reshard): no new requests meanwhile
     DRAINING = "draining"  #: its leader got a notice (or it is dissolved): no new requests
+    STOPPING = "stopping"  #: being stopped; its workers are free once that is confirmed
     LOST = "lost"  #: gone
 
 

@@ -87,7 +87,7 @@ class MigrateRequests:
 @dataclass(frozen=True)
 class HandOver:
     """`source` pauses these requests and pushes them WITH their KV to `successor` (created with
-    `build=False`), then stops; answer `TransferDone`."""
+    `build=False`); answer `TransferDone`."""
 
     op: int
     source: str
@@ -113,9 +113,19 @@ class Reshard:
 
 @dataclass(frozen=True)
 class StopReplica:
-    """Stop the replica and release its workers (fire and forget)."""
+    """Stop a lost replica, whatever is left of it (fire and forget)."""
 
     replica_id: str
+
+
+@dataclass(frozen=True)
+class RetireReplica:
+    """Stop the replica and answer `ReplicaStopped` once its workers are free for another one
+    (its shards have left their process groups)."""
+
+    op: int
+    replica_id: str
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -148,5 +158,5 @@ class ReleaseCapacity:
 
 
 Instruction = (DescribeModel | StartReplica | BuildReplica | ReloadReplica | AssignRequests | CancelRequests
-               | MigrateRequests | HandOver | Reshard | StopReplica | NotifyClients | WakeAt
+               | MigrateRequests | HandOver | Reshard | StopReplica | RetireReplica | NotifyClients | WakeAt
                | AcquireCapacity | ReleaseCapacity)

@@ -74,6 +74,7 @@ class FleetState:
         self.load_replans: list[dict[str, float]] = []  #: plans made again because the load moved
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas
         self.weight_bytes_from_peers = 0  #: weight bytes new replicas took from peers
+        self.reloads = 0  #: replicas that reloaded their weights from the checkpoint (reparallelize)
         self.evacuations: list[Evacuation] = []  #: noticed replicas still decoding before they move
         self.last_start_seconds = 5.0  #: how long the latest replica took to start
         self._ids = itertools.count()
@@ -129,7 +130,7 @@ class FleetState:
             return
         worker.health, worker.deadline = WorkerHealth.LEAVING, event.deadline
         for replica in list(self.replicas.values()):
-            if replica.state is ReplicaState.LOST or replica.noticed:
+            if replica.state in (ReplicaState.LOST, ReplicaState.STOPPING) or replica.noticed:
                 continue
             if replica.leader == event.address:
                 sharded.leader_noticed(self, replica, event.deadline)
@@ -276,6 +277,8 @@ class FleetState:
             replica.kv_bytes_per_token = event.info.kv_bytes_per_token
             replica.weights = event.info.weights
             self.weight_bytes_from_peers += event.info.weight_bytes_from_peer
+        elif operation.kind == "reload":
+            self.reloads += 1
         if replica.state is ReplicaState.STARTING:
             replica.state = ReplicaState.READY
         if operation.kind == "build" and "handover_of" in operation.context:
@@ -357,6 +360,8 @@ class FleetState:
             sharded.handover_finished(self, operation, ())
         elif operation.kind == "reshard":
             sharded.reshard_failed(self, operation, why)
+        elif operation.kind == "retire":
+            self._retired(operation, why)
 
     def requeue_owned(self, owner: str | None, request_ids: Sequence[str]) -> None:
         """Requeue (lost KV) those of `request_ids` that `owner` still owns."""
@@ -476,10 +481,40 @@ class FleetState:
         self.record_notice(evacuation)
         source = self.replicas.get(evacuation.replica_id)
         if evacuation.then_stop and source is not None:
-            self.replicas.pop(source.replica_id)
-            self.affinity.forget(source.replica_id)
-            self.emit(ins.StopReplica(source.replica_id))
+            self.retire(source)
+
+    def retire(self, replica: ReplicaRecord, successor: str | None = None, move: dict[str, Any] | None = None) -> None:
+        """Stop `replica`; its workers stay held until the stop is confirmed, then free workers
+        are placed (or `successor`, which takes them over, builds its engine: `move` describes
+        the hand-over for the reshard log)."""
+        replica.state = ReplicaState.STOPPING
+        operation = self.open_op("retire", replica.replica_id, self.config.call_timeout_s,
+                                 context={"successor": successor, "move": move})
+        self.emit(ins.RetireReplica(operation.op, replica.replica_id, operation.deadline))
+
+    def _on_ReplicaStopped(self, event: ev.ReplicaStopped) -> None:
+        operation = self.ops.close(event.op)
+        if operation is not None:
+            self._retired(operation)
+
+    def _retired(self, operation: Operation, why: str | None = None) -> None:
+        replica = self.replicas.pop(operation.replica_id or "", None)
+        if replica is not None:
+            self.affinity.forget(replica.replica_id)
+            if why is not None:  # its shards may linger: nothing new goes to its workers
+                self._suspect(replica.workers)
+                self.emit(ins.StopReplica(replica.replica_id))
+        successor = self.replicas.get(operation.context["successor"] or "")
+        if successor is None:
             sharded.place(self)
+        else:
+            self.build_successor(successor, operation.replica_id or "", operation.context["move"])
+
+    def build_successor(self, successor: ReplicaRecord, source: str, move: dict[str, Any] | None) -> None:
+        """The successor of `source` (which is gone) builds its engine."""
+        build = self.open_op("build", successor.replica_id, self.config.start_timeout_s,
+                             context={"handover_of": source, "move": move})
+        self.emit(ins.BuildReplica(build.op, successor.replica_id, build.deadline))
 
     def record_notice(self, evacuation: Evacuation) -> None:
         self.notices.append(NoticeRecord(evacuation.worker, evacuation.deadline, evacuation.received,

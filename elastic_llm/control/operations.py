@@ -12,7 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-OperationKind = Literal["describe", "start", "build", "reload", "assign", "migrate", "handover", "reshard"]
+OperationKind = Literal["describe", "start", "build", "reload", "assign", "migrate", "handover", "reshard",
+                        "retire"]
 
 
 @dataclass

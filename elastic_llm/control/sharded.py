@@ -187,26 +187,25 @@ def hand_over(fleet: FleetState, source: ReplicaRecord, evacuation: Evacuation) 
 
 
 def handover_finished(fleet: FleetState, operation: Operation, moved: tuple[MovedRequest, ...]) -> None:
-    """The hand-over ended (or failed: nothing `moved`): the old replica stops, the requests that
-    did not arrive recompute, and the successor builds its engine."""
+    """The hand-over ended (or failed: nothing `moved`): the requests that did not arrive
+    recompute, the old replica stops, and once its workers are free the successor builds."""
     evacuation: Evacuation = operation.context["evacuation"]
-    source = fleet.replicas.pop(operation.source or "", None)
-    if source is not None:
-        fleet.affinity.forget(source.replica_id)
-        fleet.emit(ins.StopReplica(source.replica_id))
     taken = {m.request_id for m in moved}
     fleet.requeue_owned(operation.replica_id, [i for i in operation.request_ids if i not in taken])
     evacuation.moved = len(taken)
     fleet.record_notice(evacuation)
+    source = fleet.replicas.get(operation.source or "")
     successor = fleet.replicas.get(operation.replica_id or "")
-    if successor is None:
-        return
-    old = source.parallel if source is not None else successor.parallel
-    move = {"from_replica": operation.source, "old": list(old), "new": list(successor.parallel),
-            "shards": list(successor.shards), "kv_bytes": sum(m.kv_bytes for m in moved), "leader_moved": True}
-    build = fleet.open_op("build", successor.replica_id, fleet.config.start_timeout_s,
-                          context={"handover_of": operation.source, "move": move})
-    fleet.emit(ins.BuildReplica(build.op, successor.replica_id, build.deadline))
+    move = None
+    if successor is not None:
+        old = source.parallel if source is not None else successor.parallel
+        move = {"from_replica": operation.source, "old": list(old), "new": list(successor.parallel),
+                "shards": list(successor.shards), "kv_bytes": sum(m.kv_bytes for m in moved),
+                "leader_moved": True}
+    if source is not None:
+        fleet.retire(source, successor.replica_id if successor is not None else None, move)
+    elif successor is not None:  # the old replica is gone already: build at once
+        fleet.build_successor(successor, operation.source or "", move)
 
 
 def _with_leader(leader: str, workers: list[str]) -> list[str]:

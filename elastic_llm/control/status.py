@@ -44,6 +44,7 @@ def fleet_status(fleet: FleetState, now: float) -> dict[str, Any]:
         "requests_restarted": sum(r.restarts > 0 for r in records),
         "kv_bytes_migrated": fleet.kv_bytes_migrated,
         "weight_bytes_from_peers": fleet.weight_bytes_from_peers,
+        "reloads": fleet.reloads,
         "tokens_committed": sum(len(r.committed) for r in records),
         "tokens_finished": sum(len(r.committed) for r in finished),
         "notices": [asdict(n) for n in fleet.notices],

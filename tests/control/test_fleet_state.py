@@ -77,6 +77,7 @@ def test_reparallelize_reloads_every_replica_and_restarts_every_request_on_a_joi
     for reload in reloads:
         h.ready(reload)
     assert h.of(ins.AssignRequests, before)  # requeued requests are dispatched again
+    assert h.fleet.status(h.now)["reloads"] == 2
 
 
 @pytest.mark.parametrize("policy", ["spotserve", "reroute"])
@@ -249,8 +250,12 @@ def test_a_noticed_shard_worker_makes_spotserve_reshard_and_reroute_dissolve() -
     h.send(ev.WorkerNoticed("b", h.now + 10.0))
     assert not h.of(ins.Reshard)
     h.tick(h.now + 10.0)
-    assert old not in h.fleet.replicas and h.last(ins.StopReplica).replica_id == old
     assert all(h.fleet.table.get(f"q{i}").committed == [] for i in range(3))
+    retire = h.last(ins.RetireReplica)
+    assert retire.replica_id == old and not h.of(ins.StartReplica)[1:]  # a and c wait for the stop
+    h.send(ev.ReplicaStopped(retire.op))
+    assert old not in h.fleet.replicas
+    assert set(h.last(ins.StartReplica).shards) == {"a", "c"}  # the leader and the free worker
 
 
 def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor() -> None:
@@ -265,7 +270,10 @@ def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor() -> No
     assert hand_over.source == old and hand_over.successor == start.replica_id
     assert all(h.owner(i) == start.replica_id for i in hand_over.request_ids)
     h.moved(hand_over.op, *hand_over.request_ids)
-    assert old not in h.fleet.replicas and h.last(ins.StopReplica).replica_id == old
+    retire = h.last(ins.RetireReplica)
+    assert retire.replica_id == old and not h.of(ins.BuildReplica)  # its workers are not free yet
+    h.send(ev.ReplicaStopped(retire.op))
+    assert old not in h.fleet.replicas
     h.ready(h.last(ins.BuildReplica))
     assert h.fleet.replicas[start.replica_id].state.value == "ready"
     (move,) = h.fleet.reshards
