@@ -91,6 +91,7 @@ class ElasticController(SchedulerPlugin):
         self._client_events: dict[str, asyncio.Event] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._unregister_metrics: Callable[[], None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ the loop: events in, instructions out
     def apply(self, event: ev.Event) -> None:
@@ -111,19 +112,30 @@ class ElasticController(SchedulerPlugin):
 
     # ------------------------------------------------------------------ plugin hooks
     async def start(self, scheduler: Any) -> None:
-        """Install handlers, connect an internal client, and take in the current workers."""
+        """Install handlers, connect an internal client (with the scheduler's own `Security`, so
+        TLS clusters work), and take in the current workers. A start that fails undoes what it
+        did, so registering the plugin again works."""
         self.scheduler = scheduler
-        scheduler.handlers.update({
+        handlers = {
             "elastic_llm_submit": self._handler(self.submit),
             "elastic_llm_cancel": self._handler(self.cancel),
             "elastic_llm_poll": self.poll,
             "elastic_llm_status": self._handler(self.status),
-        })
-        scheduler.stream_handlers[COMMIT_OP] = self.on_commit
-        self._unregister_metrics = metrics.register(self.status)
-        with contextlib.suppress(LookupError):  # notices arrive through the NoticeBoard plugin
-            NoticeBoard.of(scheduler).subscribe(self.on_notice)
-        self._client = await Client(scheduler.address, asynchronous=True, name="elastic-llm-controller")
+        }
+        try:
+            self._client = await Client(scheduler.address, asynchronous=True, security=scheduler.security,
+                                        name="elastic-llm-controller")
+            scheduler.handlers.update(handlers)
+            scheduler.stream_handlers[COMMIT_OP] = self.on_commit
+            with contextlib.suppress(LookupError):  # notices arrive through the NoticeBoard plugin
+                self._unsubscribe = NoticeBoard.of(scheduler).subscribe(self.on_notice)
+            self._unregister_metrics = metrics.register(self.status)
+        except BaseException:
+            for name in handlers:
+                scheduler.handlers.pop(name, None)
+            scheduler.stream_handlers.pop(COMMIT_OP, None)
+            await self.close()
+            raise
         self.enactor = Enactor(self._client, self.replica_options, self._report, self._notify)
         for address, info in fleet_info(scheduler).items():
             self._join(address, info)
@@ -133,6 +145,10 @@ class ElasticController(SchedulerPlugin):
         """Stop background work, the metrics collector and the internal client."""
         if self._unregister_metrics is not None:
             self._unregister_metrics()
+            self._unregister_metrics = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._ticker is not None:
             self._ticker.cancel()
         if self.enactor is not None:
@@ -168,10 +184,15 @@ class ElasticController(SchedulerPlugin):
         """A preemption notice (from the NoticeBoard)."""
         self.apply(ev.WorkerNoticed(notice.worker, notice.deadline))
 
-    def on_commit(self, commit: dict[str, Any] | None = None, **_: Any) -> None:
-        """One replica's iteration (a `ReplicaCommit` on the wire)."""
+    def on_commit(self, commit: dict[str, Any] | None = None, worker: str | None = None, **_: Any) -> None:
+        """One replica's iteration (a `ReplicaCommit` on the wire). Dask names the worker whose
+        stream carried it; a commit on a client's stream (no `worker`) is refused as forged."""
+        if worker is None:
+            self.fleet.commits_refused += 1
+            logger.warning("elastic_llm: refused a commit that did not come from a worker's stream")
+            return
         try:
-            self.apply(ev.TokensCommitted(ReplicaCommit.from_wire(commit or {})))
+            self.apply(ev.TokensCommitted(ReplicaCommit.from_wire(commit or {}), origin=worker))
         except Exception:  # noqa: BLE001 - a bad message must not break the scheduler's stream
             logger.exception("elastic_llm: a commit failed")
 

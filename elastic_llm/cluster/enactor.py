@@ -75,6 +75,8 @@ class Enactor:
                 self._futures.pop(replica, None)
                 if actor is not None:
                     self._spawn(self._quiet(actor.stop()))
+            case ins.RestartWorkers(workers=workers):
+                self._spawn(self._restart(workers))
             case ins.AcquireCapacity() | ins.ReleaseCapacity():
                 logger.info("elastic_llm: %s (no autoscaler is attached: recorded only)", instruction)
                 self.capacity_requests.append({"instruction": type(instruction).__name__, **vars(instruction)})
@@ -148,7 +150,8 @@ class Enactor:
 
     async def _do_MigrateRequests(self, instruction: ins.MigrateRequests) -> ev.Event:
         target, source = self.actors[instruction.target], self.actors[instruction.source]
-        moved = await target.pull_from(source, list(instruction.request_ids), True)
+        moved = await target.pull_from(source, list(instruction.request_ids), True,
+                                       max(1.0, instruction.deadline - time.time()))
         return ev.TransferDone(instruction.op, tuple(moved))
 
     async def _do_HandOver(self, instruction: ins.HandOver) -> ev.Event:
@@ -166,6 +169,15 @@ class Enactor:
     async def _do_Reshard(self, instruction: ins.Reshard) -> ev.Event:
         summary = await self.actors[instruction.replica_id].reshard(instruction.parallel, list(instruction.workers))
         return ev.ReshardDone(instruction.op, summary)
+
+    async def _restart(self, workers: tuple[str, ...]) -> None:
+        """Fence `workers` by restarting their processes (their nannies start fresh ones)."""
+        try:
+            await self.client.restart_workers(list(workers), raise_for_error=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. no nanny: they stay out of use
+            logger.warning("elastic_llm: could not restart %s (%s): they stay out of use", workers, exc)
+        else:
+            logger.info("elastic_llm: restarted %s (fenced after a broken replica)", workers)
 
     # ------------------------------------------------------------------ utilities
     def _tick_at(self, at: float) -> None:

@@ -126,11 +126,12 @@ class ReplicaActor:
         self._commands.put(lambda: answer.set_result(self._export(ids, include_kv)))
         return answer.result(timeout)
 
-    def pull_from(self, source: Any, request_ids: Sequence[str] | None,
-                  include_kv: bool = True) -> tuple[MovedRequest, ...]:
+    def pull_from(self, source: Any, request_ids: Sequence[str] | None, include_kv: bool = True,
+                  timeout: float = 60.0) -> tuple[MovedRequest, ...]:
         """Take requests (with their KV) straight from another replica's actor, worker to worker;
-        what was taken."""
-        states = source.export_requests(request_ids, include_kv).result()
+        what was taken. Gives up after `timeout` seconds (the source died, or hangs): this
+        actor's single thread is never held for good, and nothing was taken."""
+        states = source.export_requests(request_ids, include_kv, timeout).result(timeout)
         self._commands.put(lambda: self._resume(states))
         return _moved(states)
 

@@ -22,7 +22,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,9 +39,19 @@ from elastic_llm.model.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.tokenizer import Tokenizer
 from elastic_llm.request import Completion, FinishReason
-from elastic_llm.sampling import SamplingParams, validate_prompt_ids
+from elastic_llm.sampling import (
+    SamplingParams,
+    check_prompt_ids,
+    check_prompt_text,
+    check_text,
+    validate_prompt_ids,
+    validate_request,
+)
 
 logger = logging.getLogger(__name__)
+
+#: A prompt: text, or token ids (a list or tuple of ints).
+Prompt = str | Sequence[int]
 
 
 class RequestFailedError(ElasticLLMError):
@@ -112,23 +123,47 @@ class ServingClient:
         self._poller.start()
 
     # ------------------------------------------------------------------ public API
-    def submit(self, prompt: str | Iterable[int], *, chat: bool | None = None, request_id: str | None = None,
+    def submit(self, prompt: Prompt, *, chat: bool | None = None, request_id: str | None = None,
                **sampling: Any) -> ServingFuture:
-        """Send one prompt; returns a future of its `Completion`. Raises on bad input at once."""
+        """Send one prompt; returns a future of its `Completion`.
+
+        `prompt` is a non-empty str (chat-formatted if `chat`, default the client's `chat`) or a
+        non-empty list/tuple of int token ids in [0, vocab); `sampling` are `SamplingParams`
+        fields. The rules are those of `elastic_llm.sampling` (no bools as numbers, no floats as
+        ids, finite floats, 64-bit ints, `max_new_tokens` within the context window).
+
+        Raises:
+            InvalidRequestError: (at once, nothing sent) a bad prompt, parameter or request id;
+                `PromptTooLongError` if the prompt does not fit the context window.
+        """
         return self._submit_many([prompt], chat, [request_id], sampling)[0]
 
-    def map(self, prompts: Iterable[str | Iterable[int]], *, chat: bool | None = None,
+    def map(self, prompts: Iterable[Prompt], *, chat: bool | None = None,
             **sampling: Any) -> list[ServingFuture]:
-        """Send many prompts in one message; futures in prompt order."""
-        prompts = list(prompts)
-        return self._submit_many(prompts, chat, [None] * len(prompts), sampling)
+        """Send many prompts in one message; futures in prompt order.
 
-    def stream(self, prompt: str | Iterable[int], *, chat: bool | None = None, **sampling: Any) -> Iterator[str]:
-        """Generate and yield the text as tokens are committed; the pieces join to the final text."""
+        All or nothing: every prompt is validated first; if one is bad, `InvalidRequestError`
+        is raised and none is sent (nor tracked by this client).
+        """
+        if isinstance(prompts, (str, bytes, bytearray, memoryview, Mapping, AbstractSet)) \
+                or not isinstance(prompts, Iterable):
+            raise InvalidRequestError(f"map takes a list of prompts, got {type(prompts).__name__} "
+                                      "(use submit for one prompt)")
+        batch = list(prompts)
+        return self._submit_many(batch, chat, [None] * len(batch), sampling)
+
+    def stream(self, prompt: Prompt, *, chat: bool | None = None, **sampling: Any) -> Iterator[str]:
+        """Generate and yield the text as tokens are committed; the pieces join to the final text.
+
+        Validates and sends at the call, like `submit` (bad input raises here, not when the
+        iterator is first advanced)."""
         events: queue.Queue[ClientEvent] = queue.Queue()
         future = self._submit_many([prompt], chat, [None], sampling, stream=events)[0]
         stops = SamplingParams.coerce(sampling or None).stop
-        holdback = max((len(s) for s in stops), default=1) - 1
+        return self._follow(future, events, max((len(s) for s in stops), default=1) - 1)
+
+    def _follow(self, future: ServingFuture, events: queue.Queue[ClientEvent], holdback: int) -> Iterator[str]:
+        """The pieces of `stream`, holding back `holdback` characters that may start a stop string."""
         tokens: list[int] = []
         sent = ""
         while True:
@@ -161,6 +196,11 @@ class ServingClient:
     def status(self) -> dict[str, Any]:
         """The controller's view: replicas, queue, latency, counters."""
         return self._dask.sync(self._dask.scheduler.elastic_llm_status)  # type: ignore[no-any-return]
+
+    def pending(self) -> int:
+        """How many of this client's requests are submitted and not yet finished (results still to come)."""
+        with self._lock:
+            return len(self._tracking)
 
     def wait_for_replicas(self, count: int = 1, timeout: float = 600.0) -> None:
         """Block until at least `count` replicas are ready to serve (raises TimeoutError)."""
@@ -202,45 +242,68 @@ class ServingClient:
         elif running[0] != model:
             raise InvalidRequestError(f"the cluster serves {running[0]!r}, not {model!r}")
 
-    def _encode(self, prompt: str | Iterable[int], chat: bool) -> tuple[int, ...]:
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise InvalidRequestError("prompt is empty")
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer: pass token ids")
-            ids = self.tokenizer.chat_prompt_ids(prompt) if chat else self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
+    def _encode(self, prompt: object, chat: bool) -> tuple[int, ...]:
+        """Token ids of one prompt, validated (raises `InvalidRequestError` naming the problem)."""
+        if not isinstance(prompt, str):
+            return check_prompt_ids(prompt, self.spec.vocab_size, self.spec.max_position_embeddings)
+        check_prompt_text(prompt)
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: pass token ids")
+        ids = self.tokenizer.chat_prompt_ids(prompt) if chat else self.tokenizer.encode(prompt)
         validate_prompt_ids(ids, self.spec.vocab_size, self.spec.max_position_embeddings)
         return tuple(ids)
 
-    def _submit_many(self, prompts: list[str | Iterable[int]], chat: bool | None, ids: list[str | None],
-                     sampling: dict[str, Any], stream: queue.Queue[ClientEvent] | None = None) -> list[ServingFuture]:
+    def _prepare(self, prompts: list[object], chat: object, ids: list[object],
+                 sampling: dict[str, Any]) -> list[tuple[str, tuple[int, ...], SamplingParams]]:
+        """Validate a whole batch (no side effects): [(request id, prompt ids, params)]."""
         if self._closed.is_set():
             raise InvalidRequestError("this ServingClient is closed")
+        if chat is not None and not isinstance(chat, bool):
+            raise InvalidRequestError(f"chat must be True, False or None, got {type(chat).__name__}")
         params = SamplingParams.coerce(sampling or None)
+        validate_request(params, self.spec.vocab_size, self.spec.max_position_embeddings)
         use_chat = self.chat if chat is None else chat
-        messages, futures = [], []
+        batch = []
         for prompt, request_id in zip(prompts, ids, strict=True):
+            if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= 256):
+                raise InvalidRequestError("request_id must be a non-empty str of at most 256 characters")
+            if request_id is not None:
+                check_text(request_id, "request_id")
             prompt_ids = self._encode(prompt, use_chat)
             request_params = params
             if not params.greedy and params.seed is None:  # fixed now: a recompute samples the same
                 request_params = params.with_seed(random.getrandbits(63))
-            request_id = request_id or uuid.uuid4().hex
-            future = ServingFuture(request_id, self)
-            with self._lock:
-                if request_id in self._tracking:
-                    raise InvalidRequestError(f"request id {request_id!r} is already in use")
-                self._tracking[request_id] = _Tracking(future, prompt_ids, time.time(), [], stream=stream)
-            messages.append({"request_id": request_id, "prompt_token_ids": list(prompt_ids),
-                             "params": asdict(request_params)})
-            futures.append(future)
+            batch.append((request_id or uuid.uuid4().hex, prompt_ids, request_params))
+        named = [request_id for request_id, _, _ in batch]
+        if len(set(named)) < len(named):
+            raise InvalidRequestError("request ids in one batch must be distinct")
+        return batch
+
+    def _submit_many(self, prompts: list[object], chat: object, ids: list[object],
+                     sampling: dict[str, Any], stream: queue.Queue[ClientEvent] | None = None) -> list[ServingFuture]:
+        """All or nothing: the whole batch is validated, then tracked and sent in one message;
+        if any prompt is bad, or the controller refuses, nothing stays tracked here."""
+        batch = self._prepare(prompts, chat, ids, sampling)
+        if not batch:
+            return []
+        now = time.time()
+        futures = [ServingFuture(request_id, self) for request_id, _, _ in batch]
+        with self._lock:
+            taken = [request_id for request_id, _, _ in batch if request_id in self._tracking]
+            if taken:
+                raise InvalidRequestError(f"request id {taken[0]!r} is already in use")
+            for future, (request_id, prompt_ids, _) in zip(futures, batch, strict=True):
+                self._tracking[request_id] = _Tracking(future, prompt_ids, now, [], stream=stream)
+        messages = [{"request_id": request_id, "prompt_token_ids": list(prompt_ids), "params": asdict(params)}
+                    for request_id, prompt_ids, params in batch]
         try:
             self._dask.sync(self._dask.scheduler.elastic_llm_submit, client=self._id, requests=messages)
-        except Exception as exc:
+        except BaseException as exc:
             with self._lock:
                 for future in futures:
                     self._tracking.pop(future.request_id, None)
+            if not isinstance(exc, Exception):
+                raise
             raise InvalidRequestError(f"the controller refused the requests: {exc}") from exc
         return futures
 

@@ -69,6 +69,9 @@ class TokensCommitted:
     """A replica's commit of one iteration."""
 
     commit: ReplicaCommit  #: the message
+    #: the worker whose stream carried it (it must be the replica's leader); None: a trusted
+    #: in-process source (the simulator)
+    origin: str | None = None
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,15 @@ class RetireReplica:
 
 
 @dataclass(frozen=True)
+class RestartWorkers:
+    """Fence these workers: restart their processes (through their nannies), so that whatever a
+    broken replica left there (shards, process groups) is gone; they rejoin as new workers. A
+    worker that cannot be restarted stays out of use (fire and forget)."""
+
+    workers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class NotifyClients:
     """These clients have new events in the request table."""
 
@@ -158,5 +167,6 @@ class ReleaseCapacity:
 
 
 Instruction = (DescribeModel | StartReplica | BuildReplica | ReloadReplica | AssignRequests | CancelRequests
-               | MigrateRequests | HandOver | Reshard | StopReplica | RetireReplica | NotifyClients | WakeAt
+               | MigrateRequests | HandOver | Reshard | StopReplica | RetireReplica | RestartWorkers
+               | NotifyClients | WakeAt
                | AcquireCapacity | ReleaseCapacity)

@@ -18,6 +18,7 @@ Pure: no torch, no dask, no clock, no I/O.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,8 @@ from elastic_llm.planning.profiles import InstanceProfile
 from elastic_llm.scheduling.affinity import PrefixAffinity
 
 Instructions = list[ins.Instruction]
+#: How many notices, reshards and load re-plans the state keeps (the latest).
+HISTORY = 1000
 
 
 class FleetState:
@@ -69,12 +72,13 @@ class FleetState:
         self.ops = Operations()  #: instructions awaiting their answer
         self.shapes = ShapeChoice(self.config.parallel, self.config.max_batch_size,
                                   self.policy.adapts_shape, profile)
-        self.notices: list[NoticeRecord] = []  #: every notice handled
-        self.reshards: list[dict[str, Any]] = []  #: every switch of a sharded replica's shape
-        self.load_replans: list[dict[str, float]] = []  #: plans made again because the load moved
+        self.notices: deque[NoticeRecord] = deque(maxlen=HISTORY)  #: the latest notices handled
+        self.reshards: deque[dict[str, Any]] = deque(maxlen=HISTORY)  #: the latest shape switches
+        self.load_replans: deque[dict[str, float]] = deque(maxlen=HISTORY)  #: the latest load re-plans
         self.kv_bytes_migrated = 0  #: KV bytes moved between replicas
         self.weight_bytes_from_peers = 0  #: weight bytes new replicas took from peers
         self.reloads = 0  #: replicas that reloaded their weights from the checkpoint (reparallelize)
+        self.commits_refused = 0  #: commits from an unknown replica or not from its leader's worker
         self.evacuations: list[Evacuation] = []  #: noticed replicas still decoding before they move
         self.last_start_seconds = 5.0  #: how long the latest replica took to start
         self._ids = itertools.count()
@@ -82,6 +86,8 @@ class FleetState:
         self._out: Instructions = []
         self._now = 0.0
         self._touched: set[str] = set()  # clients with new events in this transition
+        self._gone: dict[str, float] = {}  # disconnected clients -> when (their logs are kept a while)
+        self._start_failures = 0  # replica starts that failed since the last one that did not
 
     # ------------------------------------------------------------------ the transition
     def handle(self, event: ev.Event, now: float) -> Instructions:
@@ -114,8 +120,8 @@ class FleetState:
     def _on_WorkerLost(self, event: ev.WorkerLost) -> None:
         self.workers.pop(event.address, None)
         for replica in [r for r in self.replicas.values() if event.address in r.workers]:
-            if replica.leader != event.address:  # a shard died without notice: the leader's engine failed
-                self._suspect(replica.workers)
+            if replica.sharded:  # its other shards keep a broken process group: fence them
+                self._suspect([w for w in replica.workers if w != event.address])
             self.lose(replica, f"worker {event.address} is gone")
         for operation in [o for o in self.ops.of_kind("reshard") if event.address in o.context["workers"]]:
             self._fail(operation, f"worker {event.address} is gone")
@@ -139,6 +145,7 @@ class FleetState:
 
     # ------------------------------------------------------------------ requests
     def _on_RequestSubmitted(self, event: ev.RequestSubmitted) -> None:
+        self._gone.pop(event.client, None)  # it is back
         self.table.add(RequestRecord(event.request_id, event.client, tuple(event.prompt_token_ids),
                                      event.params, self._now))
 
@@ -158,13 +165,24 @@ class FleetState:
                 self.emit(ins.CancelRequests(replica_id, tuple(ids)))
 
     def _on_ClientGone(self, event: ev.ClientGone) -> None:
+        """Abort the client's requests; its event log (with the aborts) is kept for
+        `client_log_ttl_s`, so a client that reconnects learns what happened."""
         ids = tuple(r.request_id for r in self.table.unfinished() if r.client == event.client)
         self._on_RequestsCancelled(ev.RequestsCancelled(ids))
-        self.table.forget_client(event.client)
-        self._touched.discard(event.client)
+        self._gone[event.client] = self._now
+
+    def _forget_gone_clients(self) -> None:
+        for client, since in list(self._gone.items()):
+            if self._now - since >= self.config.client_log_ttl_s:
+                del self._gone[client]
+                self.table.forget_client(client)
 
     def _on_TokensCommitted(self, event: ev.TokensCommitted) -> None:
         commit: ReplicaCommit = event.commit
+        replica = self.replicas.get(commit.replica)
+        if replica is None or (event.origin is not None and event.origin != replica.leader):
+            self.commits_refused += 1  # an unknown replica, or a stream not from its worker: forged
+            return
         self.loops.record(commit.replica, commit.loop)
         touched: set[str] = set()
         for tokens in commit.tokens:
@@ -228,7 +246,7 @@ class FleetState:
             return False
         self.table.requeue(record.request_id, lost_kv)
         if restart:
-            record.committed.clear()
+            self.table.restart(record.request_id)
         if owner in self.replicas and self.replicas[owner].state is not ReplicaState.LOST:
             self.emit(ins.CancelRequests(owner, (record.request_id,)))
         return True
@@ -273,6 +291,7 @@ class FleetState:
             return
         replica = self.replicas[operation.replica_id]
         if operation.kind in ("start", "build"):
+            self._start_failures = 0
             replica.start_seconds = self.last_start_seconds = self._now - replica.created_at
             replica.kv_bytes_per_token = event.info.kv_bytes_per_token
             replica.weights = event.info.weights
@@ -321,9 +340,14 @@ class FleetState:
         self.lose(replica, why)
 
     def _suspect(self, workers: Sequence[str]) -> None:
+        """Nothing new goes to `workers`; they are restarted (fenced) unless starts keep failing."""
+        fenced = []
         for address in workers:
             if address in self.workers and self.workers[address].health is WorkerHealth.UP:
                 self.workers[address].health = WorkerHealth.SUSPECT
+                fenced.append(address)
+        if fenced and self._start_failures < self.config.max_start_failures:
+            self.emit(ins.RestartWorkers(tuple(fenced)))
 
     def _restart_everything(self) -> None:
         """(reparallelize) every ready replica reloads from the checkpoint, every request restarts."""
@@ -370,12 +394,17 @@ class FleetState:
                 self.requeue(self.table.get(request_id), owner, lost_kv=True)
 
     def _start_failed(self, operation: Operation, replica: ReplicaRecord | None, why: str) -> None:
+        """A start, build or reload failed. A sharded replica's workers are fenced and the fleet
+        is placed again on healthy free workers (so a broken pair is never retried as it is)."""
         successor_of = operation.context.get("successor_of")
+        self._start_failures += 1
         if replica is not None:
-            if operation.kind == "build":
+            if operation.kind == "build" or replica.sharded:
                 self.break_replica(replica, why)
             else:
                 self.lose(replica, why)
+        if replica is not None and replica.sharded and successor_of is None:
+            sharded.place(self)
         source = self.replicas.get(successor_of or "")
         if source is not None and operation.kind == "start":  # no successor: move to other replicas
             self.evacuate(source, operation.context["deadline"], operation.context["received"], source.leader)
@@ -389,6 +418,7 @@ class FleetState:
             self.evacuations.remove(evacuation)
             self._move_out(evacuation)
         self._check_load()
+        self._forget_gone_clients()
         self._dispatch()
         timers = [e.start_at for e in self.evacuations]
         if self._next_load_check is not None:
@@ -548,8 +578,7 @@ class FleetState:
     def arrival_rate(self) -> float:
         """Requests per second submitted over the last `rate_window_s`."""
         window = self.config.rate_window_s
-        since = self._now - window
-        return sum(r.arrival >= since for r in self.table.records()) / window if window else 0.0
+        return self.table.arrived_since(self._now - window) / window if window else 0.0
 
     def _check_load(self) -> None:
         """(adaptive shapes) plan the fleet again when the arrival rate has moved 2x or more."""

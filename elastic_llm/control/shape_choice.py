@@ -48,8 +48,8 @@ class ShapeChoice:
         for the whole fleet, whose arrival rate is remembered."""
         if self.parallel is not None:
             return self.parallel
-        if self._fixed is not None:
-            return self._fixed
+        if self._fixed is not None:  # kept for good: it fits these workers or nothing does
+            return self._fixed if self._fixed[0] * self._fixed[1] <= workers else None
         if workers < 1 or self.spec is None:
             return None
         try:

@@ -75,7 +75,7 @@ def _reshard(fleet: FleetState, replica: ReplicaRecord, shape: tuple[int, int], 
     replica.reserved = tuple(w for w in workers if w not in replica.workers)
     operation = fleet.open_op("reshard", replica.replica_id, fleet.config.reshard_timeout_s,
                               context={"workers": tuple(workers), "notice": notice,
-                                       "moved": len(fleet.table.unfinished(replica.replica_id))})
+                                       "moved": fleet.table.count_unfinished(replica.replica_id)})
     replica.busy = operation.op
     fleet.emit(ins.Reshard(operation.op, replica.replica_id, shape, tuple(workers), fleet.policy.use_mapper,
                            fleet.policy.progressive, operation.deadline))

@@ -3,11 +3,17 @@
 Uses the `tokenizers` library on ``tokenizer.json`` directly (fast to load) and renders the chat
 template with a sandboxed jinja2 environment, as transformers does. Checkpoints without a
 ``tokenizer.json`` fall back to transformers' `AutoTokenizer`.
+
+Text that comes from a user never yields special tokens: "<|im_start|>" typed in a message is
+encoded as the plain characters it is, so a user cannot forge a chat-role marker or an end of
+sequence. Only the chat template's own markers are encoded as special tokens.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +35,10 @@ class Tokenizer:
         self._template = _chat_template(checkpoint_dir, self._config)
         self._cleanup = bool(self._config.get("clean_up_tokenization_spaces", False))
         self._backend = _load_backend(checkpoint_dir)
+        #: special tokens' text -> id, longest first (what a template's own markers may be)
+        self._specials = _special_tokens(self._backend)
+        self._special_re = (re.compile("|".join(re.escape(t) for t in self._specials))
+                            if self._specials else None)
         eos = {int(i) for i in extra_eos_ids}
         eos_id = self.token_id(self._config.get("eos_token"))
         if eos_id is not None:
@@ -55,8 +65,9 @@ class Tokenizer:
         return int(self._backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of raw `text` (no chat formatting, no special tokens added)."""
-        return list(self._backend.encode(text, add_special_tokens=False).ids)
+        """Token ids of a user's raw `text`: no chat formatting, no special tokens added, and
+        special tokens' text inside it ("<|im_start|>") encoded as plain text."""
+        return list(self._backend.encode_text(text))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens dropped."""
@@ -77,8 +88,42 @@ class Tokenizer:
         return self._template.render(messages=messages, add_generation_prompt=True, **specials)
 
     def chat_prompt_ids(self, user_message: str, system: str | None = None) -> list[int]:
-        """Token ids of `chat_prompt`."""
-        return self.encode(self.chat_prompt(user_message, system))
+        """Token ids of `chat_prompt`: the template's markers as special tokens, the messages'
+        text as plain text (a marker typed in a message stays text).
+
+        The template is rendered with a placeholder for each message, so the messages' spans are
+        known exactly; each message is inserted verbatim where the template puts it.
+        """
+        if self._template is None:
+            return self.encode(user_message)
+        holders = [f"\x00{uuid.uuid4().hex}\x00" for _ in range(2)]
+        contents = {holders[0]: user_message, holders[1]: system or ""}
+        template = self.chat_prompt(holders[0], holders[1] if system is not None else None)
+        ids: list[int] = []
+        text = ""
+        for piece in re.split("(" + "|".join(holders) + ")", template):
+            if piece in contents:
+                text += contents[piece]
+                continue
+            for part in self._split_specials(piece):
+                if isinstance(part, str):
+                    text += part
+                else:
+                    ids += self.encode(text) if text else []
+                    text = ""
+                    ids.append(part)
+        return ids + (self.encode(text) if text else [])
+
+    def _split_specials(self, template_text: str) -> list[str | int]:
+        """`template_text` as plain text pieces and special token ids, in order."""
+        if self._special_re is None:
+            return [template_text]
+        parts: list[str | int] = []
+        start = 0
+        for match in self._special_re.finditer(template_text):
+            parts += [template_text[start:match.start()], self._specials[match.group()]]
+            start = match.end()
+        return [*parts, template_text[start:]]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -118,13 +163,18 @@ def _chat_template(checkpoint_dir: Path, config: dict[str, Any]) -> Any:
     return env.from_string(source)
 
 
+def _special_tokens(backend: Any) -> dict[str, int]:
+    """{text: id} of the backend's special added tokens, longest text first."""
+    found = {token.content: int(i) for i, token in backend.get_added_tokens_decoder().items()
+             if token.special and token.content}
+    return dict(sorted(found.items(), key=lambda item: -len(item[0])))
+
+
 def _load_backend(checkpoint_dir: Path) -> Any:
     tokenizer_file = checkpoint_dir / "tokenizer.json"
     try:
         if tokenizer_file.is_file():
-            from tokenizers import Tokenizer as FastTokenizer
-
-            return FastTokenizer.from_file(str(tokenizer_file))
+            return _FastBackend(tokenizer_file)
         from transformers import AutoTokenizer
 
         return _TransformersBackend(AutoTokenizer.from_pretrained(str(checkpoint_dir),
@@ -133,11 +183,49 @@ def _load_backend(checkpoint_dir: Path) -> Any:
         raise ModelLoadError(f"cannot load the tokenizer from {checkpoint_dir}: {exc}") from exc
 
 
+class _FastBackend:
+    """A `tokenizers.Tokenizer` plus a second copy that reads special tokens' text as text (a
+    copy, rather than toggling the flag, so that concurrent encodes cannot race)."""
+
+    def __init__(self, tokenizer_file: Path) -> None:
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self._tok = FastTokenizer.from_file(str(tokenizer_file))
+        self._plain = FastTokenizer.from_file(str(tokenizer_file))
+        self._plain.encode_special_tokens = True
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)  # type: ignore[no-any-return]
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=with_added_tokens))
+
+    def get_added_tokens_decoder(self) -> dict[int, Any]:
+        return dict(self._tok.get_added_tokens_decoder())
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> Any:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` with special tokens' text read as plain text."""
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
 class _TransformersBackend:
     """Adapts a transformers tokenizer to the small `tokenizers.Tokenizer` surface used above."""
 
     def __init__(self, tok: Any) -> None:
         self._tok = tok
+
+    def get_added_tokens_decoder(self) -> dict[int, Any]:
+        return dict(self._tok.added_tokens_decoder)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` with special tokens' text read as plain text."""
+        return list(self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.convert_tokens_to_ids(token)

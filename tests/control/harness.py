@@ -75,7 +75,7 @@ class Harness:
         commit = ReplicaCommit(replica, loop,
                                tuple(TokenCommit(r, s, tuple(t)) for r, (s, t) in tokens.items()),
                                tuple(FinishCommit(r, "length", "", tuple(t)) for r, t in (finished or {}).items()))
-        return self.send(ev.TokensCommitted(commit))
+        return self.send(ev.TokensCommitted(commit, origin=self.fleet.replicas[replica].leader))
 
     def moved(self, op: int, *request_ids: str, kv_bytes: int = 100) -> list[ins.Instruction]:
         return self.send(ev.TransferDone(op, tuple(MovedRequest(r, kv_bytes) for r in request_ids)))

@@ -57,6 +57,22 @@ def test_requests_go_to_the_least_loaded_ready_replica_and_commits_count_only_fr
     assert h.last(ins.NotifyClients).clients == ("client-1",)
 
 
+def test_a_commit_not_from_the_replica_s_own_worker_is_refused_as_forged() -> None:
+    from elastic_llm.control.messages import FinishCommit, LoopCounters, ReplicaCommit
+
+    h = Harness()
+    h.join("a", "b")
+    h.submit("q0")
+    owner = h.owner("q0")
+    forged = ReplicaCommit(owner, LoopCounters(), finished=(FinishCommit("q0", "stop", "FORGED", (1,)),))
+    other = next(r.leader for r in h.fleet.replicas.values() if r.replica_id != owner)
+    h.send(ev.TokensCommitted(forged, origin=other))
+    h.send(ev.TokensCommitted(ReplicaCommit("r99", LoopCounters(), finished=forged.finished), origin="a"))
+    record = h.fleet.table.get("q0")
+    assert record.status is RequestStatus.RUNNING and record.text == ""
+    assert h.fleet.status(h.now)["commits_refused"] == 2
+
+
 def test_a_join_takes_a_ready_peers_weights_under_spotserve_and_the_checkpoint_under_reroute() -> None:
     for policy, peer in (("spotserve", True), ("reroute", False)):
         h = Harness(policy)
@@ -207,11 +223,17 @@ def test_an_assignment_that_fails_requeues_only_what_that_replica_still_owns() -
     assert h.owner("q0") == new_owner and h.fleet.table.get("q0").restarts == 1
 
 
-def test_a_disconnected_client_s_requests_are_aborted_before_its_log_goes() -> None:
-    h = _serving("spotserve", requests=2)
+def test_a_disconnected_client_s_requests_are_aborted_and_a_reconnect_learns_it() -> None:
+    h = _serving("spotserve", requests=2, client_log_ttl_s=60.0)
     h.send(ev.ClientGone("client-1"))
     assert all(r.status is RequestStatus.FINISHED for r in h.fleet.table.records())
     assert h.of(ins.CancelRequests)
+    h.tick(h.now + 30.0)  # reconnected within the TTL: the aborts are in its log
+    finished = [e for e in h.fleet.table.events_since("client-1", 0) if e.kind == "finished"]
+    assert sorted(e.request_id for e in finished) == ["q0", "q1"]
+    assert {e.finish_reason for e in finished} == {"abort"}
+    h.tick(h.now + 31.0)  # past the TTL: the log is gone
+    assert h.fleet.table.events_since("client-1", 0) == []
 
 
 # ------------------------------------------------------------------ sharded replicas
@@ -288,18 +310,41 @@ def test_a_killed_shard_worker_loses_the_replica_and_fences_its_other_workers() 
     h.send(ev.WorkerLost("b"))
     assert old.replica_id not in h.fleet.replicas
     assert h.fleet.workers["a"].health.value == "suspect"  # its shard group is broken
+    assert h.last(ins.RestartWorkers) == ins.RestartWorkers(("a",))
     assert h.last(ins.StopReplica).replica_id == old.replica_id
     assert all(h.fleet.table.get(f"q{i}").committed == [3, 3] for i in range(3))  # resumes
 
 
-def test_a_killed_sharded_leader_resumes_its_requests_on_a_new_replica() -> None:
-    h = _sharded("spotserve", "abcd")
-    (old,) = [r for r in h.fleet.replicas.values() if r.leader == "a"]
+@pytest.mark.parametrize("policy", ["spotserve", "reroute"])
+def test_a_killed_sharded_leader_fences_its_shards_and_a_new_replica_forms_on_healthy_workers(policy: str) -> None:
+    h = _sharded(policy, "abcde")  # replicas (a, b) and (c, d); e is free
+    before = len(h.out)
     h.send(ev.WorkerLost("a"))
-    assert old.replica_id not in h.fleet.replicas
-    queued = [r for r in h.fleet.table.unfinished() if r.status is RequestStatus.QUEUED or
-              r.replica in h.fleet.replicas]
-    assert len(queued) == 3
+    assert h.of(ins.RestartWorkers, before) == [ins.RestartWorkers(("b",))]  # b's shard lingers: fenced
+    assert h.fleet.workers["b"].health.value == "suspect"
+    assert not h.of(ins.StartReplica, before)  # e alone holds no (2, 1), and b is never reused as it is
+    h.send(ev.WorkerLost("b"))  # the restart: b leaves ...
+    h.send(ev.WorkerJoined("b2"))  # ... and comes back as a fresh worker
+    assert set(h.last(ins.StartReplica).shards) == {"b2", "e"}
+    for i in range(3):  # every request of the lost replica is queued or on a live replica, once
+        record = h.fleet.table.get(f"q{i}")
+        assert record.restarts == 1 and (record.replica is None or record.replica in h.fleet.replicas)
+        assert record.committed == ([3, 3] if policy == "spotserve" else [])
+
+
+def test_a_sharded_start_that_fails_fences_and_places_elsewhere_and_stops_fencing_after_repeats() -> None:
+    h = Harness("spotserve", FleetConfig(parallel=(2, 1), max_start_failures=2))
+    h.join("a", "b", "c", "d", "e", "f", ready=False)
+    starts = h.of(ins.StartReplica)
+    assert [s.shards for s in starts] == [("a", "b"), ("c", "d"), ("e", "f")]
+    before = len(h.out)
+    h.send(ev.OperationFailed(starts[0].op, "no answer to 'join'"))
+    assert h.of(ins.RestartWorkers, before) == [ins.RestartWorkers(("a", "b"))]
+    h.send(ev.OperationFailed(starts[1].op, "no answer to 'join'"))
+    before = len(h.out)
+    h.send(ev.OperationFailed(starts[2].op, "no answer to 'join'"))
+    assert not h.of(ins.RestartWorkers, before)  # two failures in a row: no more restarts
+    assert all(w.health.value == "suspect" for w in h.fleet.workers.values())
 
 
 def test_a_shard_notice_during_a_switch_waits_for_it() -> None:
@@ -369,3 +414,15 @@ def test_auto_shapes_wait_for_the_model_spec_then_follow_the_load() -> None:
     assert reshard.parallel == (1, 1)
     h.resharded(reshard, (1, 4))
     assert sorted(s.parallel for s in h.of(ins.StartReplica)[1:]) == [(1, 1)] * 3
+
+
+def test_without_adaptive_configuration_the_first_shape_is_kept_or_nothing() -> None:
+    from elastic_llm.control.shape_choice import ShapeChoice
+    from elastic_llm.model.spec import described_model
+
+    choice = ShapeChoice(None, 4, adaptive=False)
+    choice.spec = described_model("opt-6.7b")
+    first = choice.shape_for(4, 10 * 2**30, rate=0.0)
+    assert first is not None and first[0] * first[1] >= 3
+    assert choice.shape_for(8, 10 * 2**30, rate=5.0) == first  # kept for good
+    assert choice.shape_after_loss(first, first[0] * first[1] - 1, 10 * 2**30, rate=0.0) is None
