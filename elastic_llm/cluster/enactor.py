@@ -94,8 +94,11 @@ class Enactor:
     async def _answer(self, instruction: Any) -> None:
         """Run the operation under its deadline; report its outcome event (or its failure)."""
         handler: Callable[[Any], Awaitable[ev.Event]] = getattr(self, f"_do_{type(instruction).__name__}")
+        began = time.time()
         try:
             outcome = await asyncio.wait_for(handler(instruction), max(0.1, instruction.deadline - time.time()))
+            logger.debug("elastic_llm: %s %d took %.2f s", type(instruction).__name__, instruction.op,
+                         time.time() - began)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of the calls is the operation's failure

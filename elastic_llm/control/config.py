@@ -21,6 +21,9 @@ class FleetConfig:
     call_timeout_s: float = 60.0  #: limit on a request hand-over to a replica
     transfer_slack_s: float = 30.0  #: a migration may run this long past the notice deadline
     reshard_timeout_s: float = 300.0  #: limit on one reshard
+    #: limit on stopping a replica in order (a shard stuck in a collective with a dead peer
+    #: waits out its own timeout first): its workers are held until then
+    stop_timeout_s: float = 150.0
     rate_window_s: float = 60.0  #: window of the arrival rate handed to the shape planner
     load_check_s: float = 5.0  #: period of the arrival-rate check (adaptive shapes only)
     default_step_seconds: float = 0.05  #: iteration time assumed before a replica reported one
@@ -32,7 +35,7 @@ class FleetConfig:
         if self.parallel is not None and (len(self.parallel) != 2 or min(self.parallel) < 1):
             raise ValueError(f"parallel must be (P, M) with P, M >= 1 or None, not {self.parallel!r}")
         for name in ("migration_margin_s", "kv_bandwidth", "prefill_seconds_per_token", "start_timeout_s",
-                     "call_timeout_s", "transfer_slack_s", "reshard_timeout_s", "rate_window_s",
+                     "call_timeout_s", "transfer_slack_s", "reshard_timeout_s", "stop_timeout_s", "rate_window_s",
                      "load_check_s", "default_step_seconds", "client_log_ttl_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

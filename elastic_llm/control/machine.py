@@ -518,7 +518,7 @@ class FleetState:
         are placed (or `successor`, which takes them over, builds its engine: `move` describes
         the hand-over for the reshard log)."""
         replica.state = ReplicaState.STOPPING
-        operation = self.open_op("retire", replica.replica_id, self.config.call_timeout_s,
+        operation = self.open_op("retire", replica.replica_id, self.config.stop_timeout_s,
                                  context={"successor": successor, "move": move})
         self.emit(ins.RetireReplica(operation.op, replica.replica_id, operation.deadline))
 
