@@ -7,7 +7,8 @@ naming the bad field:
 
 * integers are real integers: `int` or a numpy integer (normalised to `int`), never a `bool`,
   a float (not even ``2.0``) or a string, and they fit in 64 bits;
-* floats are finite real numbers (`int` or `float`, normalised to `float`), never a `bool`;
+* floats are finite real numbers (an `int`, a `float` or a numpy float, normalised to `float`),
+  never a `bool` or a string;
 * flags are `bool` (not ``"yes"``, not ``1``);
 * text is a `str` that encodes as UTF-8 (no lone surrogates);
 * lists are lists or tuples (not a `str`, `bytes`, a dict or a set);
@@ -104,7 +105,8 @@ def _integer(value: object, name: str, low: int = 0, high: int = _INT_LIMIT) -> 
     _check(isinstance(value, numbers.Integral) and not isinstance(value, bool),
            f"{name} must be an integer, got {type(value).__name__} {_show(value)}")
     number = int(value)  # type: ignore[call-overload]
-    _check(low <= number < high, f"{name} must be in [{low}, {high}), got {_show(number)}")
+    bound = "2**64" if high == _INT_LIMIT else str(high)
+    _check(low <= number < high, f"{name} must be in [{low}, {bound}), got {_show(number)}")
     return number
 
 

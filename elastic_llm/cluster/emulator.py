@@ -44,7 +44,7 @@ from distributed.deploy.spec import SpecCluster
 from elastic_llm.cluster.contracts import UNBOUNDED_MEMORY, InstanceInfo, Market, PreemptionNotice
 from elastic_llm.cluster.errors import ClusterConfigError, EmulatorError
 from elastic_llm.cluster.instance import instance_metadata_options
-from elastic_llm.cluster.notices import post_notice
+from elastic_llm.cluster.notices import NoticeBoard, post_notice
 from elastic_llm.cluster.traces import SpotEvent, SpotTrace
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class SpotEmulator:
 
     def __init__(self, cluster: SpecCluster, trace: SpotTrace, *, time_scale: float = 1.0,
                  grace_s: float = 120.0, memory_bytes: int = UNBOUNDED_MEMORY,
-                 worker_options: Mapping[str, Any] | None = None, kill_timeout_s: float = 30.0) -> None:
+                 worker_options: Mapping[str, Any] | None = None, kill_timeout_s: float = 30.0,
+                 operator_token: str | None = None) -> None:
         spec = getattr(cluster, "new_spec", None) or {}
         cls = spec.get("cls")
         if not (isinstance(cls, type) and issubclass(cls, Nanny)):
@@ -91,6 +92,8 @@ class SpotEmulator:
         self.memory_bytes = memory_bytes
         self.worker_options = dict(worker_options or {})
         self.kill_timeout_s = kill_timeout_s
+        #: the NoticeBoard's operator token (None: read from the cluster's in-process scheduler)
+        self.operator_token = operator_token
         self._records: list[EmulatorRecord] = []
         self._records_lock = threading.Lock()
         self._up: dict[str, asyncio.Event] = {}
@@ -229,7 +232,8 @@ class SpotEmulator:
             deadline = time.time() + grace
             try:
                 verdict = await post_notice(self.cluster.scheduler_comm,
-                                            PreemptionNotice(address, name, deadline, "emulator"))
+                                            PreemptionNotice(address, name, deadline, "emulator"),
+                                            self._operator_token())
             except Exception as exc:  # no NoticeBoard: the instance dies all the same
                 verdict = f"not delivered: {exc!r}"
             self._record("notice", name, address=address, detail=f"deadline={deadline:.3f} {verdict}")
@@ -257,6 +261,14 @@ class SpotEmulator:
         self._record("killed", name, address=address, pid=pid)
 
     # ---- records ------------------------------------------------------------------------------
+    def _operator_token(self) -> str | None:
+        """The NoticeBoard's operator token: given, or read from the cluster's own scheduler."""
+        if self.operator_token is not None:
+            return self.operator_token
+        scheduler = getattr(self.cluster, "scheduler", None)
+        board = getattr(scheduler, "plugins", {}).get(NoticeBoard.name)
+        return None if board is None else board.operator_token
+
     def _record(self, kind: RecordKind, instance_id: str = "", *, address: str = "", pid: int = 0,
                 detail: str = "") -> None:
         record = EmulatorRecord(time.time(), self.offset_now(), kind, instance_id, address, pid, detail)

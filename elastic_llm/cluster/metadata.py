@@ -41,7 +41,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from elastic_llm.cluster.contracts import DEFAULT_GRACE_S, PreemptionNotice
 from elastic_llm.cluster.errors import ClusterConfigError
 from elastic_llm.cluster.instance import local_instance_info
-from elastic_llm.cluster.notices import post_notice
+from elastic_llm.cluster.notices import PENDING_HANDLER, WORKER_NOTICE_OP
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -269,13 +269,22 @@ class MetadataWatcher(WorkerPlugin):
 
     @staticmethod
     async def _forward(worker: Worker, notice: PreemptionNotice) -> bool:
+        """Announce the notice on the worker's own stream to the scheduler (the board checks it
+        names this worker), then confirm the board holds it; False: try again next poll."""
+        pending = getattr(worker.scheduler, PENDING_HANDLER)
         try:
-            status = await post_notice(worker.scheduler, notice)
+            if await pending(worker=worker.address) is None:  # no NoticeBoard (yet): an unknown
+                logger.warning("no NoticeBoard on the scheduler for %s; retrying", notice)  # stream op
+                return False  # would break the worker's stream, so nothing is sent
+            worker.batched_stream.send({"op": WORKER_NOTICE_OP, "notice": notice.to_dict()})
+            for _ in range(20):  # bounded: up to 2 s for the board to take it
+                await asyncio.sleep(0.1)
+                deadline = (await pending(worker=worker.address))["deadline"]
+                if deadline is not None:  # ours, or an earlier one: the board knows it is leaving
+                    logger.warning("preemption notice forwarded: %s", notice)
+                    return True
         except Exception as exc:  # scheduler unreachable or no NoticeBoard: try again next poll
             logger.warning("could not forward %s to the scheduler: %r", notice, exc)
             return False
-        if status in ("accepted", "duplicate"):
-            logger.warning("preemption notice forwarded (%s): %s", status, notice)
-            return True
-        logger.warning("scheduler answered %r to %s; retrying", status, notice)
+        logger.warning("the scheduler did not take %s; retrying", notice)
         return False

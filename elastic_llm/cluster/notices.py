@@ -1,9 +1,20 @@
 """Preemption notices: where they arrive on the scheduler, and how to send one.
 
-`NoticeBoard` is a `SchedulerPlugin` that installs the scheduler handler
-``elastic_llm_preemption_notice``. Workers (`MetadataWatcher`), the `SpotEmulator` and clients
-(`send_preemption_notice`) all call that one handler, with the fields of a `PreemptionNotice` as
-keyword arguments. The board keeps the pending notice of each worker, tells its listeners (the
+`NoticeBoard` is a `SchedulerPlugin` that takes notices two ways, each checked:
+
+- **from a worker about itself** (`MetadataWatcher`): on the worker's own stream to the scheduler
+  (op ``elastic_llm_worker_notice``), which Dask tags with the sending worker; a notice naming any
+  other worker is refused;
+- **from an operator** (`send_preemption_notice`, `ServingClient.preempt`, the `SpotEmulator`): the
+  scheduler handler ``elastic_llm_preemption_notice`` with the board's operator token (set with
+  ``NoticeBoard(operator_token=...)`` or ``ELASTIC_LLM_OPERATOR_TOKEN`` on the scheduler, else
+  generated there; `operator_token(client)` reads it). Dask trusts every client that can connect
+  (any client can run code on the scheduler), so the token keeps out callers of our handlers that
+  are not Dask operators, such as the HTTP gateway's users; TLS client certificates decide who
+  connects at all.
+
+Deadlines are clamped to [now, now + `MAX_NOTICE_S`]. The board keeps the pending notice of each
+worker, tells its listeners (the
 controller is one: a plain ``callable(notice)``, called on the scheduler's event loop, so it must
 return quickly), logs each notice as a Dask event on topic ``elastic_llm.preemption`` (clients can
 ``subscribe_topic`` it), and forgets the notices of workers that have left.
@@ -13,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -29,12 +42,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Name of the scheduler handler that receives notices.
+#: Name of the scheduler handler that receives operators' notices.
 NOTICE_HANDLER = "elastic_llm_preemption_notice"
+#: Stream op on which a worker announces its own preemption.
+WORKER_NOTICE_OP = "elastic_llm_worker_notice"
+#: Name of the scheduler handler answering a worker's pending notice deadline (read only).
+PENDING_HANDLER = "elastic_llm_notice_pending"
+#: The latest deadline a notice may set, in seconds from its arrival (clouds give 30-120 s).
+MAX_NOTICE_S = 900.0
 #: Dask event topic each accepted notice is logged under.
 NOTICE_TOPIC = "elastic_llm.preemption"
 
-NoticeStatus = Literal["accepted", "duplicate", "unknown-worker", "invalid"]
+NoticeStatus = Literal["accepted", "duplicate", "unknown-worker", "invalid", "unauthorized"]
 Listener = Callable[[PreemptionNotice], None]
 
 
@@ -52,8 +71,9 @@ class NoticeBoard(SchedulerPlugin):
     name: ClassVar[str] = "elastic_llm.notice_board"
     idempotent = True
 
-    def __init__(self) -> None:
+    def __init__(self, operator_token: str | None = None) -> None:
         self.scheduler: Scheduler | None = None
+        self.operator_token = operator_token  #: what operators' notices must carry (set at start)
         self._pending: dict[str, PreemptionNotice] = {}
         self._history: list[PreemptionNotice] = []
         self._listeners: list[Listener] = []
@@ -62,12 +82,18 @@ class NoticeBoard(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         """Install the notice handler on the scheduler."""
         self.scheduler = scheduler
+        self.operator_token = (self.operator_token or os.environ.get("ELASTIC_LLM_OPERATOR_TOKEN")
+                               or secrets.token_urlsafe(24))
         scheduler.handlers[NOTICE_HANDLER] = self._handle
+        scheduler.handlers[PENDING_HANDLER] = self._pending_deadline
+        scheduler.stream_handlers[WORKER_NOTICE_OP] = self._handle_from_worker
 
     async def close(self) -> None:
-        """Remove the handler."""
+        """Remove the handlers."""
         if self.scheduler is not None and self.scheduler.handlers.get(NOTICE_HANDLER) == self._handle:
             del self.scheduler.handlers[NOTICE_HANDLER]
+            self.scheduler.handlers.pop(PENDING_HANDLER, None)
+            self.scheduler.stream_handlers.pop(WORKER_NOTICE_OP, None)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *, stimulus_id: str,
                       **kwargs: Any) -> None:
@@ -120,11 +146,32 @@ class NoticeBoard(SchedulerPlugin):
                 logger.exception("preemption-notice listener %r failed on %s", listener, notice)
         return "accepted"
 
-    # ---- handler ------------------------------------------------------------------------------
+    # ---- handlers -----------------------------------------------------------------------------
     def _handle(self, worker: str | int, deadline: float, instance_id: str = "",
-                source: str = "api") -> NoticeStatus:
-        """Scheduler handler: ``worker`` may be an address or a worker name."""
+                source: str = "api", token: str | None = None) -> NoticeStatus:
+        """Scheduler handler for operators: ``worker`` may be an address or a worker name."""
         assert self.scheduler is not None, "NoticeBoard handler called before start()"
+        if token is None or not secrets.compare_digest(str(token), str(self.operator_token)):
+            logger.warning("refused a preemption notice for %r without the operator token", worker)
+            return "unauthorized"
+        return self._accept(worker, deadline, instance_id, source)
+
+    def _handle_from_worker(self, worker: str, notice: dict[str, Any]) -> None:
+        """Stream handler: a worker (Dask names it) announcing its own preemption."""
+        if notice.get("worker") != worker:
+            logger.warning("worker %s sent a notice about %r: refused", worker, notice.get("worker"))
+            return
+        self._accept(worker, notice.get("deadline"), str(notice.get("instance_id", "")),  # type: ignore[arg-type]
+                     str(notice.get("source", "")))
+
+    def _pending_deadline(self, worker: str) -> dict[str, float | None]:
+        """Scheduler handler (read only): ``{"deadline": the pending notice's deadline of
+        `worker`, or None}`` (Dask answers None itself when there is no board)."""
+        pending = self._pending.get(worker)
+        return {"deadline": None if pending is None else pending.deadline}
+
+    def _accept(self, worker: str | int, deadline: float, instance_id: str, source: str) -> NoticeStatus:
+        assert self.scheduler is not None
         try:
             deadline = float(deadline)
             if not math.isfinite(deadline):
@@ -137,6 +184,8 @@ class NoticeBoard(SchedulerPlugin):
         ws = self.scheduler.workers.get(address)
         if ws is None:
             return "unknown-worker"
+        now = time.time()
+        deadline = min(max(deadline, now), now + MAX_NOTICE_S)
         notice = PreemptionNotice(worker=address, instance_id=instance_id or instance_info(ws).instance_id,
                                   deadline=deadline, source=source)
         status = self.receive(notice)
@@ -144,12 +193,21 @@ class NoticeBoard(SchedulerPlugin):
         return status
 
 
-async def post_notice(scheduler_rpc: Any, notice: PreemptionNotice) -> NoticeStatus:
-    """Send ``notice`` through any rpc to the scheduler (``worker.scheduler``,
-    ``client.scheduler``, ``cluster.scheduler_comm``); returns the board's verdict.
+def operator_token(client: Client) -> str:
+    """The operator token of the NoticeBoard on `client`'s scheduler (a Dask client may run code
+    on the scheduler, so it may read it)."""
+    def read(dask_scheduler: Any) -> str:
+        return str(NoticeBoard.of(dask_scheduler).operator_token)
+
+    return client.run_on_scheduler(read)  # type: ignore[no-any-return]
+
+
+async def post_notice(scheduler_rpc: Any, notice: PreemptionNotice, token: str | None) -> NoticeStatus:
+    """Send ``notice`` as an operator through any rpc to the scheduler (``client.scheduler``,
+    ``cluster.scheduler_comm``) with the operator `token`; returns the board's verdict.
 
     Raises `LookupError` when the scheduler has no `NoticeBoard`."""
-    return await _call_board(scheduler_rpc, **notice.to_dict())
+    return await _call_board(scheduler_rpc, **notice.to_dict(), token=token)
 
 
 async def _call_board(scheduler_rpc: Any, **fields: Any) -> NoticeStatus:
@@ -162,16 +220,21 @@ async def _call_board(scheduler_rpc: Any, **fields: Any) -> NoticeStatus:
 
 def send_preemption_notice(client: Client, worker: str | int, *, deadline: float | None = None,
                            grace_s: float | None = None, instance_id: str = "",
-                           source: str = "api") -> Any:
+                           source: str = "api", token: str | None = None) -> Any:
     """Announce from a client that ``worker`` (address or name) goes away at ``deadline``.
 
     Give either an absolute wall-clock ``deadline`` or ``grace_s`` seconds from now. The instance
     id defaults to the worker's. Returns the board's verdict (``"accepted"``, ``"duplicate"``,
-    ``"unknown-worker"``, ``"invalid"``), or an awaitable of it for an asynchronous client.
+    ``"unknown-worker"``, ``"invalid"``, ``"unauthorized"``), or an awaitable of it for an
+    asynchronous client. `token`: the operator token (default: read with `operator_token`).
     Raises `LookupError` when the scheduler has no `NoticeBoard`.
     """
     if (deadline is None) == (grace_s is None):
         raise ClusterConfigError("give exactly one of deadline= and grace_s=")
     when = deadline if deadline is not None else time.time() + float(grace_s)  # type: ignore[arg-type]
+    if token is None:
+        if client.asynchronous:
+            raise ClusterConfigError("an asynchronous client passes token= (see operator_token)")
+        token = operator_token(client)
     return client.sync(_call_board, client.scheduler, worker=worker, deadline=when,
-                       instance_id=instance_id, source=source)
+                       instance_id=instance_id, source=source, token=token)

@@ -97,18 +97,24 @@ def test_probe_raises_oserror_on_server_errors() -> None:
 
 # ---- the watcher's loop (fake worker, real HTTP) --------------------------------------------
 class _FakeScheduler:
+    """The worker's view of the scheduler: its stream (notices) and the pending-notice handler."""
+
     def __init__(self) -> None:
         self.notices: list[dict[str, Any]] = []
 
-    async def elastic_llm_preemption_notice(self, **notice: Any) -> str:
-        self.notices.append(notice)
-        return "accepted"
+    def send(self, message: dict[str, Any]) -> None:  # the worker's batched stream
+        assert message["op"] == "elastic_llm_worker_notice"
+        self.notices.append(message["notice"])
+
+    async def elastic_llm_notice_pending(self, worker: str) -> dict[str, float | None]:
+        return {"deadline": min((n["deadline"] for n in self.notices if n["worker"] == worker), default=None)}
 
 
 def _fake_worker() -> Any:
+    scheduler = _FakeScheduler()
     return SimpleNamespace(address="tcp://10.0.0.7:1234", name="i-0abc", plugins={},
                            memory_manager=SimpleNamespace(memory_limit=2**30),
-                           scheduler=_FakeScheduler())
+                           scheduler=scheduler, batched_stream=scheduler)
 
 
 @pytest.mark.timeout(30)

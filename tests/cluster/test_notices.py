@@ -8,7 +8,7 @@ import pytest
 
 from elastic_llm.cluster.contracts import PreemptionNotice
 from elastic_llm.cluster.errors import ClusterConfigError
-from elastic_llm.cluster.notices import NOTICE_TOPIC, NoticeBoard, send_preemption_notice
+from elastic_llm.cluster.notices import MAX_NOTICE_S, NOTICE_TOPIC, NoticeBoard, send_preemption_notice
 
 from .helpers import local_cluster, wait_for
 
@@ -48,13 +48,21 @@ def test_api_notices_listeners_and_departures() -> None:
         with pytest.raises(ClusterConfigError):
             send_preemption_notice(client, second)
 
+        # Without the operator token, or far in the future: refused, or clamped.
+        assert client.sync(client.scheduler.elastic_llm_preemption_notice, worker=second,
+                           deadline=time.time() + 5) == "unauthorized"
+        assert client.sync(client.scheduler.elastic_llm_preemption_notice, worker=second,
+                           deadline=time.time() + 5, token="guess") == "unauthorized"
+        assert len(heard) == 2
+
         # Every accepted notice is a Dask event clients can read.
         events = wait_for(lambda: (lambda got: len(got) == 2 and got)(client.get_events(NOTICE_TOPIC)))
         assert [PreemptionNotice.from_dict(msg) for _, msg in events] == heard
 
         unsubscribe()
-        assert send_preemption_notice(client, second, grace_s=10.0) == "accepted"
+        assert send_preemption_notice(client, second, grace_s=1e6) == "accepted"
         assert len(heard) == 2 and set(board.pending()) == {first, second}
+        assert board.pending()[second].deadline <= time.time() + MAX_NOTICE_S  # clamped
 
         # A worker that leaves takes its pending notice with it; the history stays.
         client.retire_workers([first])
@@ -68,3 +76,23 @@ def test_board_lookup_without_registration_fails() -> None:
 
     with pytest.raises(LookupError):
         NoticeBoard.of(SimpleNamespace(plugins={}))  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_may_announce_only_its_own_preemption() -> None:
+    from elastic_llm.cluster.notices import WORKER_NOTICE_OP
+
+    with local_cluster(2) as (cluster, client):
+        client.register_plugin(NoticeBoard())
+        board = NoticeBoard.of(cluster.scheduler)
+        first, second = sorted(cluster.scheduler.workers)
+
+        def announce(about: str, dask_worker) -> None:  # type: ignore[no-untyped-def]
+            dask_worker.batched_stream.send({"op": WORKER_NOTICE_OP, "notice": {
+                "worker": about, "deadline": time.time() + 20, "source": "test"}})
+
+        client.run(announce, second, workers=[first])  # about another worker: refused
+        client.run(announce, first, workers=[first])  # about itself: accepted
+        wait_for(lambda: first in board.pending())
+        time.sleep(0.3)
+        assert set(board.pending()) == {first}
