@@ -28,3 +28,7 @@ class UnknownRequestError(ElasticLLMError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else "unknown request"
+
+
+class UnauthorizedError(ElasticLLMError, PermissionError):
+    """A caller asked about, or acted on, requests that belong to another client."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,9 @@ from elastic_llm.control.messages import ReplicaCommit
 from elastic_llm.control.policies import POLICY_NAMES
 from elastic_llm.planning.measured import MeasuredProfile
 from elastic_llm.planning.profiles import InstanceProfile
-from elastic_llm.sampling import SamplingParams
+from elastic_llm.control.requests import ClientEvent, EventsLostError
+from elastic_llm.errors import InvalidRequestError, UnauthorizedError
+from elastic_llm.sampling import SamplingParams, check_prompt_ids, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class ElasticController(SchedulerPlugin):
             ``ReplicaOptions.parallel="auto"``): a JSON file of ``elastic-llm profile``, an
             `InstanceProfile`, or None for a CPU roofline.
         load_check_s: seconds between checks of the arrival rate (adaptive shapes).
+        vocab_size, max_context: the model's, to check submitted requests against (None: only
+            their types and signs are checked).
     """
 
     name = PLUGIN_NAME
@@ -70,10 +75,12 @@ class ElasticController(SchedulerPlugin):
     def __init__(self, model: str, policy: str | FleetPolicy = "spotserve", replica: ReplicaOptions | None = None,
                  migration_margin_s: float = 2.0, kv_bandwidth: float = 2e8,
                  prefill_seconds_per_token: float = 2e-3, on_demand_price_per_hour: float = 3.912,
-                 profile: str | os.PathLike[str] | InstanceProfile | None = None, load_check_s: float = 5.0) -> None:
+                 profile: str | os.PathLike[str] | InstanceProfile | None = None, load_check_s: float = 5.0,
+                 vocab_size: int | None = None, max_context: int | None = None) -> None:
         fleet_policy = policy_by_name(policy)
         self.model = model
         self.policy = fleet_policy.name
+        self.vocab_size, self.max_context = vocab_size, max_context
         self.replica_options = options = replica or ReplicaOptions(model=model)
         parallel = None if options.auto_parallel else (int(options.parallel[0]), int(options.parallel[1]))
         config = FleetConfig(parallel=parallel, max_batch_size=options.max_batch_size,
@@ -89,6 +96,7 @@ class ElasticController(SchedulerPlugin):
         self.enactor: Enactor | None = None
         self._client: Client | None = None
         self._client_events: dict[str, asyncio.Event] = {}
+        self._sessions: dict[str, str] = {}  # client session -> its token (bound at its first call)
         self._ticker: asyncio.Task[None] | None = None
         self._unregister_metrics: Callable[[], None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -171,9 +179,10 @@ class ElasticController(SchedulerPlugin):
         self.apply(ev.WorkerLost(worker))
 
     def remove_client(self, scheduler: Any, client: str) -> None:
-        """A client disconnected: its unfinished requests are aborted."""
-        self.apply(ev.ClientGone(client))
-        self._client_events.pop(client, None)
+        """A Dask client disconnected: the unfinished requests of its sessions are aborted."""
+        for session in [s for s in self._sessions if s == client or s.startswith(f"{client}#")]:
+            self.apply(ev.ClientGone(session))
+            self._client_events.pop(session, None)
 
     def valid_workers_downscaling(self, scheduler: Any, workers: list[Any]) -> list[Any]:
         """Workers that hold no replica may be retired (actors cannot be moved by Dask)."""
@@ -203,34 +212,56 @@ class ElasticController(SchedulerPlugin):
             logger.exception("elastic_llm: handling %s failed", type(event).__name__)
 
     # ------------------------------------------------------------------ client handlers
-    def submit(self, client: str, requests: list[dict[str, Any]]) -> list[str]:
-        """Accept requests: [{request_id, prompt_token_ids, params}] (validated by the client)."""
-        taken = [item["request_id"] for item in requests if item["request_id"] in self.table]
-        if taken:
-            raise ValueError(f"request id {taken[0]!r} is already in use")
-        submitted = [ev.RequestSubmitted(item["request_id"], client, tuple(item["prompt_token_ids"]),
-                                         SamplingParams(**item["params"])) for item in requests]
+    def submit(self, client: str, requests: list[dict[str, Any]], token: str | None = None) -> list[str]:
+        """Accept requests: [{request_id, prompt_token_ids, params}], all or none: every item is
+        checked again here (a caller may bypass `ServingClient`) before any is accepted; a bad
+        one raises `InvalidRequestError` naming it. `client`'s first call binds its `token`."""
+        self._authorize(client, token)
+        submitted = [self._checked(client, item) for item in requests]
+        ids = [event.request_id for event in submitted]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequestError("request ids must be distinct within one submit")
         self._client_events.setdefault(client, asyncio.Event())
         for event in submitted:
             self.apply(event)
-        return [event.request_id for event in submitted]
+        return ids
 
-    def cancel(self, request_ids: list[str]) -> int:
-        """Abort requests wherever they are; returns how many were still running."""
-        running = [i for i in request_ids if i in self.table and self.table.get(i).status.value in ("queued", "running")]
-        self.apply(ev.RequestsCancelled(tuple(request_ids)))
+    def cancel(self, request_ids: list[str], client: str = "", token: str | None = None) -> int:
+        """Abort `client`'s own requests among `request_ids`; returns how many were still running."""
+        self._authorize(client, token)
+        own = [i for i in request_ids if i in self.table and self.table.get(i).client == client]
+        running = [i for i in own if self.table.get(i).status.value in ("queued", "running")]
+        self.apply(ev.RequestsCancelled(tuple(own)))
         return len(running)
 
-    async def poll(self, client: str, cursor: int, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """Events of `client`'s requests from `cursor` on; waits up to `timeout` s for the first."""
-        events = self.table.events_since(client, cursor)
+    async def poll(self, client: str, cursor: int, timeout: float = 1.0,
+                   token: str | None = None) -> list[dict[str, Any]]:
+        """Events of `client`'s requests from `cursor` on; waits up to `timeout` s for the first.
+        If events it had not read were dropped, one event of kind "lost" says so (and where the
+        log resumes)."""
+        self._authorize(client, token)
+        events = self._events_since(client, cursor)
         if not events:
             event = self._client_events.setdefault(client, asyncio.Event())
             event.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
-            events = self.table.events_since(client, cursor)
+                await asyncio.wait_for(event.wait(), max(0.0, min(float(timeout), 30.0)))
+            events = self._events_since(client, cursor)
         return [e.to_wire() for e in events]
+
+    def _events_since(self, client: str, cursor: int) -> list[ClientEvent]:
+        try:
+            return self.table.events_since(client, int(cursor))
+        except EventsLostError as exc:
+            return [ClientEvent(exc.resume_at - 1, "", "lost", error=str(exc))]
+
+    def _authorize(self, client: str, token: str | None) -> None:
+        """A client session's first call binds its token; later calls must carry the same."""
+        if not isinstance(client, str) or not client or not isinstance(token, str) or not token:
+            raise UnauthorizedError("a client id and its token are required")
+        known = self._sessions.setdefault(client, token)
+        if not secrets.compare_digest(known, token):
+            raise UnauthorizedError(f"client {client!r} belongs to another session")
 
     def status(self) -> dict[str, Any]:
         """Deployment, per-replica load, queue, latency, counters and cost."""
@@ -247,6 +278,27 @@ class ElasticController(SchedulerPlugin):
                           "savings_vs_on_demand": report.savings_vs_on_demand}
         status["capacity_requests"] = list(self.enactor.capacity_requests) if self.enactor else []
         return status
+
+    def _checked(self, client: str, item: Any) -> ev.RequestSubmitted:
+        """One submitted item as an event, or `InvalidRequestError`."""
+        if not isinstance(item, dict) or set(item) != {"request_id", "prompt_token_ids", "params"}:
+            raise InvalidRequestError("each request is {request_id, prompt_token_ids, params}")
+        request_id, params = item["request_id"], item["params"]
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
+            raise InvalidRequestError("request_id must be a non-empty str of at most 256 characters")
+        if request_id in self.table:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, dict):
+            raise InvalidRequestError("params must be a dict of SamplingParams fields")
+        vocab, context = self.vocab_size or 2**31, self.max_context or 2**31
+        prompt = check_prompt_ids(item["prompt_token_ids"], vocab, context)
+        try:
+            sampling = SamplingParams(**params)
+        except TypeError as exc:  # an unknown field
+            raise InvalidRequestError(f"params: {exc}") from None
+        if self.vocab_size is not None and self.max_context is not None:
+            validate_request(sampling, self.vocab_size, self.max_context)
+        return ev.RequestSubmitted(request_id, client, prompt, sampling)
 
     # ------------------------------------------------------------------ small utilities
     def _handler(self, method: Callable[..., Any]) -> Callable[..., Any]:

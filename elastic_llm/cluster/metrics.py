@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
 
 PREFIX = "elastic_llm"
+_EMPTY: dict[str, Any] = {}
 
 
 class ControllerCollector:
@@ -22,8 +23,10 @@ class ControllerCollector:
         self._status = status
 
     def collect(self) -> Iterator[Metric]:
-        """One sample per figure of the current status."""
+        """One sample per figure of the current status (nothing while no controller runs)."""
         status = self._status()
+        if not status:
+            return
         gauges = {
             "requests_queued": ("Requests waiting for a replica", status["queued"]),
             "requests_running": ("Requests on a replica", status["running"]),
@@ -63,15 +66,21 @@ class ControllerCollector:
         yield replicas
 
 
+#: Status functions of the controllers in this process, newest last (tests run several at once).
+_SOURCES: list[Callable[[], dict[str, Any]]] = []
+_COLLECTOR: list[ControllerCollector] = []  # the one collector in the registry, once made
+
+
 def register(status: Callable[[], dict[str, Any]]) -> Callable[[], None]:
-    """Add a collector over `status` to the global registry; returns the function that removes it."""
-    collector = ControllerCollector(status)
-    REGISTRY.register(collector)  # type: ignore[arg-type]
+    """Report `status` (the newest controller's) through the process's one collector in the global
+    registry; returns the function that stops reporting it."""
+    _SOURCES.append(status)
+    if not _COLLECTOR:
+        _COLLECTOR.append(ControllerCollector(lambda: _SOURCES[-1]() if _SOURCES else _EMPTY))
+        REGISTRY.register(_COLLECTOR[0])  # type: ignore[arg-type]
 
     def unregister() -> None:
-        try:
-            REGISTRY.unregister(collector)  # type: ignore[arg-type]
-        except KeyError:
-            pass
+        if status in _SOURCES:
+            _SOURCES.remove(status)
 
     return unregister

@@ -19,6 +19,7 @@ import concurrent.futures
 import logging
 import queue
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -114,7 +115,10 @@ class ServingClient:
         self.tokenizer = (Tokenizer(checkpoint, self.spec.eos_token_ids)
                           if (checkpoint / "tokenizer_config.json").is_file() else None)
         self._ensure_controller(model, policy, replica, controller_options)
-        self._id = dask_client.id
+        #: this client's session: its requests are its own (poll, cancel, stream); several
+        #: ServingClients on one Dask client (tasks on a worker) each have their own
+        self._id = f"{dask_client.id}#{uuid.uuid4().hex[:12]}"
+        self._token = secrets.token_urlsafe(18)
         self._tracking: dict[str, _Tracking] = {}
         self._lock = threading.Lock()
         self._cursor = 0
@@ -191,7 +195,8 @@ class ServingClient:
     def cancel(self, future: ServingFuture | str) -> None:
         """Cancel a request by future or id."""
         request_id = future if isinstance(future, str) else future.request_id
-        self._dask.sync(self._dask.scheduler.elastic_llm_cancel, request_ids=[request_id])
+        self._dask.sync(self._dask.scheduler.elastic_llm_cancel, client=self._id, token=self._token,
+                        request_ids=[request_id])
 
     def status(self) -> dict[str, Any]:
         """The controller's view: replicas, queue, latency, counters."""
@@ -237,6 +242,8 @@ class ServingClient:
         if running is None:
             self._dask.register_plugin(TensorSerializerPlugin())
             self._dask.register_plugin(NoticeBoard())
+            options = {"vocab_size": self.spec.vocab_size, "max_context": self.spec.max_position_embeddings,
+                       **options}
             self._dask.register_plugin(ElasticController(model, policy, replica or ReplicaOptions(model=model),
                                                          **options))
         elif running[0] != model:
@@ -297,7 +304,8 @@ class ServingClient:
         messages = [{"request_id": request_id, "prompt_token_ids": list(prompt_ids), "params": asdict(params)}
                     for request_id, prompt_ids, params in batch]
         try:
-            self._dask.sync(self._dask.scheduler.elastic_llm_submit, client=self._id, requests=messages)
+            self._dask.sync(self._dask.scheduler.elastic_llm_submit, client=self._id, token=self._token,
+                            requests=messages)
         except BaseException as exc:
             with self._lock:
                 for future in futures:
@@ -312,7 +320,7 @@ class ServingClient:
         while not self._closed.is_set():
             try:
                 wire = self._dask.sync(self._dask.scheduler.elastic_llm_poll, client=self._id,
-                                       cursor=self._cursor, timeout=1.0)
+                                       token=self._token, cursor=self._cursor, timeout=1.0)
                 backoff = 0.1
             except Exception as exc:  # noqa: BLE001 - scheduler hiccup or shutdown: retry
                 if self._closed.is_set() or self._dask.status in ("closing", "closed"):
@@ -324,7 +332,17 @@ class ServingClient:
             for data in wire:
                 event = ClientEvent.from_wire(data)
                 self._cursor = max(self._cursor, event.seq + 1)
-                self._deliver(event)
+                if event.kind == "lost":  # the log dropped events this client had not read
+                    self._fail_all(event.error)
+                else:
+                    self._deliver(event)
+
+    def _fail_all(self, message: str) -> None:
+        """Every tracked request fails with `message` (its events were lost: never a silent gap)."""
+        with self._lock:
+            tracked, self._tracking = list(self._tracking.values()), {}
+        for tracking in tracked:
+            tracking.future.set_exception(RequestFailedError(message))
 
     def _deliver(self, event: ClientEvent) -> None:
         with self._lock:

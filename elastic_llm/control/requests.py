@@ -61,7 +61,7 @@ class ClientEvent:
 
     seq: int  #: position in the client's event log
     request_id: str  #: the request
-    kind: str  #: "tokens" | "finished" | "failed"
+    kind: str  #: "tokens" | "finished" | "failed" | "lost" (the client's unread events were dropped)
     start: int = 0  #: tokens: index of the first token of `token_ids`
     token_ids: tuple[int, ...] = ()  #: tokens: the new committed tokens
     finish_reason: str | None = None  #: finished: stop | length | abort
@@ -83,7 +83,11 @@ class ClientEvent:
 
 class EventsLostError(ElasticLLMError):
     """A client fell so far behind that events it had not read were dropped: its view of its
-    requests is incomplete (never silently)."""
+    requests is incomplete (never silently). `resume_at`: the oldest event still kept."""
+
+    def __init__(self, message: str, resume_at: int) -> None:
+        super().__init__(message)
+        self.resume_at = resume_at
 
 
 @dataclass
@@ -250,7 +254,7 @@ class RequestTable:
         if cursor < first:
             raise EventsLostError(f"client {client} asked for events from {cursor}, but the oldest kept is "
                                   f"{first}: {first - cursor} events were dropped (the log keeps "
-                                  f"{self._max_events} per client)")
+                                  f"{self._max_events} per client)", first)
         return list(itertools.islice(events, cursor - first, None))
 
     def forget_client(self, client: str) -> list[str]:

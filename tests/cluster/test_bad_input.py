@@ -211,3 +211,24 @@ def test_after_the_fuzz_valid_prompts_are_served_correctly(llm: ServingClient, r
     assert list(served[1].prompt_token_ids).count(engine.tokenizer.token_id("<|im_start|>")) == 3  # the template's
     status = llm.status()
     assert llm.pending() == 0 and status["queued"] == 0 and status["running"] == 0 and status["failed"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_raw_submit_that_bypasses_the_client_is_checked_all_or_nothing(tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """The controller's handler checks every item again before accepting any."""
+    from elastic_llm.cluster.serving_client import ServingClient
+
+    from .helpers import local_cluster
+
+    checkpoint = tiny_checkpoint("llama-gqa-untied")
+    good = {"request_id": "raw-good", "prompt_token_ids": [1, 2, 3], "params": {"max_new_tokens": 2}}
+    bad_items = [{"request_id": "raw-bad", "prompt_token_ids": [1, 10**9], "params": {"max_new_tokens": 2}},
+                 {"request_id": "raw-bad", "prompt_token_ids": [1.5], "params": {}},
+                 {"request_id": "raw-bad", "prompt_token_ids": [1], "params": {"bogus": 1}},
+                 {"request_id": "raw-good", "prompt_token_ids": [1], "params": {}},  # duplicate id
+                 {"prompt_token_ids": [1]}]
+    with local_cluster(1) as (_, client), ServingClient(client, model=str(checkpoint), chat=False) as llm:
+        for bad in bad_items:
+            with pytest.raises(Exception, match="InvalidRequestError|request|prompt|params"):
+                client.sync(client.scheduler.elastic_llm_submit, client="raw", token="t", requests=[good, bad])
+        assert llm.status()["queued"] + llm.status()["running"] + llm.status()["finished"] == 0
