@@ -348,7 +348,7 @@ class MigrationPlanner:
         return MigrationPlan(
             transfers=tuple(ordered),
             releases=tuple(sorted(releases, key=lambda r: r.after)),
-            readiness=_readiness(new, ordered, ends),
+            readiness=stage_readiness(new, ordered, ends),
             peak_bytes=peak,
             estimated_seconds=max(ends, default=0.0),
             weight_seconds=weight_seconds,
@@ -358,9 +358,10 @@ class MigrationPlanner:
         )
 
 
-def _readiness(new: Placement, ordered: Sequence[Transfer],
-               ends: Sequence[float]) -> tuple[StageReadiness, ...]:
-    """Per new (replica, stage): index of its last incoming transfer and when all of them end."""
+def stage_readiness(new: Placement, ordered: Sequence[Transfer],
+                    ends: Sequence[float]) -> tuple[StageReadiness, ...]:
+    """Per new (replica, stage), canonical order: index of its last incoming transfer in
+    ``ordered`` (-1: none) and when all of them end (``ends``: `MigrationPlanner.schedule`)."""
     last: dict[str, int] = {}
     finish: dict[str, float] = {}
     for i, t in enumerate(ordered):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from elastic_llm.engine.replica.comm import Collectives, PendingSend
+from elastic_llm.engine.replica.holding import Holding, storage_bytes
 from elastic_llm.engine.replica.kv import merge_kv, slice_kv
 from elastic_llm.engine.replica.layout import ShardLayout
 from elastic_llm.engine.replica.messages import (
@@ -39,6 +40,7 @@ from elastic_llm.model.llama import LlamaNetwork
 from elastic_llm.model.loader import build_rotary
 from elastic_llm.model.weights import SafetensorsWeights
 from elastic_llm.planning.migration import Transfer
+from elastic_llm.planning.slices import Slice
 
 #: Spare KV positions a new cache gets beyond its first tokens (as `LocalExecutor` allocates).
 _CACHE_SPARE = 16
@@ -165,31 +167,91 @@ class ShardRuntime:
         of, receives what it is the target of (or reads it from the checkpoint), and skips the
         rest; one order for all makes the blocking point-to-point transfers deadlock-free. Only
         pieces this process lacks arrive; the rest of its new holding is its own old tensors.
+
+        Progressive and memory-bounded: the old network is dissolved into pieces that own their
+        storage, each of `orders.releases` frees its slice right after its transfer, and the new
+        network is built right after transfer `orders.build_after` (its stage is ready then),
+        keeping only the not yet released old pieces besides it. The bytes held are measured after
+        every step this process takes part in (`MigrationStats.peak_bytes`).
         """
         started = time.perf_counter()
         ranks = dict(orders.ranks)
         lengths = dict(orders.kv_lengths)
-        store = (WeightPieces.from_network(self.network) if self.network is not None
-                 else WeightPieces(self.spec))
-        kv_pieces = self._own_kv_blocks(lengths)
+        start_bytes = self._held_bytes()
+        held = Holding(self.spec, WeightPieces(self.spec), self._own_kv_blocks(lengths), start_bytes)
+        self._caches = {}
+        held.store = self._dissolve()
+        frees: dict[int, list[Slice]] = {}
+        for after, piece in orders.releases:
+            frees.setdefault(after, []).append(piece)
+        last = len(orders.transfers) - 1
+        build_after = last if orders.build_after is None else orders.build_after
+        held.free(frees.pop(-1, ()))
+        built, ready_time = None, 0.0
+        if build_after < 0:
+            built, ready_time = -1, self._build(orders.layout, held, lengths)
+        self._measure(held)
         sent = received = read = 0
         timings: list[tuple[int, float]] = []
         for index, transfer in enumerate(orders.transfers):
+            involved = self.name in (transfer.src, transfer.dst) or index in frees
             if transfer.src == self.name:
-                buffer = self._pack(transfer, store, kv_pieces, lengths)
+                buffer = self._pack(transfer, held.store, held.kv, lengths)
                 self.comm.send(buffer, ranks[transfer.dst]).wait()
                 sent += buffer.numel() * buffer.element_size()
             elif transfer.dst == self.name:
                 began = time.perf_counter()
                 if transfer.src is None:
                     pieces = slice_pieces(self.spec, transfer.slice)
-                    read += store.read_checkpoint(self._weights(), pieces, self.dtype, self.device)
+                    read += held.store.read_checkpoint(self._weights(), pieces, self.dtype, self.device)
                 else:
-                    received += self._receive(transfer, ranks[transfer.src], store, kv_pieces, lengths)
+                    received += self._receive(transfer, ranks[transfer.src], held.store, held.kv,
+                                              lengths)
                 timings.append((index, time.perf_counter() - began))
-        self._rebuild(orders.layout, store, kv_pieces, lengths)
+            held.free(frees.get(index, ()))
+            if index == build_after:
+                built, ready_time, involved = index, self._build(orders.layout, held, lengths), True
+            if involved:
+                self._measure(held)
+        if built is None:
+            built, ready_time = last, self._build(orders.layout, held, lengths)
+        held.store, held.kv = WeightPieces(self.spec), {}  # every old piece left is stale now
+        end_bytes = self._measure(held)
         return MigrationStats(self.name, sent, received, read, tuple(timings),
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, held.peak, start_bytes, end_bytes,
+                              built, ready_time)
+
+    def _dissolve(self) -> WeightPieces:
+        """The old network as pieces that each own their storage (the network is dropped)."""
+        if self.network is None:
+            return WeightPieces(self.spec)
+        store = WeightPieces.from_network(self.network)
+        self.network, self.layout = None, None
+        store.own()
+        return store
+
+    def _build(self, layout: ShardLayout | None, held: Holding, lengths: dict[str, int]) -> float:
+        """Become `layout` from `held` (its stage is ready); afterwards `held` keeps only the old
+        pieces the new network does not hold (views of the new network serve later sends).
+        Returns the wall-clock time it was done."""
+        self._rebuild(layout, held.store, held.kv, lengths)
+        if self.network is not None:
+            fresh = WeightPieces.from_network(self.network)
+            for piece, _ in fresh.items():
+                held.store.discard(piece)
+            fresh.merge(held.store)
+            held.store, held.kv = fresh, {}  # KV moves come first: none is left to send
+        return time.time()
+
+    def _measure(self, held: Holding) -> int:
+        """Bytes `held` and the new network and caches hold now (raises `held.peak`)."""
+        params = self.network.parameters() if self.network is not None else ()
+        return held.measure(params, sum(c.allocated_bytes for c in self._caches.values()))
+
+    def _held_bytes(self) -> int:
+        """Bytes of the network's parameters and the KV caches' buffers (storages counted once)."""
+        params = list(self.network.parameters()) if self.network is not None else []
+        return storage_bytes(params) + sum(c.allocated_bytes for c in self._caches.values())
 
     def _own_kv_blocks(self, lengths: dict[str, int]) -> dict[str, list[KVState]]:
         """This process's old KV blocks of the requests that are kept (checked against `lengths`)."""
