@@ -21,7 +21,7 @@ release, no memory bound, nothing freed before the end).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from elastic_llm.model.spec import ModelSpec
@@ -108,7 +108,8 @@ def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelCo
     if spec.tie_word_embeddings:
         held, needs = _tied(spec, held), _tied(spec, needs)
     moves = planner.transfers(held, needs, alive)
-    ordered, releases, peak = planner.order(moves, held, needs, alive)
+    layer_of = _embedding_first(spec, placement) if spec.tie_word_embeddings else None
+    ordered, releases, peak = planner.order(moves, held, needs, alive, layer_of)
     ends = planner.schedule(ordered, alive)
     readiness = stage_readiness(placement, ordered, ends)
     if not progressive:  # everything moves first, nothing is freed before the end
@@ -121,6 +122,16 @@ def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelCo
     return ReconfigurationPlan(placement, tuple(ordered), assignments,
                                tuple(sorted(releases, key=lambda r: r.after)), readiness, peak,
                                bounds, progressive)
+
+
+def _embedding_first(spec: ModelSpec, placement: Placement) -> Callable[[Transfer], int]:
+    """Sort LM-head rows sent to a first-stage worker (its embedding, tied) before layer 0."""
+    first = {name for pos, name in placement.items() if pos.stage == 0}
+
+    def layer_of(t: Transfer) -> int:
+        return -1 if t.slice.part is Part.HEAD and t.dst in first else t.slice.layer
+
+    return layer_of
 
 
 def _bounds(workers: Sequence[str], memory_bytes: int | Mapping[str, int] | None) -> dict[str, int]:
