@@ -212,30 +212,35 @@ class ReplicaActor:
                 "error": self._error,
                 "requests": engine.num_requests if engine is not None else 0}
 
-    def reshard(self, parallel: tuple[int, int], workers: Sequence[str],
-                timeout: float = 300.0) -> dict[str, Any]:
+    def reshard(self, parallel: tuple[int, int], workers: Sequence[str], timeout: float = 300.0, *,
+                use_mapper: bool = True, progressive: bool = True,
+                memory_bytes: int | None = None) -> dict[str, Any]:
         """At the next token boundary switch this sharded replica to `parallel` (P, M) on
-        `workers` (P*M addresses), keeping every request's KV; a summary of what moved."""
+        `workers` (P*M addresses), keeping every request's KV; a summary of what moved
+        (`ReconfigurationReport.summary`: bytes by kind, measured `peak_bytes` per worker,
+        `stage_ready`, ... plus the new `shards`).
+
+        The migration is progressive and bounded by `memory_bytes` per worker (default
+        `ReplicaOptions.memory_budget_bytes`; None: unbounded). Ablations: `use_mapper=False`
+        places `workers` in the given order instead of by Kuhn-Munkres; `progressive=False`
+        moves everything first, then resumes (no early stage release, no bound)."""
         answer: Future[dict[str, Any]] = Future()
         names = list(workers)
+        bound = self._options.memory_budget_bytes if memory_bytes is None else memory_bytes
 
         def switch() -> None:
             from elastic_llm.planning.config import ParallelConfig
 
             try:
                 config = ParallelConfig(D=1, P=parallel[0], M=parallel[1], B=self._options.max_batch_size)
-                report = self._engine.executor.reconfigure(config, workers=names)
+                report = self._engine.executor.reconfigure(config, workers=names, use_mapper=use_mapper,
+                                                           progressive=progressive, memory_bytes=bound)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 answer.set_exception(exc)
                 return
             self._shards = list(self._engine.executor.placement.workers)
             self._parallel = (report.new.P, report.new.M)
-            answer.set_result({"old": list(report.old.shape) if report.old else None,
-                               "new": list(report.new.shape), "epoch": report.epoch,
-                               "kv_requests": report.kv_requests, "kv_bytes": report.kv_bytes,
-                               "weight_bytes": report.weight_bytes,
-                               "checkpoint_bytes": report.checkpoint_bytes, "seconds": report.seconds,
-                               "shards": list(self._shards)})
+            answer.set_result({**report.summary(), "shards": list(self._shards)})
 
         self._commands.put(switch)
         return answer.result(timeout)

@@ -161,6 +161,34 @@ def test_unknown_workers_and_short_worker_lists_are_refused(
 
 
 @pytest.mark.timeout(90)
+def test_a_progressive_reshard_on_dask_keeps_every_shard_within_a_tight_memory_bound(
+        cluster: tuple[Client, list[str]], model: LoadedModel, prompts: list[list[int]],
+        expected: list[tuple[int, ...]]) -> None:
+    """(1, 2) -> (2, 1) mid-generation under 400 kB per shard: the shard that becomes stage 0
+    would hold about 460 kB if it kept its old slices until the end (see tests/replica's
+    test_progressive_migration); the measured peak stays within the bound, stage by stage."""
+    client, workers = cluster
+    bound = 400_000
+    with DaskShardedExecutor(client, model, config(1, 2), workers=workers, timeout_s=30) as executor:
+        engine = LLMEngine(model, executor=executor)
+        ids = [f"m{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            engine.add_request(request_id, prompt, GREEDY)
+        for _ in range(3):
+            engine.step()
+        report = executor.reconfigure(config(2, 1), workers=workers, memory_bytes=bound)
+        while engine.has_unfinished():
+            engine.step()
+        assert [engine.pop_completion(rid).token_ids for rid in ids] == expected
+    assert report.memory_bytes == {w: bound for w in workers} and report.kv_bytes > 0
+    assert set(report.peak_bytes) == set(workers) and 0 < max(report.peak_bytes.values()) <= bound
+    assert [s.stage for s in report.stage_ready] == [0, 1]
+    assert all(s.after >= s.planned_after for s in report.stage_ready)
+    summary = report.summary()  # what ReplicaActor.reshard hands the controller
+    assert summary["peak_bytes"] == dict(report.peak_bytes) and summary["progressive"] is True
+
+
+@pytest.mark.timeout(90)
 def test_a_killed_shard_worker_raises_promptly_and_close_does_not_hang(
         cluster: tuple[Client, list[str]], uneven_checkpoint: Path) -> None:
     """Last in the module: it kills one of the two workers."""
