@@ -6,6 +6,8 @@
 * ``comm``      - one configuration epoch's `torch.distributed` group (gloo / NCCL)
 * ``runtime``   - `ShardRuntime`: one position's network, KV and group, launch-agnostic
 * ``reconfig``  - mapping and migration planning of a reconfiguration (planning core)
+* ``holding``   - what a shard holds while it migrates: frees by slice, measured bytes
+* ``report``    - `ReconfigurationReport`: transfers, per-stage readiness, peak bytes per shard
 * ``transport`` - the driver-to-shards contract (`ShardTransport`, `Call`, `Reply`, `serve_call`)
 * ``process``   - local worker processes and their pipes (`LocalProcessTransport`)
 * ``sharded_executor`` - `ShardedDriver` (the driver over any transport) and `ShardedExecutor`, the
@@ -31,15 +33,17 @@ if TYPE_CHECKING:
         ReconfigurationReport,
         ShardedDriver,
         ShardedExecutor,
+        StageReady,
         TransferRecord,
     )
 
 __all__ = ["ReconfigurationReport", "ReplicaConfigError", "ReplicaError", "ReplicaTimeoutError",
-           "ReplicaWorkerError", "ShardRuntime", "ShardedDriver", "ShardedExecutor", "TransferRecord"]
+           "ReplicaWorkerError", "ShardRuntime", "ShardedDriver", "ShardedExecutor", "StageReady",
+           "TransferRecord"]
 
 _LAZY = {"ShardRuntime": "runtime", "ShardedExecutor": "sharded_executor",
          "ShardedDriver": "sharded_executor", "ReconfigurationReport": "sharded_executor",
-         "TransferRecord": "sharded_executor"}
+         "TransferRecord": "sharded_executor", "StageReady": "sharded_executor"}
 
 
 def __getattr__(name: str) -> Any:
