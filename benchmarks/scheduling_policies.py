@@ -36,13 +36,12 @@ from elastic_llm import LLMEngine, SamplingParams
 from elastic_llm.engine.replay import ReplayClock, RequestTiming, TimedRequest, replay
 from elastic_llm.model.loader import LoadedModel, load_model
 from elastic_llm.scheduling import (
-    FCFS,
     BatchLimits,
     LinearPrefillPredictor,
     MLFQConfig,
     RequestScheduler,
     ResidencyConfig,
-    SkipJoinMLFQ,
+    make_scheduler,
     make_workload,
 )
 
@@ -121,14 +120,16 @@ def calibrate(model: LoadedModel, args: argparse.Namespace, limits: BatchLimits)
 
 
 def policies(cal: Calibration, args: argparse.Namespace) -> dict[str, Callable[[], RequestScheduler]]:
-    """The schedulers compared (fresh instances per run)."""
-    def mlfq(skip_join: bool) -> SkipJoinMLFQ:
-        config = MLFQConfig(base_quantum_s=cal.decode_step_s, skip_join=skip_join,
-                            starvation_alpha_s=args.alpha_steps * cal.decode_step_s)
-        return SkipJoinMLFQ(config, cal.predictor if skip_join else None)
+    """The schedulers compared (fresh instances per run), built by name (`make_scheduler`)."""
+    config = MLFQConfig(base_quantum_s=cal.decode_step_s, starvation_alpha_s=args.alpha_steps * cal.decode_step_s)
 
-    return {"fcfs": FCFS, "mlfq": lambda: mlfq(False), "skip-join": lambda: mlfq(True),
-            "skip-join+swap": lambda: mlfq(True), "skip-join+recompute": lambda: mlfq(True)}
+    def named(name: str) -> Callable[[], RequestScheduler]:
+        if name == "fcfs":
+            return lambda: make_scheduler(name)
+        return lambda: make_scheduler(name, config, cal.predictor if name == "skip-join" else None)
+
+    return {"fcfs": named("fcfs"), "mlfq": named("mlfq"), "skip-join": named("skip-join"),
+            "skip-join+swap": named("skip-join"), "skip-join+recompute": named("skip-join")}
 
 
 def summarize(policy: str, load: float, rate: float, timings: list[RequestTiming], engine: LLMEngine,
@@ -160,7 +161,7 @@ def run_load(model: LoadedModel, cal: Calibration, args: argparse.Namespace, lim
     results: list[PolicyResult] = []
     reference: dict[str, tuple[int, ...]] | None = None
     budget: int | None = None
-    for name, make_scheduler in policies(cal, args).items():
+    for name, new_scheduler in policies(cal, args).items():
         mode = name.partition("+")[2] or None
         residency = None
         if mode is not None:
@@ -169,7 +170,7 @@ def run_load(model: LoadedModel, cal: Calibration, args: argparse.Namespace, lim
         engines: list[LLMEngine] = []
 
         def make_engine(clock: ReplayClock) -> LLMEngine:
-            engine = LLMEngine(model, scheduler=make_scheduler(), limits=limits,  # noqa: B023
+            engine = LLMEngine(model, scheduler=new_scheduler(), limits=limits,  # noqa: B023
                                residency=residency, clock=clock)  # noqa: B023
             engines.append(engine)  # noqa: B023
             return engine

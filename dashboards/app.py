@@ -78,7 +78,8 @@ def live() -> None:
     right.subheader("load")
     right.line_chart(history[["queued", "running"]])
     st.subheader(f"replicas (policy: {status['policy']})")
-    st.dataframe(pd.DataFrame(status["replicas"]), use_container_width=True)
+    # nested counters ("scheduling": preemptions, swaps) become columns such as scheduling.preemptions
+    st.dataframe(pd.json_normalize(status["replicas"]), use_container_width=True)
     if status["notices"]:
         st.subheader("preemption notices")
         notices = pd.DataFrame(status["notices"])

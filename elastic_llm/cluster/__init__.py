@@ -1,9 +1,10 @@
 """Cluster layer: Dask-facing building blocks of elastic serving.
 
 Pure modules (stdlib only, usable by the simulator): `contracts` (`InstanceInfo`,
-`PreemptionNotice`), `traces` (spot traces), `cost` (dollar accounting). Dask modules: `instance`
-(worker metadata), `notices` (`NoticeBoard`), `metadata` (`MetadataWatcher`), `emulator`
-(`SpotEmulator`), `downscaling` (`ScaleDownVeto`); `serialization` needs torch.
+`PreemptionNotice`), `traces` (spot traces), `cost` (dollar accounting).
+Dask modules: `instance` (worker metadata), `notices` (`NoticeBoard`), `metadata`
+(`MetadataWatcher`), `emulator` (`SpotEmulator`), `downscaling` (`ScaleDownVeto`);
+`serialization` needs torch.
 
 Names are imported lazily so that importing a pure module does not pull in dask or torch.
 """

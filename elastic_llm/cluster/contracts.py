@@ -118,3 +118,4 @@ def parse_market(value: str) -> Market:
     if value not in MARKETS:
         raise ClusterConfigError(f"market must be one of {MARKETS}, got {value!r}")
     return cast(Market, value)
+

@@ -7,7 +7,9 @@ an answer (export at a token boundary), wait for the loop to give it.
 Every iteration the loop commits the new tokens to the controller in ONE message over the worker's
 batched stream to the scheduler (fire-and-forget, ordered per worker). A request resumed here
 re-sends its whole output with its first commit, so the controller's table never misses tokens that
-an old replica committed just before it stopped.
+an old replica committed just before it stopped. Each message is a typed `ReplicaCommit`
+(`elastic_llm.control.messages`) whose `LoopCounters` carry the replica's loop times, prefix reuse,
+and its preemptions and KV swaps (`SchedulingCounters`, cumulative over every engine it built).
 
 With `ReplicaOptions.parallel` above (1, 1) the replica is sharded: this actor (on the leader
 worker) runs the engine's scheduler and a `DaskShardedExecutor` whose `ShardActor`s hold the weight
@@ -27,58 +29,29 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
+from elastic_llm.cluster.replica_options import ReplicaOptions
+from elastic_llm.control.messages import (
+    FailCommit,
+    FinishCommit,
+    LoopCounters,
+    MovedRequest,
+    ReplicaCommit,
+    ReplicaInfo,
+    ReshardSummary,
+    SchedulingCounters,
+    TokenCommit,
+)
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.request import RequestOutput
+from elastic_llm.scheduling import BatchLimits, scheduler_name
 
 logger = logging.getLogger(__name__)
 
 COMMIT_OP = "elastic_llm_commit"
 
-
-@dataclass(frozen=True)
-class ReplicaOptions:
-    """How a replica's engine is built."""
-
-    model: str  #: embedded model name or checkpoint directory
-    max_batch_size: int = 16  #: requests per iteration
-    max_batch_tokens: int = 1024  #: tokens per iteration
-    scheduler: str = "fcfs"  #: "fcfs" or "skip-join" (MLFQ)
-    threads: int = 1  #: torch threads in this worker process
-    min_step_seconds: float = 0.0  #: pace iterations to at least this long (emulates a slower instance)
-    #: bytes/s at which weights come from the checkpoint store (None: as fast as local disk);
-    #: a real fleet reads object storage, so a fair baseline pays that on every reload
-    checkpoint_bandwidth: float | None = None
-    #: (P, M) of each replica: above (1, 1) the replica's engine drives a `DaskShardedExecutor`
-    #: over `ShardActor`s on P*M workers (the first, the leader, also holds the `ReplicaActor`);
-    #: "auto": the controller's planning core chooses (P, M) for the workers at hand (and
-    #: re-chooses it when they change)
-    parallel: tuple[int, int] | str = (1, 1)
-    shard_timeout_s: float = 60.0  #: limit on every shard answer and collective (sharded only)
-    #: bytes of weights + KV one worker may hold (None: the workers' own announced budget); with
-    #: parallel="auto" a model that does not fit one worker is sharded over several
-    memory_budget_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.parallel, str):
-            if self.parallel != "auto":
-                raise ValueError(f'parallel must be (P, M) or "auto", not {self.parallel!r}')
-        elif len(self.parallel) != 2 or min(self.parallel) < 1:
-            raise ValueError(f"parallel must be (P, M) with P, M >= 1, not {self.parallel!r}")
-        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
-            raise ValueError("memory_budget_bytes must be > 0")
-
-    @property
-    def auto_parallel(self) -> bool:
-        """Whether the controller chooses each replica's (P, M)."""
-        return self.parallel == "auto"
-
-    @property
-    def sharded(self) -> bool:
-        """Whether replicas run as P x M shards on several workers."""
-        return self.auto_parallel or tuple(self.parallel) != (1, 1)
+__all__ = ["COMMIT_OP", "ReplicaActor", "ReplicaOptions"]  # ReplicaOptions: from replica_options
 
 
 class ReplicaActor:
@@ -122,17 +95,17 @@ class ReplicaActor:
         self._overhead_seconds = 0.0  # the loop's own work while serving: commands and commits
         self._period_seconds = 0.0  # iterations as long as they really take, pacing included
         self._prefix_reused_before = 0  # prompt tokens reused from prefix caches by earlier engines
+        self._scheduling_before = SchedulingCounters()  # preemptions and swaps of earlier engines
         self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ methods (actor thread)
-    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 300.0) -> ReplicaInfo:
         """Block until the model is loaded; returns this replica's description."""
         self._ready.result(timeout)
-        return {"replica": self.replica_id, "worker": self._worker.address,
-                "kv_bytes_per_token": self._engine.executor.kv_bytes_per_token,
-                "weights": self._weights_source, "weight_bytes_from_peer": self._weight_bytes_from_peer,
-                "parallel": list(self._parallel), "shards": list(self._shards)}
+        return ReplicaInfo(self.replica_id, self._worker.address, int(self._engine.executor.kv_bytes_per_token),
+                           self._weights_source, self._weight_bytes_from_peer, self._parallel,
+                           tuple(self._shards))
 
     def start_requests(self, states: Sequence[RequestState]) -> int:
         """Queue requests (new, or resumed from committed tokens, with or without KV)."""
@@ -154,25 +127,25 @@ class ReplicaActor:
         return answer.result(timeout)
 
     def pull_from(self, source: Any, request_ids: Sequence[str] | None,
-                  include_kv: bool = True) -> list[tuple[str, int]]:
+                  include_kv: bool = True) -> tuple[MovedRequest, ...]:
         """Take requests (with their KV) straight from another replica's actor, worker to worker;
-        returns (request id, KV bytes received) for each request taken."""
+        what was taken."""
         states = source.export_requests(request_ids, include_kv).result()
         self._commands.put(lambda: self._resume(states))
-        return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+        return _moved(states)
 
     def hand_over(self, target: Any, request_ids: Sequence[str] | None = None,
-                  timeout: float = 120.0) -> list[tuple[str, int]]:
+                  timeout: float = 120.0) -> tuple[MovedRequest, ...]:
         """Pause at the next token boundary, cut these requests (all if None) out WITH their KV
         and push them to `target` (a deferred replica: `receive`), worker to worker; returns
-        (request id, KV bytes) for each request handed over.
+        what was handed over.
 
         The push (rather than the target pulling) keeps actor calls out of the target's worker
         before its engine exists: a pull from there slowed every later shard call of that worker
         to the next 1-4 s event-loop tick."""
         states = self.export_requests(request_ids, True, timeout)
         target.receive(states).result(timeout)
-        return [(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states]
+        return _moved(states)
 
     def receive(self, states: Sequence[RequestState]) -> int:
         """(Deferred replica) hold these requests (with their KV) until `build` resumes them."""
@@ -205,26 +178,29 @@ class ReplicaActor:
         self._go.set()
 
     def stats(self) -> dict[str, Any]:
-        """Iterations, busy time and requests held."""
+        """Iterations, busy time, requests held, the scheduler's name (read from the engine's
+        scheduler object, None before it is built) and "scheduling": `SchedulingCounters.to_dict()`
+        (preemptions, KV bytes swapped out and in, seconds blocked on swaps, tokens dropped)."""
         engine = getattr(self, "_engine", None)
         return {"replica": self.replica_id, "iterations": self._iterations,
                 "busy_seconds": self._busy_seconds, "overhead_seconds": self._overhead_seconds,
                 "error": self._error,
-                "requests": engine.num_requests if engine is not None else 0}
+                "requests": engine.num_requests if engine is not None else 0,
+                "scheduler": scheduler_name(engine.scheduler) if engine is not None else None,
+                "scheduling": self._scheduling().to_dict()}
 
     def reshard(self, parallel: tuple[int, int], workers: Sequence[str], timeout: float = 300.0, *,
                 use_mapper: bool = True, progressive: bool = True,
-                memory_bytes: int | None = None) -> dict[str, Any]:
+                memory_bytes: int | None = None) -> ReshardSummary:
         """At the next token boundary switch this sharded replica to `parallel` (P, M) on
         `workers` (P*M addresses), keeping every request's KV; a summary of what moved
-        (`ReconfigurationReport.summary`: bytes by kind, measured `peak_bytes` per worker,
-        `stage_ready`, ... plus the new `shards`).
+        (bytes by kind, measured `peak_bytes` per worker, `stage_ready`, the new `shards`).
 
         The migration is progressive and bounded by `memory_bytes` per worker (default
         `ReplicaOptions.memory_budget_bytes`; None: unbounded). Ablations: `use_mapper=False`
         places `workers` in the given order instead of by Kuhn-Munkres; `progressive=False`
         moves everything first, then resumes (no early stage release, no bound)."""
-        answer: Future[dict[str, Any]] = Future()
+        answer: Future[ReshardSummary] = Future()
         names = list(workers)
         bound = self._options.memory_budget_bytes if memory_bytes is None else memory_bytes
 
@@ -240,7 +216,7 @@ class ReplicaActor:
                 return
             self._shards = list(self._engine.executor.placement.workers)
             self._parallel = (report.new.P, report.new.M)
-            answer.set_result({**report.summary(), "shards": list(self._shards)})
+            answer.set_result(ReshardSummary.from_wire({**report.summary(), "shards": list(self._shards)}))
 
         self._commands.put(switch)
         return answer.result(timeout)
@@ -254,6 +230,7 @@ class ReplicaActor:
                 self._engine.abort(request_id)
                 self._forget(request_id)
             self._prefix_reused_before = self._prefix_reused()
+            self._scheduling_before = self._scheduling()
             self._engine.close()  # a sharded replica's shards are started afresh
             self._engine = self._build_engine()
             answer.set_result(None)
@@ -316,14 +293,13 @@ class ReplicaActor:
         import torch
 
         from elastic_llm.engine.llm_engine import LLMEngine
-        from elastic_llm.scheduling import FCFS, BatchLimits, MLFQConfig, SkipJoinMLFQ
 
         torch.set_num_threads(self._options.threads)
         model = self._load_model()
         limits = BatchLimits(self._options.max_batch_size, self._options.max_batch_tokens)
-        scheduler = FCFS() if self._options.scheduler == "fcfs" else SkipJoinMLFQ(MLFQConfig(skip_join=False))
-        if not self._options.sharded:
-            return LLMEngine(model, scheduler=scheduler, limits=limits)
+        scheduler = self._options.build_scheduler()
+        if not self._options.sharded:  # (kv_residency is only allowed here)
+            return LLMEngine(model, scheduler=scheduler, limits=limits, residency=self._options.kv_residency)
         from distributed import Client
 
         from elastic_llm.cluster.dask_sharded import DaskShardedExecutor
@@ -384,7 +360,7 @@ class ReplicaActor:
             try:
                 self._engine.resume_request(state)
             except Exception as exc:  # noqa: BLE001 - reported to the controller as a failure
-                self._send({"failed": [[state.request_id, f"{type(exc).__name__}: {exc}"]]})
+                self._send(failed=(FailCommit(state.request_id, f"{type(exc).__name__}: {exc}"),))
                 continue
             self._counts[state.request_id] = len(state.output_token_ids)
             if state.output_token_ids:
@@ -409,7 +385,7 @@ class ReplicaActor:
         self._unsent.pop(request_id, None)
 
     def _commit(self, outputs: list[RequestOutput]) -> None:
-        finished = []
+        finished: list[FinishCommit] = []
         for output in outputs:
             start = self._counts[output.request_id]
             self._counts[output.request_id] = start + len(output.new_token_ids)
@@ -418,17 +394,17 @@ class ReplicaActor:
             if output.finished:
                 done = self._engine.pop_completion(output.request_id)
                 # the whole output rides along: a finish never depends on earlier commits arriving
-                finished.append([output.request_id, done.finish_reason.value, done.text,
-                                 list(done.token_ids)])
+                finished.append(FinishCommit(output.request_id, done.finish_reason.value, done.text,
+                                             tuple(done.token_ids)))
         self._flush(finished)
-        for request_id, *_ in finished:
-            self._forget(request_id)
+        for done in finished:
+            self._forget(done.request_id)
 
-    def _flush(self, finished: list[list[Any]] | None = None) -> None:
-        tokens = [[rid, start, ids] for rid, (start, ids) in self._unsent.items() if ids]
+    def _flush(self, finished: Sequence[FinishCommit] = ()) -> None:
+        tokens = tuple(TokenCommit(rid, start, tuple(ids)) for rid, (start, ids) in self._unsent.items() if ids)
         self._unsent.clear()
         if tokens or finished:
-            self._send({"tokens": tokens, "finished": finished or []})
+            self._send(tokens=tokens, finished=tuple(finished))
 
     def _prefix_reused(self) -> int:
         """Prompt tokens this replica took from prefix caches (every engine it has built)."""
@@ -436,8 +412,28 @@ class ReplicaActor:
         reused = engine.stats().prefix_tokens_reused if engine is not None else 0
         return self._prefix_reused_before + reused
 
-    def _send(self, payload: dict[str, Any]) -> None:
-        message = {"op": COMMIT_OP, "replica": self.replica_id,
-                   "loop": [self._iterations, self._busy_seconds, self._overhead_seconds,
-                            self._period_seconds, self._prefix_reused()], **payload}
+    def _scheduling(self) -> SchedulingCounters:
+        """Preemptions and KV swaps of this replica (every engine it has built)."""
+        engine = getattr(self, "_engine", None)
+        if engine is None:
+            return self._scheduling_before
+        stats = engine.stats()
+        return self._scheduling_before.plus(SchedulingCounters(
+            preemptions=stats.preemptions, bytes_swapped_out=stats.bytes_swapped_out,
+            bytes_swapped_in=stats.bytes_swapped_in, swap_seconds=stats.swap_seconds,
+            tokens_dropped=stats.tokens_dropped))
+
+    def _counters(self) -> LoopCounters:
+        return LoopCounters(self._iterations, self._busy_seconds, self._overhead_seconds, self._period_seconds,
+                            self._prefix_reused(), self._scheduling())
+
+    def _send(self, tokens: tuple[TokenCommit, ...] = (), finished: tuple[FinishCommit, ...] = (),
+              failed: tuple[FailCommit, ...] = ()) -> None:
+        commit = ReplicaCommit(self.replica_id, self._counters(), tokens, finished, failed)
+        message = {"op": COMMIT_OP, "commit": commit.to_wire()}
         self._worker.loop.add_callback(self._worker.batched_stream.send, message)
+
+
+def _moved(states: Sequence[RequestState]) -> tuple[MovedRequest, ...]:
+    """What a migration of `states` moved."""
+    return tuple(MovedRequest(s.request_id, s.kv.nbytes if s.kv is not None else 0) for s in states)

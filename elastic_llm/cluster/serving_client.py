@@ -31,7 +31,7 @@ from distributed import Client
 from elastic_llm.cluster.controller import PLUGIN_NAME, ElasticController
 from elastic_llm.cluster.notices import NoticeBoard, send_preemption_notice
 from elastic_llm.cluster.replica_actor import ReplicaOptions
-from elastic_llm.cluster.request_table import ClientEvent
+from elastic_llm.control.requests import ClientEvent
 from elastic_llm.cluster.serialization import TensorSerializerPlugin
 from elastic_llm.errors import ElasticLLMError, InvalidRequestError
 from elastic_llm.model.checkpoint import DEFAULT_MODEL, resolve_checkpoint

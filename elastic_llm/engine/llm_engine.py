@@ -33,6 +33,7 @@ from elastic_llm.scheduling import (
     RequestScheduler,
     ResidencyConfig,
     SchedulerOutput,
+    check_residency_scheduler,
     plan_iteration,
 )
 from elastic_llm.scheduling.affinity import block_keys, common_blocks
@@ -404,12 +405,7 @@ class LLMEngine:
     def _residency_policy(self, config: ResidencyConfig | None) -> KVResidencyPolicy | None:
         if config is None:
             return None
-        if not hasattr(self.scheduler, "estimate_next_scheduled"):
-            raise ValueError("a KV residency budget needs a scheduler that estimates next scheduled "
-                             f"times (SkipJoinMLFQ); {type(self.scheduler).__name__} does not")
-        if config.mode == "recompute" and not hasattr(self.scheduler, "mark_kv_dropped"):
-            raise ValueError(f"recompute mode needs a scheduler with mark_kv_dropped; "
-                             f"{type(self.scheduler).__name__} has none")
+        check_residency_scheduler(self.scheduler, config)
         if config.mode == "swap" and not hasattr(self.executor, "swap_out"):
             raise ValueError(f"swap mode needs an executor that swaps; {type(self.executor).__name__} does not")
         return KVResidencyPolicy(config)

@@ -7,6 +7,14 @@ from elastic_llm.scheduling.base import (
     ScheduledWork,
     SchedulerOutput,
 )
+from elastic_llm.scheduling.factory import (
+    DEFAULT_PREFILL_PREDICTOR,
+    SCHEDULER_NAMES,
+    SchedulerName,
+    check_scheduler_name,
+    make_scheduler,
+    scheduler_name,
+)
 from elastic_llm.scheduling.fcfs import FCFS
 from elastic_llm.scheduling.mlfq import MLFQConfig, QueueEntryState, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
@@ -15,11 +23,14 @@ from elastic_llm.scheduling.residency import (
     ResidencyConfig,
     ResidencyDecision,
     attach_residency,
+    check_residency_scheduler,
     plan_iteration,
 )
 from elastic_llm.scheduling.workloads import WorkloadItem, make_workload
 
 __all__ = [
+    "DEFAULT_PREFILL_PREDICTOR",
+    "SCHEDULER_NAMES",
     "BatchLimits",
     "FCFS",
     "IterationOutcome",
@@ -32,10 +43,15 @@ __all__ = [
     "ResidencyConfig",
     "ResidencyDecision",
     "ScheduledWork",
+    "SchedulerName",
     "SchedulerOutput",
     "SkipJoinMLFQ",
     "WorkloadItem",
     "attach_residency",
+    "check_residency_scheduler",
+    "check_scheduler_name",
+    "make_scheduler",
     "make_workload",
     "plan_iteration",
+    "scheduler_name",
 ]

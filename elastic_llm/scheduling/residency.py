@@ -165,6 +165,18 @@ class SupportsNextScheduled(Protocol):
     def estimate_next_scheduled(self, now: float, limits: BatchLimits) -> dict[str, float]: ...
 
 
+def check_residency_scheduler(scheduler: object, config: ResidencyConfig) -> None:
+    """Raise ValueError unless `scheduler` can drive a residency policy of `config`: it must
+    estimate next scheduled times, and in recompute mode be told of dropped KV
+    (`mark_kv_dropped`). Called by the engine, and early by whoever configures one."""
+    if not hasattr(scheduler, "estimate_next_scheduled"):
+        raise ValueError("a KV residency budget needs a scheduler that estimates next scheduled "
+                         f"times (SkipJoinMLFQ); {type(scheduler).__name__} does not")
+    if config.mode == "recompute" and not hasattr(scheduler, "mark_kv_dropped"):
+        raise ValueError(f"recompute mode needs a scheduler with mark_kv_dropped; "
+                         f"{type(scheduler).__name__} has none")
+
+
 def attach_residency(output: SchedulerOutput, decision: ResidencyDecision) -> SchedulerOutput:
     """`output` without the deferred requests and with the decision's KV moves filled in."""
     deferred = set(decision.deferred)

@@ -184,8 +184,12 @@ def test_a_progressive_reshard_on_dask_keeps_every_shard_within_a_tight_memory_b
     assert set(report.peak_bytes) == set(workers) and 0 < max(report.peak_bytes.values()) <= bound
     assert [s.stage for s in report.stage_ready] == [0, 1]
     assert all(s.after >= s.planned_after for s in report.stage_ready)
-    summary = report.summary()  # what ReplicaActor.reshard hands the controller
-    assert summary["peak_bytes"] == dict(report.peak_bytes) and summary["progressive"] is True
+    from elastic_llm.control.messages import ReshardSummary
+
+    # what ReplicaActor.reshard hands the controller, typed
+    summary = ReshardSummary.from_wire({**report.summary(), "shards": list(workers)})
+    assert summary.peak_bytes == dict(report.peak_bytes) and summary.progressive is True
+    assert [s.stage for s in summary.stage_ready] == [0, 1]
 
 
 @pytest.mark.timeout(90)
@@ -250,8 +254,8 @@ def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_jo
     picks one replica over all 4 workers; a notice for a shard worker switches it to the shape the
     optimizer picks for 3 (P and M both change), KV carried, nothing recomputed; a 5th worker
     joining grows it back. The shapes are the optimizer's own answers for those worker counts."""
-    from elastic_llm.cluster.shapes import CPU_WORKER, ShapePlanner
-    from elastic_llm.cluster.sharded_control import model_spec_of
+    from elastic_llm.control.shapes import CPU_WORKER, ShapePlanner
+    from elastic_llm.cluster.enactor import model_spec_of
     from elastic_llm.planning.profiles import AnalyticProfile, Link
 
     fast = Link(bandwidth=1e12, latency=1e-9)  # links as fast as NVLink: tensor parallelism pays
@@ -287,22 +291,24 @@ def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_jo
     assert leaving not in first["shards"] and leader in first["shards"]
     assert tuple(second["new"]) == on_four and leaving not in second["shards"]
     assert first["checkpoint_bytes"] == 0  # slices came from the live shards, not the checkpoint
+    # the live reshard kept every worker under its memory budget (measured, per worker)
+    assert first["peak_bytes"] and max(first["peak_bytes"].values()) <= budget, first["peak_bytes"]
+    assert first["progressive"] and first["stage_ready"]
     assert status["tokens_recomputed"] == 0 and status["restarts"] == 0
     (notice,) = status["notices"]
     assert notice["worker"] == leaving and notice["migrated"] > 0 and notice["recomputed"] == 0
 
 
 @pytest.mark.timeout(240)
-def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, model: LoadedModel,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, model: LoadedModel) -> None:
     """With a profile slow enough that throughput matters, the optimizer picks one (1, 4) replica
     for an idle fleet of 4 workers and four (1, 1) replicas at 0.5 requests/s or more. A burst of
     40 requests (0.67/s over the last minute) makes the controller plan again: the (1, 4) replica
     shrinks to (1, 1) with its KV, three more are placed, and every answer is the single engine's."""
     import dataclasses
 
-    from elastic_llm.cluster import sharded_control
-    from elastic_llm.cluster.shapes import CPU_WORKER, ShapePlanner
+    from elastic_llm.cluster.enactor import model_spec_of
+    from elastic_llm.control.shapes import CPU_WORKER, ShapePlanner
     from elastic_llm.planning.profiles import AnalyticProfile, Link
 
     slow = 1e4
@@ -312,10 +318,9 @@ def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, mode
     fast = Link(bandwidth=1e12, latency=1e-9)
     profile = AnalyticProfile("slow device", device, 1, fast, fast, 4)
     budget = 2_000_000
-    planner = ShapePlanner(sharded_control.model_spec_of(str(uneven_checkpoint)), profile, batch_size=4)
+    planner = ShapePlanner(model_spec_of(str(uneven_checkpoint)), profile, batch_size=4)
     idle, busy = planner.choose(4, budget, 0.0), planner.choose(4, budget, 40 / 60)
     assert (idle.D, idle.P, idle.M) == (1, 1, 4) and (busy.D, busy.P, busy.M) == (4, 1, 1)
-    monkeypatch.setattr(sharded_control, "LOAD_CHECK_S", 0.5)
 
     prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]] * 10
     want = [c.token_ids for c in LLMEngine(model).generate(prompts, SamplingParams(max_new_tokens=24,
@@ -324,7 +329,7 @@ def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, mode
         options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel="auto",
                                  memory_budget_bytes=budget, min_step_seconds=0.05, shard_timeout_s=30.0)
         with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False,
-                           profile=profile) as llm:
+                           profile=profile, load_check_s=0.5) as llm:
             assert tuple(_the_ready_replica(llm, timeout=120)["parallel"]) == (1, 4)
             futures = llm.map(prompts, max_new_tokens=24, ignore_eos=True)
             wait_for(lambda: sum(r["state"] == "ready" for r in llm.status()["replicas"]) == 4, timeout=120)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from elastic_llm.cluster.replica_actor import ReplicaOptions
-from elastic_llm.cluster.shapes import (
+from elastic_llm.control.shapes import (
     CPU_WORKER,
     ShapePlanner,
     cpu_profile,

@@ -1,0 +1,195 @@
+"""`Enactor`: carries out the control state machine's instructions with Dask actor calls.
+
+Each instruction becomes one background task that calls the replica actors (worker to worker
+where data moves) under the instruction's deadline, and reports its outcome back as the event
+that instruction expects (`ReplicaReady`, `TransferDone`, `OperationFailed`, ...). No decisions
+are made here: what to start, move, pause or stop comes from `FleetState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from distributed import Client
+
+from elastic_llm.cluster.replica_actor import ReplicaActor, ReplicaOptions
+from elastic_llm.control import events as ev
+from elastic_llm.control import instructions as ins
+from elastic_llm.engine.sequence import RequestState
+from elastic_llm.model.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+def model_spec_of(model: str) -> ModelSpec:
+    """The `ModelSpec` of an embedded model name or checkpoint directory (runs on a worker)."""
+    from pathlib import Path
+
+    from elastic_llm.model.checkpoint import resolve_checkpoint
+    from elastic_llm.model.loader import read_spec
+
+    return read_spec(resolve_checkpoint(model), Path(os.fspath(model)).name)[1]
+
+
+class Enactor:
+    """Turns instructions into actor calls; their outcomes go to `report` as events.
+
+    Args:
+        client: the controller's own Dask client.
+        options: how every replica's engine is built.
+        report: called (on the event loop) with each outcome event.
+        notify: called with the clients that have new events.
+    """
+
+    def __init__(self, client: Client, options: ReplicaOptions, report: Callable[[ev.Event], None],
+                 notify: Callable[[tuple[str, ...]], None]) -> None:
+        self.client = client
+        self.options = options
+        self.report = report
+        self.notify = notify
+        self.actors: dict[str, Any] = {}  #: replica id -> its `ReplicaActor` proxy
+        self._futures: dict[str, Any] = {}  # replica id -> the actor's future (keeps it alive)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = float("inf")
+        self.capacity_requests: list[dict[str, Any]] = []  #: capacity asked for or given back
+
+    def carry_out(self, instruction: ins.Instruction) -> None:
+        """Start carrying out one instruction (returns at once)."""
+        match instruction:
+            case ins.NotifyClients(clients=clients):
+                self.notify(clients)
+            case ins.WakeAt(time=at):
+                self._tick_at(at)
+            case ins.CancelRequests(replica_id=replica, request_ids=ids):
+                if replica in self.actors:
+                    self._spawn(self._quiet(self.actors[replica].cancel(list(ids))))
+            case ins.StopReplica(replica_id=replica):
+                actor = self.actors.pop(replica, None)
+                self._futures.pop(replica, None)
+                if actor is not None:
+                    self._spawn(self._quiet(actor.stop()))
+            case ins.AcquireCapacity() | ins.ReleaseCapacity():
+                logger.info("elastic_llm: %s (no autoscaler is attached: recorded only)", instruction)
+                self.capacity_requests.append({"instruction": type(instruction).__name__, **vars(instruction)})
+            case _:
+                self._spawn(self._answer(instruction))
+
+    async def close(self) -> None:
+        """Cancel every task under way."""
+        if self._wake is not None:
+            self._wake.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ------------------------------------------------------------------ operations
+    async def _answer(self, instruction: Any) -> None:
+        """Run the operation under its deadline; report its outcome event (or its failure)."""
+        handler: Callable[[Any], Awaitable[ev.Event]] = getattr(self, f"_do_{type(instruction).__name__}")
+        try:
+            outcome = await asyncio.wait_for(handler(instruction), max(0.1, instruction.deadline - time.time()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the calls is the operation's failure
+            logger.warning("elastic_llm: %s %d failed: %s: %s", type(instruction).__name__, instruction.op,
+                           type(exc).__name__, exc)
+            outcome = ev.OperationFailed(instruction.op, f"{type(exc).__name__}: {exc}")
+        self.report(outcome)
+
+    async def _do_DescribeModel(self, instruction: ins.DescribeModel) -> ev.Event:
+        spec = await self.client.submit(model_spec_of, self.options.model, pure=False)
+        return ev.ModelDescribed(instruction.op, spec)
+
+    async def _do_StartReplica(self, instruction: ins.StartReplica) -> ev.Event:
+        deferred = instruction.weights_from is not None or not instruction.build
+        future = self.client.submit(
+            ReplicaActor, instruction.replica_id, self.options, instruction.shards, instruction.parallel, deferred,
+            actor=True, workers=[instruction.leader], allow_other_workers=False, pure=False,
+            key=f"elastic-llm-replica-{instruction.replica_id}")
+        self._futures[instruction.replica_id] = future
+        actor = self.actors[instruction.replica_id] = await future
+        if instruction.weights_from is not None:
+            await self._weights_from(instruction.weights_from, instruction.replica_id, actor)
+        if not instruction.build:
+            return ev.ReplicaCreated(instruction.op)
+        if deferred:
+            await actor.build()
+        return ev.ReplicaReady(instruction.op, await actor.wait_ready())
+
+    async def _weights_from(self, peer: str, replica: str, actor: Any) -> None:
+        """The ready `peer` pushes its weights to the deferred `actor` (if that fails, the new
+        replica reads the checkpoint when it builds)."""
+        try:
+            await self.actors[peer].push_weights(actor)
+        except Exception as exc:  # noqa: BLE001 - the peer died or left: the checkpoint is still there
+            logger.warning("weights %s -> %s failed (%s): it reads the checkpoint", peer, replica, exc)
+
+    async def _do_BuildReplica(self, instruction: ins.BuildReplica) -> ev.Event:
+        actor = self.actors[instruction.replica_id]
+        await actor.build()
+        return ev.ReplicaReady(instruction.op, await actor.wait_ready())
+
+    async def _do_ReloadReplica(self, instruction: ins.ReloadReplica) -> ev.Event:
+        actor = self.actors[instruction.replica_id]
+        await actor.reload()
+        return ev.ReplicaReady(instruction.op, await actor.wait_ready())
+
+    async def _do_AssignRequests(self, instruction: ins.AssignRequests) -> ev.Event:
+        states = [RequestState(w.request_id, w.prompt_token_ids, w.committed, w.params)
+                  for w in instruction.requests]
+        await self.actors[instruction.replica_id].start_requests(states)
+        return ev.RequestsAssigned(instruction.op)
+
+    async def _do_MigrateRequests(self, instruction: ins.MigrateRequests) -> ev.Event:
+        target, source = self.actors[instruction.target], self.actors[instruction.source]
+        moved = await target.pull_from(source, list(instruction.request_ids), True)
+        return ev.TransferDone(instruction.op, tuple(moved))
+
+    async def _do_HandOver(self, instruction: ins.HandOver) -> ev.Event:
+        source, successor = self.actors[instruction.source], self.actors[instruction.successor]
+        moved = await source.hand_over(successor, list(instruction.request_ids))
+        return ev.TransferDone(instruction.op, tuple(moved))
+
+    async def _do_Reshard(self, instruction: ins.Reshard) -> ev.Event:
+        summary = await self.actors[instruction.replica_id].reshard(
+            instruction.parallel, list(instruction.workers), use_mapper=instruction.use_mapper,
+            progressive=instruction.progressive)
+        return ev.ReshardDone(instruction.op, summary)
+
+    # ------------------------------------------------------------------ utilities
+    def _tick_at(self, at: float) -> None:
+        """Report a `Tick` at `at` (one timer: the earliest asked for)."""
+        if at >= self._wake_at and self._wake is not None:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = at
+
+        def fire() -> None:
+            self._wake, self._wake_at = None, float("inf")
+            self.report(ev.Tick())
+
+        self._wake = asyncio.get_running_loop().call_later(max(0.0, at - time.time()), fire)
+
+    @staticmethod
+    async def _quiet(awaitable: Awaitable[Any]) -> None:
+        """Fire and forget: a call to a replica whose worker is gone raises, and that is fine."""
+        with contextlib.suppress(Exception):
+            await awaitable
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                logger.error("elastic_llm: background task failed", exc_info=finished.exception())
+
+        task.add_done_callback(done)

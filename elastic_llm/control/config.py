@@ -1,0 +1,48 @@
+"""`FleetConfig`: the settings of the fleet's control state machine (frozen, validated)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """How the fleet is run; the policy (`elastic_llm.control.policies`) is given separately."""
+
+    #: (P, M) of every replica, or None: the planning core chooses (parallel="auto")
+    parallel: tuple[int, int] | None = (1, 1)
+    max_batch_size: int = 16  #: the replicas' batch size B (for the shape planner)
+    memory_budget_bytes: int | None = None  #: bytes one worker may hold (None: the workers' own)
+    migration_margin_s: float = 2.0  #: fixed part of a migration's time estimate (s)
+    kv_bandwidth: float = 2e8  #: bytes/s at which KV moves between workers
+    prefill_seconds_per_token: float = 2e-3  #: recompute cost per cached token (arrangement)
+    start_timeout_s: float = 600.0  #: a replica start or reload not ready by then has failed
+    call_timeout_s: float = 60.0  #: limit on a request hand-over to a replica
+    transfer_slack_s: float = 30.0  #: a migration may run this long past the notice deadline
+    reshard_timeout_s: float = 300.0  #: limit on one reshard
+    rate_window_s: float = 60.0  #: window of the arrival rate handed to the shape planner
+    load_check_s: float = 5.0  #: period of the arrival-rate check (adaptive shapes only)
+    default_step_seconds: float = 0.05  #: iteration time assumed before a replica reported one
+
+    def __post_init__(self) -> None:
+        if self.parallel is not None and (len(self.parallel) != 2 or min(self.parallel) < 1):
+            raise ValueError(f"parallel must be (P, M) with P, M >= 1 or None, not {self.parallel!r}")
+        for name in ("migration_margin_s", "kv_bandwidth", "prefill_seconds_per_token", "start_timeout_s",
+                     "call_timeout_s", "transfer_slack_s", "reshard_timeout_s", "rate_window_s",
+                     "load_check_s", "default_step_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"FleetConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.max_batch_size < 1:
+            raise ValueError("FleetConfig.max_batch_size must be >= 1")
+
+    @property
+    def auto_parallel(self) -> bool:
+        """Whether the planning core chooses the replicas' (P, M)."""
+        return self.parallel is None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether replicas run over several workers."""
+        return self.parallel is None or tuple(self.parallel) != (1, 1)

@@ -1,0 +1,75 @@
+"""Request schedulers by name: the one place that turns "fcfs" / "mlfq" / "skip-join" into a policy.
+
+The cluster's `ReplicaOptions`, the benchmarks and anything else that takes a scheduler by name
+build it here, so a name means the same policy everywhere:
+
+- "fcfs": `FCFS`, run to completion in arrival order (never preempts);
+- "mlfq": `SkipJoinMLFQ` with `skip_join=False`, every request joins level 0;
+- "skip-join": `SkipJoinMLFQ` with `skip_join=True` (FastServe), a request joins the level whose
+  quantum covers its predicted prefill time.
+
+Only the MLFQ names can drive a KV residency policy (they estimate next scheduled times).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, cast, get_args
+
+from elastic_llm.scheduling.base import RequestScheduler
+from elastic_llm.scheduling.fcfs import FCFS
+from elastic_llm.scheduling.mlfq import MLFQConfig, SkipJoinMLFQ
+from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
+
+SchedulerName = Literal["fcfs", "mlfq", "skip-join"]
+
+#: Every scheduler name `make_scheduler` accepts.
+SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
+
+#: Skip-join's prefill predictor when none is given: 74 ms + 2.88 ms per prompt token, measured for
+#: SmolLM2-135M (fp32, one thread) on the project's 2-core CPU (docs/benchmarks.md, issue 5).
+#: Another model or machine should pass its own (`LinearPrefillPredictor.fit` on measured prefills).
+DEFAULT_PREFILL_PREDICTOR = LinearPrefillPredictor(intercept_s=0.074, per_token_s=0.00288)
+
+
+def check_scheduler_name(name: str) -> SchedulerName:
+    """`name` if it is a known scheduler name; ValueError naming the choices otherwise."""
+    if name not in SCHEDULER_NAMES:
+        choices = ", ".join(repr(n) for n in SCHEDULER_NAMES)
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {choices}")
+    return cast(SchedulerName, name)
+
+
+def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
+                   predict_prefill_s: PrefillPredictor | None = None) -> RequestScheduler:
+    """A fresh scheduler of policy `name` (one of `SCHEDULER_NAMES`).
+
+    `mlfq`: MLFQ settings for "mlfq" and "skip-join" (None: `MLFQConfig()`); its `skip_join`
+    flag is set by the name. `predict_prefill_s`: skip-join's prefill-time predictor (None:
+    `DEFAULT_PREFILL_PREDICTOR`). Raises ValueError for an unknown name or a setting the named
+    policy would ignore (MLFQ settings for "fcfs", a predictor for anything but "skip-join").
+    """
+    name = check_scheduler_name(name)
+    if name == "fcfs":
+        if mlfq is not None:
+            raise ValueError("scheduler 'fcfs' takes no MLFQ settings (mlfq=...)")
+        if predict_prefill_s is not None:
+            raise ValueError("scheduler 'fcfs' takes no prefill predictor (only 'skip-join' does)")
+        return FCFS()
+    skip_join = name == "skip-join"
+    if predict_prefill_s is not None and not skip_join:
+        raise ValueError(f"scheduler {name!r} takes no prefill predictor (only 'skip-join' does)")
+    config = dataclasses.replace(mlfq or MLFQConfig(), skip_join=skip_join)
+    if not skip_join:
+        return SkipJoinMLFQ(config)
+    return SkipJoinMLFQ(config, predict_prefill_s or DEFAULT_PREFILL_PREDICTOR)
+
+
+def scheduler_name(scheduler: RequestScheduler) -> str:
+    """The name of the policy `scheduler` runs (inverse of `make_scheduler`): one of
+    `SCHEDULER_NAMES`, or the class name of a scheduler built some other way."""
+    if isinstance(scheduler, SkipJoinMLFQ):
+        return "skip-join" if scheduler.config.skip_join else "mlfq"
+    if isinstance(scheduler, FCFS):
+        return "fcfs"
+    return type(scheduler).__name__
