@@ -24,6 +24,23 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class PeerShard:
+    """A shard of ANOTHER live replica that a new replica may read weight slices from.
+
+    It serves its own replica meanwhile (its own process group), so it cannot join the new
+    replica's group: what it sends is pulled by the receiving shard over the transport's own
+    channel (`runtime.PeerReader`), one transfer at a time in plan order. Weights only, no KV.
+    """
+
+    name: str  #: its name in transfer lists (must differ from every member of the new replica)
+    parallel: tuple[int, int]  #: its replica's (P, M)
+    stage: int  #: its pipeline stage
+    rank: int  #: its tensor-parallel rank
+    address: str = ""  #: where it lives (Dask: the worker address; "" when not reachable)
+    handle: str = ""  #: how to reach it there (Dask: the `ShardActor`'s key)
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     """One configuration epoch's `torch.distributed` process group, as seen by one member."""
 
@@ -71,6 +88,8 @@ class MigrationOrders:
     #: become `layout` right after transfer `build_after` (-1: before the first; None: after the
     #: last): its stage is ready then and later transfers no longer concern its new holding
     build_after: int | None = None
+    #: shards of other replicas named as `Transfer.src` in `transfers`: pulled, not received
+    peers: tuple[PeerShard, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,3 +110,6 @@ class MigrationStats:
     end_bytes: int = 0  #: bytes held when it ended (new network + KV caches)
     built_after: int | None = None  #: transfer index after which it became its new layout
     ready_time: float = 0.0  #: wall clock (`time.time()`) when it had
+    bytes_from_peers: int = 0  #: weight bytes pulled from shards of other replicas
+    #: transfer indices whose peer could not serve them: read from the checkpoint instead
+    peer_fallbacks: tuple[int, ...] = ()

@@ -17,6 +17,11 @@ everything) are what make the live migration progressive and memory-bounded. Two
 (SpotServe's): ``use_mapper=False`` places the workers in the given order instead of by
 Kuhn-Munkres; ``progressive=False`` moves everything first and only then rebuilds (no early stage
 release, no memory bound, nothing freed before the end).
+
+Peers: shards of OTHER live replicas (`PeerShard`) may be named as extra holders of weights (never
+of KV, never of a new position). The planner then takes each missing piece from a member or a
+peer, and reads from the checkpoint only what none of them holds. Peers keep what they hold (no
+releases, no peak of theirs in the plan: their own replica goes on serving).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from elastic_llm.engine.replica.messages import PeerShard
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.planning.config import ParallelConfig, Placement, Position, Worker
 from elastic_llm.planning.mapper import DeviceMapper
@@ -76,7 +82,8 @@ def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelCo
                          workers: Sequence[str], kv_tokens: int,
                          candidates: Sequence[str] | None = None, *,
                          memory_bytes: int | Mapping[str, int] | None = None,
-                         use_mapper: bool = True, progressive: bool = True) -> ReconfigurationPlan:
+                         use_mapper: bool = True, progressive: bool = True,
+                         peers: Sequence[PeerShard] = ()) -> ReconfigurationPlan:
     """Map `candidates` (default: all of `workers`) onto `new` and plan the whole migration.
 
     `workers`: all live ones (the old placement's and any new ones); every one of them can send
@@ -85,9 +92,12 @@ def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelCo
     the sum of the cached positions of the requests kept. `memory_bytes`: every worker's bound on
     weights + KV (one number for all, or {worker: bytes}; missing: unbounded), honoured only when
     `progressive`. `use_mapper`: Kuhn-Munkres placement, else `candidates` in the given order.
+    `peers`: shards of other replicas that can send the weights they hold (see the module
+    docstring); a transfer from one has `src` = its `PeerShard.name`.
 
     Raises:
         MemoryBoundError: no order keeps every worker within its bound.
+        ValueError: a peer's name is one of `workers`, or named twice.
     """
     bounds = _bounds(workers, memory_bytes) if progressive else {}
     alive = {name: Worker(name, memory_bytes=bounds.get(name, Worker.memory_bytes))
@@ -103,7 +113,7 @@ def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelCo
         mapping = DeviceMapper(spec).map([alive[name] for name in chosen], old, new, kv_tokens=kv)
         placement, inherits = mapping.placement, mapping.inherits
     planner = MigrationPlanner(spec)
-    held = planner.holdings(old, alive, kv)
+    held = {**planner.holdings(old, alive, kv), **_peer_holdings(planner, peers, alive)}
     needs = planner.required(placement, inherits, kv, lost=set())
     if spec.tie_word_embeddings:
         held, needs = _tied(spec, held), _tied(spec, needs)
@@ -119,9 +129,26 @@ def plan_reconfiguration(spec: ModelSpec, old: Placement | None, new: ParallelCo
         releases = []
     assignments = tuple(WorkerAssignment(name, old.position_of(name) if old else None,
                                          placement.position_of(name)) for name in workers)
+    outside = {p.name for p in peers}  # peers keep what they hold and are not ours to bound
+    releases = [r for r in releases if r.worker not in outside]
+    peak = {name: nbytes for name, nbytes in peak.items() if name not in outside}
     return ReconfigurationPlan(placement, tuple(ordered), assignments,
                                tuple(sorted(releases, key=lambda r: r.after)), readiness, peak,
                                bounds, progressive)
+
+
+def _peer_holdings(planner: MigrationPlanner, peers: Sequence[PeerShard],
+                   alive: dict[str, Worker]) -> dict[str, Holding]:
+    """{peer name: (its weight slices, no KV)}; each peer is added to `alive` (unbounded)."""
+    out: dict[str, Holding] = {}
+    for peer in peers:
+        if peer.name in alive or peer.name in out:
+            raise ValueError(f"peer {peer.name!r} is a member of the replica or named twice")
+        (stages, degree) = peer.parallel
+        config = ParallelConfig(D=1, P=stages, M=degree, B=1)
+        out[peer.name] = (planner.algebra.weight_slices(config, Position(0, peer.stage, peer.rank)), ())
+        alive[peer.name] = Worker(peer.name)
+    return out
 
 
 def _embedding_first(spec: ModelSpec, placement: Placement) -> Callable[[Transfer], int]:

@@ -8,7 +8,7 @@ worker really held at its peak next to the plan's peak and the bound.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from elastic_llm.engine.replica.messages import MigrationStats
@@ -22,11 +22,14 @@ from elastic_llm.planning.slices import Slice
 class TransferRecord:
     """One slice moved in a reconfiguration."""
 
-    src: str | None  #: sending worker; None: read from the checkpoint (or, see `peer`, a peer)
+    #: sending worker, or (see `peer`) a shard of another replica; None: read from the checkpoint
+    #: (also when the plan named a peer that could not serve it)
+    src: str | None
     dst: str  #: receiving worker
     slice: Slice  #: what moved (planning core's slice: layer, part, unit range, KV tokens)
     nbytes: int  #: bytes
-    seconds: float  #: time the receiver spent on it (receive or checkpoint read)
+    seconds: float  #: time the receiver spent on it (receive, pull or checkpoint read)
+    peer: bool = False  #: `src` is a shard of another live replica (pulled from it)
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,14 @@ class ReconfigurationReport:
 
     @property
     def weight_bytes(self) -> int:
-        """Weight bytes sent worker to worker."""
-        return sum(t.nbytes for t in self.transfers if t.src is not None and not t.slice.is_kv)
+        """Weight bytes sent worker to worker within the replica."""
+        return sum(t.nbytes for t in self.transfers
+                   if t.src is not None and not t.peer and not t.slice.is_kv)
+
+    @property
+    def peer_bytes(self) -> int:
+        """Weight bytes pulled from shards of other live replicas."""
+        return sum(t.nbytes for t in self.transfers if t.peer)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -96,7 +105,7 @@ class ReconfigurationReport:
         return {"old": list(self.old.shape) if self.old else None, "new": list(self.new.shape),
                 "epoch": self.epoch, "kv_requests": self.kv_requests, "kv_bytes": self.kv_bytes,
                 "weight_bytes": self.weight_bytes, "checkpoint_bytes": self.checkpoint_bytes,
-                "seconds": self.seconds, "peak_bytes": dict(self.peak_bytes),
+                "peer_bytes": self.peer_bytes, "seconds": self.seconds, "peak_bytes": dict(self.peak_bytes),
                 "planned_peak_bytes": dict(self.planned_peak_bytes),
                 "memory_bytes": dict(self.memory_bytes), "progressive": self.progressive,
                 "use_mapper": self.use_mapper,
@@ -104,12 +113,18 @@ class ReconfigurationReport:
                                 for s in self.stage_ready]}
 
 
-def transfer_records(transfers: Sequence[Transfer],
-                     stats: Sequence[MigrationStats]) -> tuple[TransferRecord, ...]:
-    """The plan's transfers with the receivers' times."""
+def transfer_records(transfers: Sequence[Transfer], stats: Sequence[MigrationStats],
+                     peers: Collection[str] = ()) -> tuple[TransferRecord, ...]:
+    """The plan's transfers with the receivers' times; `peers`: names of other replicas' shards
+    (a transfer from one that fell back to the checkpoint is recorded with ``src=None``)."""
     seconds = {index: s for st in stats for index, s in st.transfer_seconds}
-    return tuple(TransferRecord(t.src, t.dst, t.slice, t.nbytes, seconds.get(i, 0.0))
-                 for i, t in enumerate(transfers))
+    fallbacks = {index for st in stats for index in st.peer_fallbacks}
+    out = []
+    for i, t in enumerate(transfers):
+        src = None if i in fallbacks else t.src
+        out.append(TransferRecord(src, t.dst, t.slice, t.nbytes, seconds.get(i, 0.0),
+                                  src is not None and src in peers))
+    return tuple(out)
 
 
 def stage_ready(plan: ReconfigurationPlan, stats: Sequence[MigrationStats],

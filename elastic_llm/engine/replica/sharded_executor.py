@@ -38,6 +38,7 @@ from elastic_llm.engine.replica.messages import (
     MigrationOrders,
     MigrationStats,
     ModelSource,
+    PeerShard,
     StepPlan,
 )
 from elastic_llm.engine.replica.process import LocalProcessTransport
@@ -77,13 +78,15 @@ class ShardedDriver:
         transport: how the shards are started and called.
         parallel: the first configuration (D must be 1; B is not used here, the engine batches).
         workers: names of the shards to place it on (None: `_new_names` picks them).
+        peers: shards of other live replicas the start takes weight slices from (what none of
+            them holds is read from the checkpoint; see `reconfigure`).
         micro_batches: micro-batches per step (default P, capped at the step's works).
         timeout_s: limit on every collective (the transport has its own limit on answers).
     """
 
     def __init__(self, source: ModelSource, transport: ShardTransport, parallel: ParallelConfig, *,
-                 workers: Sequence[str] | None = None, micro_batches: int | None = None,
-                 timeout_s: float = 120.0) -> None:
+                 workers: Sequence[str] | None = None, peers: Sequence[PeerShard] = (),
+                 micro_batches: int | None = None, timeout_s: float = 120.0) -> None:
         self._source = source
         self.spec: ModelSpec = source.spec
         self.timeout_s = timeout_s
@@ -103,8 +106,8 @@ class ShardedDriver:
         try:
             self._store = dist.TCPStore(transport.rendezvous_host, 0, is_master=True,
                                         wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
-            #: the start-up report (every slice read from the checkpoint)
-            self.start_report = self.reconfigure(parallel, workers=workers)
+            #: the start-up report (every slice from `peers` or the checkpoint)
+            self.start_report = self.reconfigure(parallel, workers=workers, peers=peers)
         except BaseException:
             self.close()
             raise
@@ -139,6 +142,14 @@ class ShardedDriver:
     def describe(self) -> list[dict[str, object]]:
         """Each shard's layout and bytes held, in canonical position order."""
         return self._call("describe")
+
+    def shard_sources(self) -> list[PeerShard]:
+        """This replica's shards as another replica's `peers` (canonical position order); each
+        serves pulls of the weights it holds now (`ShardRuntime.read_weights`)."""
+        config = self.parallel
+        return [PeerShard(name, (config.P, config.M), pos.stage, pos.rank, name,
+                          self._transport.handle(name))
+                for pos, name in self.placement.items()]
 
     # ------------------------------------------------------------------ Executor contract
     @property
@@ -198,15 +209,16 @@ class ShardedDriver:
     # ------------------------------------------------------------------ reconfiguration
     def reconfigure(self, parallel: ParallelConfig, workers: Sequence[str] | None = None, *,
                     use_mapper: bool = True, progressive: bool = True,
-                    memory_bytes: int | Mapping[str, int] | None = None) -> ReconfigurationReport:
+                    memory_bytes: int | Mapping[str, int] | None = None,
+                    peers: Sequence[PeerShard] = ()) -> ReconfigurationReport:
         """Switch the live replica to `parallel`, keeping every request's KV (no recompute).
 
         `workers`: the shards that may hold the new positions (at least P*M; new names start new
         shards; live shards not named only send what they hold, then stop). None: the live
         shards, plus new ones named by `_new_names` when P*M grows.
 
-        Only the slices a new position lacks move (shard to shard, or from the checkpoint when no
-        live shard holds them); process groups are re-formed as a new epoch inside the same
+        Only the slices a new position lacks move (shard to shard, pulled from `peers`, shards
+        of other live replicas, or from the checkpoint when none holds them); process groups are re-formed as a new epoch inside the same
         processes. The planner's whole plan is carried out: KV first, then layers front to back;
         each shard frees the old slices it no longer needs as the plan's releases say and is
         rebuilt as soon as its stage's last slice has landed, so that no shard holds more than
@@ -233,13 +245,13 @@ class ShardedDriver:
             kv_lengths = tuple(sorted((rid, n) for rid, n in self._lengths.items() if n > 0))
             plan = self._plan(old, parallel, candidates, sum(n for _, n in kv_lengths), spawned,
                               use_mapper=use_mapper, progressive=progressive,
-                              memory_bytes=memory_bytes)
+                              memory_bytes=memory_bytes, peers=tuple(peers))
             plan_done = time.perf_counter()
             layouts = replica_layouts(self.spec, parallel)
             members = [*plan.placement.workers, *plan.leaving]
             group_seconds = self._join(members, parallel if not plan.leaving else None)
             migrate_began, migrate_wall = time.perf_counter(), time.time()
-            orders = migration_orders(plan, layouts, members, kv_lengths)
+            orders = migration_orders(plan, layouts, members, kv_lengths, tuple(peers))
             stats: list[MigrationStats] = self._call("migrate", per_worker=orders, workers=members)
             migrate_seconds = time.perf_counter() - migrate_began
             self._placement, self._layouts = plan.placement, layouts
@@ -255,7 +267,7 @@ class ShardedDriver:
         return ReconfigurationReport(
             old=None if old is None else old.config, new=parallel, epoch=self._epoch,
             assignments=plan.assignments,
-            transfers=transfer_records(plan.transfers, stats), kv_requests=len(kv_lengths),
+            transfers=transfer_records(plan.transfers, stats, {p.name for p in peers}), kv_requests=len(kv_lengths),
             received_bytes=sum(s.bytes_received + s.bytes_read for s in stats),
             started_workers=spawned, stopped_workers=plan.leaving,
             spawn_seconds=spawn_done - started, plan_seconds=plan_done - spawn_done,
@@ -271,16 +283,18 @@ class ShardedDriver:
     def _plan(self, old: Placement | None, parallel: ParallelConfig, candidates: Sequence[str],
               kv_tokens: int, spawned: Sequence[str], **options: object) -> ReconfigurationPlan:
         """`plan_reconfiguration` over the live shards; a plan that cannot keep the memory bound
-        stops the shards just started and raises `ReplicaConfigError` (nothing else changed)."""
+        (or names a peer like a member) stops the shards just started and raises
+        `ReplicaConfigError` (nothing else changed)."""
         try:
             return plan_reconfiguration(self.spec, old, parallel, list(self._members), kv_tokens,
                                         candidates=candidates, **options)  # type: ignore[arg-type]
-        except MemoryBoundError as exc:
+        except ValueError as exc:  # MemoryBoundError is one too
             if spawned:
                 self._members = [name for name in self._members if name not in spawned]
                 self._transport.stop(spawned)
-            raise ReplicaConfigError(f"no migration order keeps every shard within its memory "
-                                     f"bound: {exc}") from exc
+            why = ("no migration order keeps every shard within its memory bound"
+                   if isinstance(exc, MemoryBoundError) else "bad peers")
+            raise ReplicaConfigError(f"{why}: {exc}") from exc
 
     def _candidates(self, parallel: ParallelConfig, workers: Sequence[str] | None) -> list[str]:
         """The shards that may hold `parallel`'s positions (checked, in order)."""
@@ -386,10 +400,10 @@ class ShardedExecutor(ShardedDriver):
 
 
 def migration_orders(plan: ReconfigurationPlan, layouts: Sequence[ShardLayout],
-                     members: Sequence[str], kv_lengths: tuple[tuple[str, int], ...]
-                     ) -> dict[str, dict[str, object]]:
+                     members: Sequence[str], kv_lengths: tuple[tuple[str, int], ...],
+                     peers: tuple[PeerShard, ...] = ()) -> dict[str, dict[str, object]]:
     """Every member's `MigrationOrders` (as call arguments): the global transfer list, its own
-    releases and when to rebuild.
+    releases, when to rebuild, and the `peers` the plan pulls from.
 
     Progressive: a shard is rebuilt right after its stage's last incoming transfer
     (`StageReadiness.after`), but not before the last KV transfer it takes part in (its old KV
@@ -417,7 +431,7 @@ def migration_orders(plan: ReconfigurationPlan, layouts: Sequence[ShardLayout],
         if plan.progressive and position is not None:
             build_after = max(ready[position.stage], last_kv.get(name, -1))
         out[name] = {"orders": MigrationOrders(layout, plan.transfers, ranks, kv_lengths,
-                                               tuple(releases[name]), build_after)}
+                                               tuple(releases[name]), build_after, peers)}
     return out
 
 
