@@ -396,3 +396,30 @@ def test_reroute_dissolves_a_sharded_replica_that_loses_a_worker_and_its_request
     (after,) = [r for r in status["replicas"] if r["state"] == "ready"]
     assert after["replica"] != replica["replica"] and other not in after["shards"]
     assert list(after["parallel"]) == [2, 1]
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sharded_replica_takes_its_weights_from_the_ready_one_under_spotserve(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """One (2, 1) replica is ready on 2 workers; 2 more join: the second (2, 1) replica's shards
+    pull every slice from the first's shards (worker to worker, none from the checkpoint), and
+    both serve the single engine's tokens."""
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]]
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, GREEDY)]
+    with local_cluster(2, processes=True) as (cluster, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
+                                 min_step_seconds=0.02, shard_timeout_s=30.0)
+        with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
+            first = _the_ready_replica(llm, timeout=60)
+            cluster.scale(4)
+            ready = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"][1:],
+                             timeout=60)
+            results = [f.result(timeout=60) for f in llm.map(prompts, max_new_tokens=NEW_TOKENS,
+                                                             ignore_eos=True)]
+            status = llm.status()
+    (second,) = ready
+    assert first["weights"] == "checkpoint" and second["weights"] == "peer"
+    assert not set(second["shards"]) & set(first["shards"])
+    assert status["weight_bytes_from_peers"] >= model.spec.total_bytes  # every slice (stage 1 adds the tied head)
+    assert [r.token_ids for r in results] == want
+    assert all(r["step_seconds"] > 0 for r in status["replicas"])  # both replicas served
