@@ -56,7 +56,10 @@ class ShardActor:
         from distributed import get_worker
 
         self.name = name
-        self._worker = get_worker()  # the actor proxies of peers are bound to it
+        try:
+            self._worker: Any = get_worker()  # the actor proxies of peers are bound to it
+        except ValueError:  # not on a worker: no pulls from peers (their slices read the checkpoint)
+            self._worker = None
         self._peers: dict[str, Any] = {}  # actor key -> proxy of a peer shard
         self._calls: queue.SimpleQueue[tuple[Call, concurrent.futures.Future[Reply]] | None] = \
             queue.SimpleQueue()
@@ -82,7 +85,7 @@ class ShardActor:
         """(`PeerReader`, in this actor's thread) pull `pieces` from `peer`'s runtime."""
         from distributed.actor import Actor
 
-        if not peer.address or not peer.handle:
+        if not peer.address or not peer.handle or self._worker is None:
             raise ReplicaWorkerError(f"peer {peer.name} cannot be reached over Dask")
         actor = self._peers.get(peer.handle)
         if actor is None:
