@@ -26,7 +26,7 @@ from distributed.actor import Actor, BaseActorFuture
 from distributed.utils import get_ip
 
 from elastic_llm.engine.replica.errors import ReplicaConfigError, ReplicaTimeoutError, ReplicaWorkerError
-from elastic_llm.engine.replica.messages import ModelSource
+from elastic_llm.engine.replica.messages import ModelSource, PeerShard
 from elastic_llm.engine.replica.sharded_executor import ShardedDriver, model_source
 from elastic_llm.engine.replica.transport import Call, Reply
 from elastic_llm.engine.replica.wire import from_wire
@@ -138,6 +138,11 @@ class DaskActorTransport:
         """Worker address -> process id of that worker."""
         return dict(self._pids)
 
+    def handle(self, name: str) -> str:
+        """The key of the `ShardActor` on worker `name` (a peer's shard pulls from it by key)."""
+        actor = self._actors.get(name)
+        return "" if actor is None else str(actor.key)
+
     def close(self) -> None:
         """Stop every shard (and drop actors that never finished starting)."""
         self.stop(list(self._futures))
@@ -194,6 +199,8 @@ class DaskShardedExecutor(ShardedDriver):
         model: a `LoadedModel` or a checkpoint directory that every worker can read.
         parallel: the first configuration (D must be 1).
         workers: worker addresses for it, one shard each, one shard per worker process.
+        peers: shards of other live replicas (their `shard_sources()`) to take weight slices
+            from; the checkpoint gives only what none of them holds (or a pull that fails).
         device: "cpu" (gloo) or "cuda" (NCCL, one GPU per worker).
         micro_batches: micro-batches per step (default P).
         timeout_s: limit on every answer from a shard and on every collective.
@@ -201,10 +208,12 @@ class DaskShardedExecutor(ShardedDriver):
     """
 
     def __init__(self, client: Client, model: LoadedModel | str | os.PathLike[str],
-                 parallel: ParallelConfig, *, workers: Sequence[str], device: str = "cpu",
-                 micro_batches: int | None = None, timeout_s: float = 120.0, threads: int = 1) -> None:
+                 parallel: ParallelConfig, *, workers: Sequence[str], peers: Sequence[PeerShard] = (),
+                 device: str = "cpu", micro_batches: int | None = None, timeout_s: float = 120.0,
+                 threads: int = 1) -> None:
         super().__init__(model_source(model, device), DaskActorTransport(client, timeout_s, threads),
-                         parallel, workers=workers, micro_batches=micro_batches, timeout_s=timeout_s)
+                         parallel, workers=workers, peers=peers, micro_batches=micro_batches,
+                         timeout_s=timeout_s)
 
     def __enter__(self) -> DaskShardedExecutor:
         return self

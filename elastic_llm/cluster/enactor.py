@@ -21,6 +21,7 @@ from distributed import Client
 from elastic_llm.cluster.replica_actor import ReplicaActor, ReplicaOptions
 from elastic_llm.control import events as ev
 from elastic_llm.control import instructions as ins
+from elastic_llm.engine.replica.messages import PeerShard
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.model.spec import ModelSpec
 
@@ -112,15 +113,17 @@ class Enactor:
         return ev.ModelDescribed(instruction.op, spec)
 
     async def _do_StartReplica(self, instruction: ins.StartReplica) -> ev.Event:
-        deferred = instruction.weights_from is not None or not instruction.build
+        sharded, peer = bool(instruction.shards), instruction.weights_from
+        peers = await self._shard_sources(peer, instruction.replica_id) if sharded and peer else ()
+        deferred = (peer is not None and not sharded) or not instruction.build
         future = self.client.submit(
             ReplicaActor, instruction.replica_id, self.options, instruction.shards, instruction.parallel, deferred,
-            actor=True, workers=[instruction.leader], allow_other_workers=False, pure=False,
+            peers, actor=True, workers=[instruction.leader], allow_other_workers=False, pure=False,
             key=f"elastic-llm-replica-{instruction.replica_id}")
         self._futures[instruction.replica_id] = future
         actor = self.actors[instruction.replica_id] = await future
-        if instruction.weights_from is not None:
-            await self._weights_from(instruction.weights_from, instruction.replica_id, actor)
+        if peer is not None and not sharded:
+            await self._weights_from(peer, instruction.replica_id, actor)
         if not instruction.build:
             return ev.ReplicaCreated(instruction.op)
         if deferred:
@@ -134,6 +137,16 @@ class Enactor:
             await self.actors[peer].push_weights(actor)
         except Exception as exc:  # noqa: BLE001 - the peer died or left: the checkpoint is still there
             logger.warning("weights %s -> %s failed (%s): it reads the checkpoint", peer, replica, exc)
+
+    async def _shard_sources(self, peer: str, replica: str) -> tuple[PeerShard, ...]:
+        """The ready sharded `peer`'s shards, for `replica` to pull weight slices from (none if
+        that fails: the new replica then reads the checkpoint for everything)."""
+        try:
+            return tuple(await self.actors[peer].shard_sources())
+        except Exception as exc:  # noqa: BLE001 - the peer died or left: the checkpoint is still there
+            logger.warning("weights %s -> %s: no shard sources (%s: %s): it reads the checkpoint",
+                           peer, replica, type(exc).__name__, exc)
+            return ()
 
     async def _do_BuildReplica(self, instruction: ins.BuildReplica) -> ev.Event:
         actor = self.actors[instruction.replica_id]
@@ -170,7 +183,9 @@ class Enactor:
         return ev.ReplicaStopped(instruction.op)
 
     async def _do_Reshard(self, instruction: ins.Reshard) -> ev.Event:
-        summary = await self.actors[instruction.replica_id].reshard(instruction.parallel, list(instruction.workers))
+        summary = await self.actors[instruction.replica_id].reshard(
+            instruction.parallel, list(instruction.workers), use_mapper=instruction.use_mapper,
+            progressive=instruction.progressive)
         return ev.ReshardDone(instruction.op, summary)
 
     async def _restart(self, workers: tuple[str, ...]) -> None:

@@ -19,6 +19,9 @@ set of workers at a token boundary, keeping every request's KV.
 Weights: a whole-model replica reads them from the checkpoint store, or, created `deferred`, takes
 them from a peer replica that pushes its own (`push_weights` -> `receive_weights`, worker to
 worker, in chunks) before `build`; if the peer's weights are incomplete it reads the checkpoint.
+A sharded replica created with `peers` (a ready sharded replica's `shard_sources()`) has its
+shards pull every slice some peer shard holds, worker to worker, and read only the rest (or what
+a peer fails to send) from the checkpoint; `wait_ready` reports the bytes that came from peers.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elastic_llm.cluster.replica_options import ReplicaOptions
 from elastic_llm.control.messages import (
@@ -43,9 +46,13 @@ from elastic_llm.control.messages import (
     SchedulingCounters,
     TokenCommit,
 )
+from elastic_llm.engine.replica.messages import PeerShard
 from elastic_llm.engine.sequence import RequestState
 from elastic_llm.request import RequestOutput
 from elastic_llm.scheduling import BatchLimits, scheduler_name
+
+if TYPE_CHECKING:
+    from elastic_llm.engine.replica.report import ReconfigurationReport
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +67,13 @@ class ReplicaActor:
     WEIGHT_CHUNK_BYTES = 64 * 2**20  #: weights per message when this replica sends them to a peer
 
     def __init__(self, replica_id: str, options: ReplicaOptions, shards: Sequence[str] = (),
-                 parallel: tuple[int, int] | None = None, deferred: bool = False) -> None:
+                 parallel: tuple[int, int] | None = None, deferred: bool = False,
+                 peers: Sequence[PeerShard] = ()) -> None:
         """`shards`: worker addresses of a sharded replica's P*M shards (`options.sharded`);
         `parallel`: its (P, M) (default `options.parallel`; required when that is "auto");
         `deferred`: build the engine only when `build` is called (meanwhile `receive` may take
-        requests, with their KV, from a replica that must stop first to free its workers)."""
+        requests, with their KV, from a replica that must stop first to free its workers);
+        `peers`: (sharded) shards of live replicas its first build takes weight slices from."""
         from distributed import get_worker
 
         self.replica_id = replica_id
@@ -88,6 +97,7 @@ class ReplicaActor:
         self._received: dict[str, Any] = {}  # weights a peer pushed (`receive_weights`), used by the build
         self._weights_source = "checkpoint"  # where the engine's weights came from: checkpoint or peer
         self._weight_bytes_from_peer = 0
+        self._peers = tuple(peers)  # (sharded) peer shards for the first build only
         self._ready: Future[None] = Future()
         self._error: str | None = None
         self._iterations = 0
@@ -178,6 +188,14 @@ class ReplicaActor:
         """(Deferred replica) build the engine now; adopted requests resume once it is ready."""
         self._go.set()
 
+    def shard_sources(self, timeout: float = 30.0) -> list[PeerShard]:
+        """(Ready sharded replica) its shards as a new replica's `peers`: each one's worker,
+        actor key, (P, M), stage and rank (they serve pulls of the weights they hold)."""
+        self._ready.result(timeout)
+        if not self._options.sharded:
+            raise ValueError("a whole-model replica's weights move by push_weights")
+        return self._engine.executor.shard_sources()  # type: ignore[no-any-return]
+
     def stats(self) -> dict[str, Any]:
         """Iterations, busy time, requests held, the scheduler's name (read from the engine's
         scheduler object, None before it is built) and "scheduling": `SchedulingCounters.to_dict()`
@@ -190,28 +208,34 @@ class ReplicaActor:
                 "scheduler": scheduler_name(engine.scheduler) if engine is not None else None,
                 "scheduling": self._scheduling().to_dict()}
 
-    def reshard(self, parallel: tuple[int, int], workers: Sequence[str],
-                timeout: float = 300.0) -> ReshardSummary:
+    def reshard(self, parallel: tuple[int, int], workers: Sequence[str], timeout: float = 300.0, *,
+                use_mapper: bool = True, progressive: bool = True,
+                memory_bytes: int | None = None) -> ReshardSummary:
         """At the next token boundary switch this sharded replica to `parallel` (P, M) on
-        `workers` (P*M addresses), keeping every request's KV; a summary of what moved."""
+        `workers` (P*M addresses), keeping every request's KV; a summary of what moved
+        (bytes by kind, measured `peak_bytes` per worker, `stage_ready`, the new `shards`).
+
+        The migration is progressive and bounded by `memory_bytes` per worker (default
+        `ReplicaOptions.memory_budget_bytes`; None: unbounded). Ablations: `use_mapper=False`
+        places `workers` in the given order instead of by Kuhn-Munkres; `progressive=False`
+        moves everything first, then resumes (no early stage release, no bound)."""
         answer: Future[ReshardSummary] = Future()
         names = list(workers)
+        bound = self._options.memory_budget_bytes if memory_bytes is None else memory_bytes
 
         def switch() -> None:
             from elastic_llm.planning.config import ParallelConfig
 
             try:
                 config = ParallelConfig(D=1, P=parallel[0], M=parallel[1], B=self._options.max_batch_size)
-                report = self._engine.executor.reconfigure(config, workers=names)
+                report = self._engine.executor.reconfigure(config, workers=names, use_mapper=use_mapper,
+                                                           progressive=progressive, memory_bytes=bound)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 answer.set_exception(exc)
                 return
             self._shards = list(self._engine.executor.placement.workers)
             self._parallel = (report.new.P, report.new.M)
-            answer.set_result(ReshardSummary(
-                report.old.shape if report.old else None, report.new.shape, report.epoch,
-                tuple(self._shards), report.kv_requests, report.kv_bytes, report.weight_bytes,
-                report.checkpoint_bytes, report.seconds))
+            answer.set_result(ReshardSummary.from_wire({**report.summary(), "shards": list(self._shards)}))
 
         self._commands.put(switch)
         return answer.result(timeout)
@@ -304,10 +328,29 @@ class ReplicaActor:
         if self._client is None:  # this thread has no worker context: a client of its own
             self._client = Client(self._worker.scheduler.address, security=self._worker.security,
                                   set_as_default=False, name=f"elastic-llm-{self.replica_id}")
+        peers, self._peers = self._peers, ()  # a later reload reads the checkpoint
+        started = time.perf_counter()
         executor = DaskShardedExecutor(
             self._client, model, ParallelConfig(D=1, P=pipeline, M=tensor, B=self._options.max_batch_size),
-            workers=self._shards, timeout_s=self._options.shard_timeout_s, threads=self._options.threads)
+            workers=self._shards, peers=peers, timeout_s=self._options.shard_timeout_s,
+            threads=self._options.threads)
+        report = executor.start_report
+        self._weights_source = "peer" if report.peer_bytes else "checkpoint"
+        self._weight_bytes_from_peer = report.peer_bytes
+        self._pay_checkpoint(report, started)
         return LLMEngine(model, scheduler=scheduler, limits=limits, executor=executor)
+
+    def _pay_checkpoint(self, report: ReconfigurationReport, started: float) -> None:
+        """(Sharded) wait as long as the slowest shard's checkpoint reads would take at
+        `checkpoint_bandwidth` (the shards read in parallel; peers' slices cost nothing here)."""
+        if not self._options.checkpoint_bandwidth:
+            return
+        per_shard: dict[str, int] = {}
+        for t in report.transfers:
+            if t.src is None:
+                per_shard[t.dst] = per_shard.get(t.dst, 0) + t.nbytes
+        slowest = max(per_shard.values(), default=0) / self._options.checkpoint_bandwidth
+        time.sleep(max(0.0, slowest - (time.perf_counter() - started)))
 
     def _load_model(self):  # type: ignore[no-untyped-def]
         """The model, with the weights a peer sent when they are complete, else from the
@@ -329,7 +372,7 @@ class ReplicaActor:
         started = time.perf_counter()
         model = load_model(self._options.model)
         self._weights_source = "checkpoint"
-        if self._options.checkpoint_bandwidth:
+        if self._options.checkpoint_bandwidth and not self._options.sharded:  # shards pay their own
             weight_bytes = sum(p.numel() * p.element_size() for p in model.network.parameters())
             time.sleep(max(0.0, weight_bytes / self._options.checkpoint_bandwidth
                            - (time.perf_counter() - started)))

@@ -8,6 +8,12 @@ each actor owns a thread that runs its runtime's calls one at a time, in arrival
 thread's answer, so many calls (and other actors) proceed meanwhile.
 
 `torch.distributed`'s default process group is per process: one `ShardActor` per worker process.
+
+Weights from another replica: a shard of a new replica pulls the slices its plan names a peer
+shard for (`PeerShard`: the peer's worker address and actor key) with an actor call to that
+peer's `call` (`read_weights`), worker to worker, made from this actor's own thread (not the
+event loop, not the worker's actor thread: both stay free, and the call waits on the loop like
+any blocking client call). The peer runs it in its own thread between its steps.
 """
 
 from __future__ import annotations
@@ -17,12 +23,23 @@ import concurrent.futures
 import os
 import queue
 import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from elastic_llm.engine.replica.messages import ModelSource
+from elastic_llm.engine.replica.errors import ReplicaWorkerError
+from elastic_llm.engine.replica.messages import ModelSource, PeerShard
 from elastic_llm.engine.replica.transport import Call, Reply, serve_call
+from elastic_llm.engine.replica.wire import from_wire, to_wire
+
+if TYPE_CHECKING:
+    import torch
+
+    from elastic_llm.engine.replica.pieces import TensorPiece
 
 #: How long the constructor waits for the runtime to be built in the actor's thread.
 _START_TIMEOUT_S = 120.0
+#: How long one pull of weight pieces from a peer shard may take.
+_PULL_TIMEOUT_S = 60.0
 
 
 class ShardActor:
@@ -36,7 +53,14 @@ class ShardActor:
     """
 
     def __init__(self, name: str, source: ModelSource, device_index: int = 0, threads: int = 1) -> None:
+        from distributed import get_worker
+
         self.name = name
+        try:
+            self._worker: Any = get_worker()  # the actor proxies of peers are bound to it
+        except ValueError:  # not on a worker: no pulls from peers (their slices read the checkpoint)
+            self._worker = None
+        self._peers: dict[str, Any] = {}  # actor key -> proxy of a peer shard
         self._calls: queue.SimpleQueue[tuple[Call, concurrent.futures.Future[Reply]] | None] = \
             queue.SimpleQueue()
         self._finished: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -57,6 +81,21 @@ class ShardActor:
         """The shard's name and the hosting process's id."""
         return {"name": self.name, "pid": os.getpid()}
 
+    def _read_peer(self, peer: PeerShard, pieces: Sequence[TensorPiece]) -> list[torch.Tensor]:
+        """(`PeerReader`, in this actor's thread) pull `pieces` from `peer`'s runtime."""
+        from distributed.actor import Actor
+
+        if not peer.address or not peer.handle or self._worker is None:
+            raise ReplicaWorkerError(f"peer {peer.name} cannot be reached over Dask")
+        actor = self._peers.get(peer.handle)
+        if actor is None:
+            actor = self._peers[peer.handle] = Actor(ShardActor, peer.address, peer.handle, worker=self._worker)
+        reply: Reply = actor.call(Call("read_weights", to_wire({"pieces": list(pieces)}))).result(
+            timeout=_PULL_TIMEOUT_S)
+        if not reply.ok:
+            raise ReplicaWorkerError(f"peer {peer.name} failed to send weights:\n{reply.error}")
+        return from_wire(reply.value)  # type: ignore[no-any-return]
+
     async def close(self) -> None:
         """Let the thread finish its queued calls, leave the process group and exit; returns
         when it has (the caller bounds the wait: a thread stuck in a collective with a dead peer
@@ -72,7 +111,7 @@ class ShardActor:
 
         try:
             torch.set_num_threads(threads)
-            runtime = ShardRuntime(self.name, source, device_index)
+            runtime = ShardRuntime(self.name, source, device_index, peer_reader=self._read_peer)
         except BaseException as exc:
             started.set_exception(exc)
             self._finished.set_result(None)

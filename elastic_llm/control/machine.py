@@ -275,13 +275,14 @@ class FleetState:
         """A whole-model replica on `worker`, weights from a ready peer where the policy says so."""
         if self.workers[worker].health is not WorkerHealth.UP or self._held(worker):
             return
-        peer = self._weight_peer() if self.policy.weights_from_peers else None
+        peer = self.weight_peer(sharded=False) if self.policy.weights_from_peers else None
         self.new_replica(worker, (), (1, 1), peer)
 
-    def _weight_peer(self) -> str | None:
-        """A ready whole-model replica not about to leave, least loaded first."""
-        ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY and not r.sharded
-                 and self.usable(r.leader)]
+    def weight_peer(self, sharded: bool) -> str | None:
+        """A ready replica (whole-model or `sharded`) that can send its weights: not switching,
+        none of its workers about to leave; least loaded first (None: there is none)."""
+        ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY and r.sharded == sharded
+                 and r.busy is None and all(self.usable(w) for w in r.workers)]
         best = min(ready, key=lambda r: self._outstanding(r.replica_id), default=None)
         return None if best is None else best.replica_id
 

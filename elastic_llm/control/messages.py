@@ -165,6 +165,16 @@ class MovedRequest:
 
 
 @dataclass(frozen=True)
+class StageReadyRecord:
+    """When one new pipeline stage of a reshard was built (released to compute)."""
+
+    stage: int  #: the new stage
+    after: int  #: index of the transfer its ranks were built after (-1: before any)
+    seconds: float  #: since the migration began
+    later_transfers: int  #: transfers of the plan that landed after it was built
+
+
+@dataclass(frozen=True)
 class ReshardSummary:
     """What one switch of a sharded replica to another (P, M) did."""
 
@@ -177,22 +187,37 @@ class ReshardSummary:
     weight_bytes: int  #: weight bytes moved between workers
     checkpoint_bytes: int  #: weight bytes read from the checkpoint
     seconds: float  #: wall time of the switch
+    peak_bytes: dict[str, int] = field(default_factory=dict)  #: measured peak bytes held, per worker
+    planned_peak_bytes: dict[str, int] = field(default_factory=dict)  #: the plan's peak, per worker
+    memory_bytes: dict[str, int] = field(default_factory=dict)  #: the bound it kept, per worker
+    progressive: bool = True  #: stages released as their layers landed, releases applied
+    use_mapper: bool = True  #: Kuhn-Munkres mapping (else the given order)
+    stage_ready: tuple[StageReadyRecord, ...] = ()  #: per new stage, when it was built
 
     def to_wire(self) -> dict[str, Any]:
         """Msgpack-friendly form."""
         return {"old": list(self.old) if self.old else None, "new": list(self.new), "epoch": self.epoch,
                 "shards": list(self.shards), "kv_requests": self.kv_requests, "kv_bytes": self.kv_bytes,
                 "weight_bytes": self.weight_bytes, "checkpoint_bytes": self.checkpoint_bytes,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "peak_bytes": dict(self.peak_bytes),
+                "planned_peak_bytes": dict(self.planned_peak_bytes), "memory_bytes": dict(self.memory_bytes),
+                "progressive": self.progressive, "use_mapper": self.use_mapper,
+                "stage_ready": [[s.stage, s.after, s.seconds, s.later_transfers] for s in self.stage_ready]}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> ReshardSummary:
-        """Inverse of `to_wire`."""
+        """Inverse of `to_wire` (also reads `ReconfigurationReport.summary()` plus "shards")."""
         old = data.get("old")
         new = tuple(int(x) for x in data["new"])
         return cls((int(old[0]), int(old[1])) if old else None, (new[0], new[1]), int(data["epoch"]),
                    tuple(str(w) for w in data["shards"]), int(data["kv_requests"]), int(data["kv_bytes"]),
-                   int(data["weight_bytes"]), int(data["checkpoint_bytes"]), float(data["seconds"]))
+                   int(data["weight_bytes"]), int(data["checkpoint_bytes"]), float(data["seconds"]),
+                   {str(k): int(v) for k, v in data.get("peak_bytes", {}).items()},
+                   {str(k): int(v) for k, v in data.get("planned_peak_bytes", {}).items()},
+                   {str(k): int(v) for k, v in (data.get("memory_bytes") or {}).items()},
+                   bool(data.get("progressive", True)), bool(data.get("use_mapper", True)),
+                   tuple(StageReadyRecord(int(a), int(b), float(c), int(d))
+                         for a, b, c, d in data.get("stage_ready", ())))
 
 
 @dataclass(frozen=True)

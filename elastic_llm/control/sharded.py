@@ -4,7 +4,9 @@ Functions of `FleetState` (called from its event handlers, nowhere else): placin
 shape the planning core chooses, growing or shrinking a replica in place, and what a notice does
 to a replica whose shard worker or leader is leaving. Policies decide through the `FleetPolicy`:
 
-- **placement**: D replicas of the chosen (P, M), each on P*M free workers;
+- **placement**: D replicas of the chosen (P, M), each on P*M free workers; under
+  ``weights_from_peers`` (SpotServe) a new one takes its weight slices from a ready sharded
+  replica's shards (`StartReplica.weights_from`), the checkpoint only for what they lack;
 - **growth** (adaptive shapes, parallel="auto"): a ready replica of another shape than the one the
   optimizer now chooses is switched to it at a token boundary, KV kept (`Reshard`);
 - **a shard worker's notice**: ``reshard`` to the optimizer's shape for the remaining workers plus
@@ -46,7 +48,12 @@ def place(fleet: FleetState) -> None:
         _grow(fleet, shape)
     size = shape[0] * shape[1]
     while len(free := fleet.free_workers()) >= size:
-        fleet.new_replica(free[0], tuple(free[:size]), shape, None)
+        fleet.new_replica(free[0], tuple(free[:size]), shape, _weights_from(fleet))
+
+
+def _weights_from(fleet: FleetState) -> str | None:
+    """The ready sharded replica a new one takes its weight slices from (policy permitting)."""
+    return fleet.weight_peer(sharded=True) if fleet.policy.weights_from_peers else None
 
 
 def _describe(fleet: FleetState) -> None:
@@ -93,7 +100,11 @@ def reshard_done(fleet: FleetState, event: ev.ReshardDone) -> None:
     fleet.reshards.append({"replica": replica.replica_id, "old": list(summary.old) if summary.old else None,
                            "new": list(summary.new), "shards": list(summary.shards),
                            "kv_bytes": summary.kv_bytes, "weight_bytes": summary.weight_bytes,
-                           "checkpoint_bytes": summary.checkpoint_bytes, "seconds": summary.seconds})
+                           "checkpoint_bytes": summary.checkpoint_bytes, "seconds": summary.seconds,
+                           "peak_bytes": dict(summary.peak_bytes), "memory_bytes": dict(summary.memory_bytes),
+                           "progressive": summary.progressive, "use_mapper": summary.use_mapper,
+                           "stage_ready": [[s.stage, s.after, s.seconds, s.later_transfers]
+                                           for s in summary.stage_ready]})
     if replica.state is ReplicaState.SWITCHING:
         replica.state = ReplicaState.READY
     notice = operation.context["notice"]
@@ -164,8 +175,9 @@ def _leader_notice_now(fleet: FleetState, replica: ReplicaRecord, deadline: floa
         fleet.evacuate(replica, deadline, fleet.now, replica.leader)
         return
     chosen = tuple(pool[: shape[0] * shape[1]])
-    fleet.new_replica(chosen[0], chosen, shape, None, build=False, successor_of=replica.replica_id,
-                      deadline=deadline, received=fleet.now)
+    # another live replica may send the weights (this one is DRAINING: stopped before the build)
+    fleet.new_replica(chosen[0], chosen, shape, _weights_from(fleet), build=False,
+                      successor_of=replica.replica_id, deadline=deadline, received=fleet.now)
 
 
 def hand_over(fleet: FleetState, source: ReplicaRecord, evacuation: Evacuation) -> None:

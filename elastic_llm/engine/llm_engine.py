@@ -374,14 +374,15 @@ class LLMEngine:
         pipeline, tensor = parallel
         return ParallelConfig(D=1, P=pipeline, M=tensor, B=self.limits.max_batch_size)
 
-    def reconfigure(self, parallel: ParallelConfig | tuple[int, int]) -> object:
+    def reconfigure(self, parallel: ParallelConfig | tuple[int, int], **options: object) -> object:
         """Switch the running replica to another (P, M) between iterations; in-flight requests keep
-        their KV (moved by slice, nothing recomputed). Returns the executor's report."""
+        their KV (moved by slice, nothing recomputed). `options` go to the executor's
+        `reconfigure` (e.g. ``use_mapper``, ``progressive``, ``memory_bytes``). Returns its report."""
         reconfigure = getattr(self.executor, "reconfigure", None)
         if reconfigure is None:
             raise ValueError(f"{type(self.executor).__name__} cannot reconfigure: build the engine "
                              "with parallel=... to run a sharded replica")
-        return reconfigure(self._parallel_config(parallel))
+        return reconfigure(self._parallel_config(parallel), **options)
 
     def close(self) -> None:
         """Release the executor's processes and threads."""

@@ -69,6 +69,11 @@ class KVCache:
         per_layer = self._keys[0][:, : self.length].numel() * self._keys[0].element_size()
         return 2 * per_layer * len(self._keys)
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers, spare capacity included."""
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
+
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more positions (called before a forward pass writes them)."""
         need = self.length + extra

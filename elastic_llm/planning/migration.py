@@ -28,7 +28,7 @@ three timelines are one pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from elastic_llm.model.spec import ModelSpec
@@ -204,13 +204,17 @@ class MigrationPlanner:
 
     # ------------------------------------------------------------------ order under memory bounds
     def order(self, transfers: list[Transfer], held: Mapping[str, Holding],
-              needs: Mapping[str, Holding], alive: Mapping[str, Worker]
+              needs: Mapping[str, Holding], alive: Mapping[str, Worker],
+              layer_of: Callable[[Transfer], int] | None = None
               ) -> tuple[list[Transfer], list[Release], dict[str, int]]:
         """Memory-bounded progressive order: (transfers in order, releases, peak bytes per worker).
 
+        ``layer_of``: where a transfer sorts front to back (default its slice's layer; a caller
+        that stores the embedding as LM-head rows of a tied model sorts those as the embedding).
         Raises `MemoryBoundError` when no remaining transfer fits its target's bound.
         """
-        pending = sorted(transfers, key=lambda t: (t.slice.batch < 0, t.slice.layer, t.dst,
+        layer = layer_of or (lambda t: t.slice.layer)
+        pending = sorted(transfers, key=lambda t: (t.slice.batch < 0, layer(t), t.dst,
                                                    t.slice.part, t.slice.start))  # KV first
         usage = {name: sum(map(self.algebra.tuple_bytes, held.get(name, ()))) for name in alive}
         peak = dict(usage)
@@ -348,7 +352,7 @@ class MigrationPlanner:
         return MigrationPlan(
             transfers=tuple(ordered),
             releases=tuple(sorted(releases, key=lambda r: r.after)),
-            readiness=_readiness(new, ordered, ends),
+            readiness=stage_readiness(new, ordered, ends),
             peak_bytes=peak,
             estimated_seconds=max(ends, default=0.0),
             weight_seconds=weight_seconds,
@@ -358,9 +362,10 @@ class MigrationPlanner:
         )
 
 
-def _readiness(new: Placement, ordered: Sequence[Transfer],
-               ends: Sequence[float]) -> tuple[StageReadiness, ...]:
-    """Per new (replica, stage): index of its last incoming transfer and when all of them end."""
+def stage_readiness(new: Placement, ordered: Sequence[Transfer],
+                    ends: Sequence[float]) -> tuple[StageReadiness, ...]:
+    """Per new (replica, stage), canonical order: index of its last incoming transfer in
+    ``ordered`` (-1: none) and when all of them end (``ends``: `MigrationPlanner.schedule`)."""
     last: dict[str, int] = {}
     finish: dict[str, float] = {}
     for i, t in enumerate(ordered):

@@ -161,6 +161,38 @@ def test_unknown_workers_and_short_worker_lists_are_refused(
 
 
 @pytest.mark.timeout(90)
+def test_a_progressive_reshard_on_dask_keeps_every_shard_within_a_tight_memory_bound(
+        cluster: tuple[Client, list[str]], model: LoadedModel, prompts: list[list[int]],
+        expected: list[tuple[int, ...]]) -> None:
+    """(1, 2) -> (2, 1) mid-generation under 400 kB per shard: the shard that becomes stage 0
+    would hold about 460 kB if it kept its old slices until the end (see tests/replica's
+    test_progressive_migration); the measured peak stays within the bound, stage by stage."""
+    client, workers = cluster
+    bound = 400_000
+    with DaskShardedExecutor(client, model, config(1, 2), workers=workers, timeout_s=30) as executor:
+        engine = LLMEngine(model, executor=executor)
+        ids = [f"m{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            engine.add_request(request_id, prompt, GREEDY)
+        for _ in range(3):
+            engine.step()
+        report = executor.reconfigure(config(2, 1), workers=workers, memory_bytes=bound)
+        while engine.has_unfinished():
+            engine.step()
+        assert [engine.pop_completion(rid).token_ids for rid in ids] == expected
+    assert report.memory_bytes == {w: bound for w in workers} and report.kv_bytes > 0
+    assert set(report.peak_bytes) == set(workers) and 0 < max(report.peak_bytes.values()) <= bound
+    assert [s.stage for s in report.stage_ready] == [0, 1]
+    assert all(s.after >= s.planned_after for s in report.stage_ready)
+    from elastic_llm.control.messages import ReshardSummary
+
+    # what ReplicaActor.reshard hands the controller, typed
+    summary = ReshardSummary.from_wire({**report.summary(), "shards": list(workers)})
+    assert summary.peak_bytes == dict(report.peak_bytes) and summary.progressive is True
+    assert [s.stage for s in summary.stage_ready] == [0, 1]
+
+
+@pytest.mark.timeout(90)
 def test_a_killed_shard_worker_raises_promptly_and_close_does_not_hang(
         cluster: tuple[Client, list[str]], uneven_checkpoint: Path) -> None:
     """Last in the module: it kills one of the two workers."""
@@ -259,6 +291,9 @@ def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_jo
     assert leaving not in first["shards"] and leader in first["shards"]
     assert tuple(second["new"]) == on_four and leaving not in second["shards"]
     assert first["checkpoint_bytes"] == 0  # slices came from the live shards, not the checkpoint
+    # the live reshard kept every worker under its memory budget (measured, per worker)
+    assert first["peak_bytes"] and max(first["peak_bytes"].values()) <= budget, first["peak_bytes"]
+    assert first["progressive"] and first["stage_ready"]
     assert status["tokens_recomputed"] == 0 and status["restarts"] == 0
     (notice,) = status["notices"]
     assert notice["worker"] == leaving and notice["migrated"] > 0 and notice["recomputed"] == 0
@@ -361,3 +396,30 @@ def test_reroute_dissolves_a_sharded_replica_that_loses_a_worker_and_its_request
     (after,) = [r for r in status["replicas"] if r["state"] == "ready"]
     assert after["replica"] != replica["replica"] and other not in after["shards"]
     assert list(after["parallel"]) == [2, 1]
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sharded_replica_takes_its_weights_from_the_ready_one_under_spotserve(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """One (2, 1) replica is ready on 2 workers; 2 more join: the second (2, 1) replica's shards
+    pull every slice from the first's shards (worker to worker, none from the checkpoint), and
+    both serve the single engine's tokens."""
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]]
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, GREEDY)]
+    with local_cluster(2, processes=True) as (cluster, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
+                                 min_step_seconds=0.02, shard_timeout_s=30.0)
+        with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
+            first = _the_ready_replica(llm, timeout=60)
+            cluster.scale(4)
+            ready = wait_for(lambda: [r for r in llm.status()["replicas"] if r["state"] == "ready"][1:],
+                             timeout=60)
+            results = [f.result(timeout=60) for f in llm.map(prompts, max_new_tokens=NEW_TOKENS,
+                                                             ignore_eos=True)]
+            status = llm.status()
+    (second,) = ready
+    assert first["weights"] == "checkpoint" and second["weights"] == "peer"
+    assert not set(second["shards"]) & set(first["shards"])
+    assert status["weight_bytes_from_peers"] >= model.spec.total_bytes  # every slice (stage 1 adds the tied head)
+    assert [r.token_ids for r in results] == want
+    assert all(r["step_seconds"] > 0 for r in status["replicas"])  # both replicas served

@@ -28,7 +28,7 @@ def test_complete_peer_weights_are_used_and_incomplete_ones_fall_back_to_the_che
             actor.build().result()
             infos[name] = actor.wait_ready().result()
             actor.stop().result()
-    assert infos["complete"]["weights"] == "peer"
+    assert infos["complete"].weights == "peer"
     sent = sum(t.numel() * t.element_size() for t in tensors.values())
-    assert infos["complete"]["weight_bytes_from_peer"] == sent
-    assert infos["partial"]["weights"] == "checkpoint" and infos["partial"]["weight_bytes_from_peer"] == 0
+    assert infos["complete"].weight_bytes_from_peer == sent
+    assert infos["partial"].weights == "checkpoint" and infos["partial"].weight_bytes_from_peer == 0

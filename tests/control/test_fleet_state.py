@@ -255,6 +255,43 @@ def test_a_fixed_shape_places_one_replica_per_p_times_m_free_workers() -> None:
     assert shapes == [("a", "b"), ("c", "d")] and h.fleet.free_workers() == ["e"]
 
 
+def test_a_second_sharded_replica_takes_a_ready_ones_weights_under_spotserve_only() -> None:
+    for policy, peer in (("spotserve", True), ("reroute", False)):
+        h = Harness(policy, FleetConfig(parallel=(2, 1)))
+        h.join("a", "b")
+        first = h.last(ins.StartReplica)
+        assert first.weights_from is None  # nothing is ready yet: the checkpoint
+        h.join("c", "d", ready=False)
+        second = h.last(ins.StartReplica)
+        assert second.replica_id != first.replica_id and set(second.shards) == {"c", "d"}
+        assert second.weights_from == (first.replica_id if peer else None), policy
+        h.ready(second, peer_bytes=1234 if peer else 0)
+        status = h.fleet.status(h.now)
+        assert status["weight_bytes_from_peers"] == (1234 if peer else 0)
+        assert [r["weights"] for r in status["replicas"]] == ["checkpoint", "peer" if peer else "checkpoint"]
+
+
+def test_a_sharded_peer_about_to_lose_a_worker_sends_no_weights() -> None:
+    h = Harness("spotserve", FleetConfig(parallel=(2, 1)))
+    h.join("a", "b", "c")
+    (ready,) = h.fleet.replicas
+    h.send(ev.WorkerNoticed("b", h.now + 60.0))  # its shard worker leaves: it is resharded
+    h.join("d", "e")
+    starts = h.of(ins.StartReplica)
+    assert len(starts) == 2 and set(starts[1].shards) == {"d", "e"}
+    assert h.fleet.replicas[ready].state.value == "switching" and starts[1].weights_from is None
+
+
+def test_a_noticed_leader_s_successor_takes_weights_from_another_ready_replica() -> None:
+    h = Harness("spotserve", FleetConfig(parallel=(2, 1)))
+    h.join("a", "b", "c", "d", "e")
+    old, other = h.replica_on("a"), h.replica_on("c")
+    h.send(ev.WorkerNoticed("a", h.now + 20.0))
+    successor = h.last(ins.StartReplica)
+    assert not successor.build and set(successor.shards) == {"b", "e"}
+    assert successor.weights_from == other != old  # never the replica it succeeds
+
+
 def test_a_noticed_shard_worker_makes_spotserve_reshard_and_reroute_dissolve() -> None:
     h = _sharded("spotserve")
     (replica,) = h.fleet.replicas.values()

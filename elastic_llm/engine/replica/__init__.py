@@ -4,8 +4,11 @@
 * ``pieces``    - weights by slice: planning-core slices as pieces of checkpoint tensors
 * ``kv``        - KV by slice: cut and assemble a request's KV by layer range x KV-head range
 * ``comm``      - one configuration epoch's `torch.distributed` group (gloo / NCCL)
-* ``runtime``   - `ShardRuntime`: one position's network, KV and group, launch-agnostic
+* ``runtime``   - `ShardRuntime`: one position's network, KV and group, launch-agnostic; pulls
+  weights from other replicas' shards (`PeerShard`) through a `PeerReader`
 * ``reconfig``  - mapping and migration planning of a reconfiguration (planning core)
+* ``holding``   - what a shard holds while it migrates: frees by slice, measured bytes
+* ``report``    - `ReconfigurationReport`: transfers, per-stage readiness, peak bytes per shard
 * ``transport`` - the driver-to-shards contract (`ShardTransport`, `Call`, `Reply`, `serve_call`)
 * ``process``   - local worker processes and their pipes (`LocalProcessTransport`)
 * ``sharded_executor`` - `ShardedDriver` (the driver over any transport) and `ShardedExecutor`, the
@@ -26,20 +29,23 @@ from elastic_llm.engine.replica.errors import (
 )
 
 if TYPE_CHECKING:
-    from elastic_llm.engine.replica.runtime import ShardRuntime
+    from elastic_llm.engine.replica.messages import PeerShard
+    from elastic_llm.engine.replica.runtime import PeerReader, ShardRuntime
     from elastic_llm.engine.replica.sharded_executor import (
         ReconfigurationReport,
         ShardedDriver,
         ShardedExecutor,
+        StageReady,
         TransferRecord,
     )
 
-__all__ = ["ReconfigurationReport", "ReplicaConfigError", "ReplicaError", "ReplicaTimeoutError",
-           "ReplicaWorkerError", "ShardRuntime", "ShardedDriver", "ShardedExecutor", "TransferRecord"]
+__all__ = ["PeerReader", "PeerShard", "ReconfigurationReport", "ReplicaConfigError", "ReplicaError", "ReplicaTimeoutError",
+           "ReplicaWorkerError", "ShardRuntime", "ShardedDriver", "ShardedExecutor", "StageReady",
+           "TransferRecord"]
 
-_LAZY = {"ShardRuntime": "runtime", "ShardedExecutor": "sharded_executor",
+_LAZY = {"PeerShard": "messages", "PeerReader": "runtime", "ShardRuntime": "runtime", "ShardedExecutor": "sharded_executor",
          "ShardedDriver": "sharded_executor", "ReconfigurationReport": "sharded_executor",
-         "TransferRecord": "sharded_executor"}
+         "TransferRecord": "sharded_executor", "StageReady": "sharded_executor"}
 
 
 def __getattr__(name: str) -> Any:

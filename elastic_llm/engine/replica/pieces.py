@@ -128,6 +128,48 @@ class WeightPieces:
         for piece, tensor in other.items():
             self.add(piece, tensor)
 
+    def discard(self, piece: TensorPiece) -> None:
+        """Stop holding `piece` (ranges not held are ignored). What stays of a stored piece that
+        `piece` cuts into is copied into storage of its own, so the cut part's memory is freed."""
+        name = self.canonical(piece.name)
+        entries = self._pieces.get(name)
+        if not entries:
+            return
+        if piece.dim is None:
+            del self._pieces[name]
+            return
+        full = self.shapes[name]
+        kept = []
+        for dim, lo, hi, tensor in entries:
+            if dim != piece.dim:
+                if (lo, hi) != (0, full[dim]):
+                    raise ModelLoadError(f"{name}: cut along dim {dim}, discarded along {piece.dim}")
+                dim, lo, hi = piece.dim, 0, full[piece.dim]  # a whole tensor: cut it along piece.dim
+            a, b = max(lo, piece.start), min(hi, piece.stop)
+            if a >= b:
+                kept.append((dim, lo, hi, tensor))
+                continue
+            for start, stop in ((lo, a), (b, hi)):
+                if stop > start:
+                    kept.append((dim, start, stop, tensor.narrow(dim, start - lo, stop - start).clone()))
+        if kept:
+            self._pieces[name] = kept
+        else:
+            del self._pieces[name]
+
+    def own(self) -> None:
+        """Give every stored piece storage of its own (copies of views into larger tensors, e.g.
+        the q / k / v rows of a fused qkv), so that discarding one frees its bytes."""
+        for name, entries in self._pieces.items():
+            self._pieces[name] = [(dim, lo, hi, tensor if _owns_storage(tensor) else tensor.clone())
+                                  for dim, lo, hi, tensor in entries]
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every stored tensor (a storage may back several)."""
+        for entries in self._pieces.values():
+            for *_, tensor in entries:
+                yield tensor
+
     def __contains__(self, name: str) -> bool:
         return self.canonical(name) in self._pieces
 
@@ -209,6 +251,12 @@ class WeightPieces:
             self.add(piece, tensor.to(device))
             nbytes += tensor.numel() * tensor.element_size()
         return nbytes
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is all of its storage (a contiguous tensor nothing else shares)."""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
 
 
 def _network_views(network: LlamaNetwork) -> Iterator[tuple[TensorPiece, torch.Tensor]]:

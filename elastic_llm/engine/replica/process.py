@@ -171,6 +171,10 @@ class LocalProcessTransport:
         """Worker name -> process id."""
         return {name: w.process.pid for name, w in self._workers.items()}
 
+    def handle(self, name: str) -> str:
+        """Always "": local processes have no channel for other replicas to pull weights over."""
+        return ""
+
     def close(self) -> None:
         """Stop every worker process."""
         self._finalizer()

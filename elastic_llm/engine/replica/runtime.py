@@ -9,19 +9,27 @@ A step: for each micro-batch, take the token ids (first stage) or receive the hi
 the previous stage, run the held layers (the tensor-parallel all-reduce runs inside the network's
 `reduce`), and send the result on without waiting, so the next micro-batch starts at once; the
 last stage returns the logits of its vocabulary rows for the works that sample.
+
+Weights from other replicas: a migration's transfer whose source is a `PeerShard` (a shard of
+another live replica, busy in its own process group) is pulled through the `PeerReader` the
+runtime was given (the transport's own channel: Dask actor calls), and the peer serves it with
+`read_weights`. A pull that fails reads those pieces from the checkpoint instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from elastic_llm.engine.replica.comm import Collectives, PendingSend
+from elastic_llm.engine.replica.holding import Holding, storage_bytes
 from elastic_llm.engine.replica.kv import merge_kv, slice_kv
 from elastic_llm.engine.replica.layout import ShardLayout
 from elastic_llm.engine.replica.messages import (
@@ -30,26 +38,42 @@ from elastic_llm.engine.replica.messages import (
     MigrationOrders,
     MigrationStats,
     ModelSource,
+    PeerShard,
     StepPlan,
 )
-from elastic_llm.engine.replica.pieces import WeightPieces, piece_shape, slice_pieces
+from elastic_llm.engine.replica.pieces import TensorPiece, WeightPieces, piece_shape, slice_pieces
 from elastic_llm.model.kv_cache import KVCache, KVState
 from elastic_llm.model.layers import SequenceSlice, no_reduce
 from elastic_llm.model.llama import LlamaNetwork
 from elastic_llm.model.loader import build_rotary
 from elastic_llm.model.weights import SafetensorsWeights
 from elastic_llm.planning.migration import Transfer
+from elastic_llm.planning.slices import Slice
+
+logger = logging.getLogger(__name__)
 
 #: Spare KV positions a new cache gets beyond its first tokens (as `LocalExecutor` allocates).
 _CACHE_SPARE = 16
 
 
+class PeerReader(Protocol):
+    """Pulls weight pieces from a shard of another replica (the peer's `read_weights`)."""
+
+    def __call__(self, peer: PeerShard, pieces: Sequence[TensorPiece]) -> list[torch.Tensor]:
+        """The tensors of `pieces`, in order (raises when the peer cannot serve them)."""
+        ...
+
+
 class ShardRuntime:
     """The network slice, KV blocks and process-group membership of one replica position."""
 
-    def __init__(self, name: str, source: ModelSource, device_index: int = 0) -> None:
-        """`name`: the worker's id in transfer lists; `device_index`: its GPU on CUDA."""
+    def __init__(self, name: str, source: ModelSource, device_index: int = 0,
+                 peer_reader: PeerReader | None = None) -> None:
+        """`name`: the worker's id in transfer lists; `device_index`: its GPU on CUDA;
+        `peer_reader`: how to pull weights from other replicas' shards (None: it cannot, and
+        such transfers read the checkpoint)."""
         self.name = name
+        self.peer_reader = peer_reader
         self.source = source
         self.spec = source.spec
         self.dtype: torch.dtype = getattr(torch, source.dtype)
@@ -157,6 +181,13 @@ class ShardRuntime:
         for request_id in request_ids:
             self._caches.pop(request_id, None)
 
+    def read_weights(self, pieces: Sequence[TensorPiece]) -> list[torch.Tensor]:
+        """(Serving as a peer) copies of these weight pieces of this position's network, in order;
+        raises `ModelLoadError` for a piece it does not hold (e.g. it was resharded meanwhile)."""
+        _, network = self._held()
+        store = WeightPieces.from_network(network)
+        return [store.get(p.name, p.dim, p.start, p.stop).clone() for p in pieces]
+
     # ------------------------------------------------------------------ reconfiguration
     def migrate(self, orders: MigrationOrders) -> MigrationStats:
         """Carry out this process's part of a reconfiguration, then become `orders.layout`.
@@ -165,31 +196,128 @@ class ShardRuntime:
         of, receives what it is the target of (or reads it from the checkpoint), and skips the
         rest; one order for all makes the blocking point-to-point transfers deadlock-free. Only
         pieces this process lacks arrive; the rest of its new holding is its own old tensors.
+
+        Progressive and memory-bounded: the old network is dissolved into pieces that own their
+        storage, each of `orders.releases` frees its slice right after its transfer, and the new
+        network is built right after transfer `orders.build_after` (its stage is ready then),
+        keeping only the not yet released old pieces besides it. The bytes held are measured after
+        every step this process takes part in (`MigrationStats.peak_bytes`).
         """
         started = time.perf_counter()
         ranks = dict(orders.ranks)
         lengths = dict(orders.kv_lengths)
-        store = (WeightPieces.from_network(self.network) if self.network is not None
-                 else WeightPieces(self.spec))
-        kv_pieces = self._own_kv_blocks(lengths)
-        sent = received = read = 0
+        start_bytes = self._held_bytes()
+        held = Holding(self.spec, WeightPieces(self.spec), self._own_kv_blocks(lengths), start_bytes)
+        self._caches = {}
+        held.store = self._dissolve()
+        frees: dict[int, list[Slice]] = {}
+        for after, piece in orders.releases:
+            frees.setdefault(after, []).append(piece)
+        last = len(orders.transfers) - 1
+        build_after = last if orders.build_after is None else orders.build_after
+        held.free(frees.pop(-1, ()))
+        built, ready_time = None, 0.0
+        if build_after < 0:
+            built, ready_time = -1, self._build(orders.layout, held, lengths)
+        self._measure(held)
+        sent, taken = 0, {"received": 0, "read": 0, "pulled": 0}
+        fallbacks: list[int] = []
         timings: list[tuple[int, float]] = []
+        peers = {peer.name: peer for peer in orders.peers}
         for index, transfer in enumerate(orders.transfers):
+            involved = self.name in (transfer.src, transfer.dst) or index in frees
             if transfer.src == self.name:
-                buffer = self._pack(transfer, store, kv_pieces, lengths)
+                buffer = self._pack(transfer, held.store, held.kv, lengths)
                 self.comm.send(buffer, ranks[transfer.dst]).wait()
                 sent += buffer.numel() * buffer.element_size()
             elif transfer.dst == self.name:
                 began = time.perf_counter()
-                if transfer.src is None:
-                    pieces = slice_pieces(self.spec, transfer.slice)
-                    read += store.read_checkpoint(self._weights(), pieces, self.dtype, self.device)
-                else:
-                    received += self._receive(transfer, ranks[transfer.src], store, kv_pieces, lengths)
+                how, nbytes = self._take(transfer, ranks, peers, held, lengths)
+                taken["read" if how == "fallback" else how] += nbytes
+                if how == "fallback":
+                    fallbacks.append(index)
                 timings.append((index, time.perf_counter() - began))
-        self._rebuild(orders.layout, store, kv_pieces, lengths)
-        return MigrationStats(self.name, sent, received, read, tuple(timings),
-                              time.perf_counter() - started)
+            held.free(frees.get(index, ()))
+            if index == build_after:
+                built, ready_time, involved = index, self._build(orders.layout, held, lengths), True
+            if involved:
+                self._measure(held)
+        if built is None:
+            built, ready_time = last, self._build(orders.layout, held, lengths)
+        held.store, held.kv = WeightPieces(self.spec), {}  # every old piece left is stale now
+        end_bytes = self._measure(held)
+        return MigrationStats(self.name, sent, taken["received"], taken["read"], tuple(timings),
+                              time.perf_counter() - started, held.peak, start_bytes, end_bytes,
+                              built, ready_time, taken["pulled"], tuple(fallbacks))
+
+    def _take(self, transfer: Transfer, ranks: dict[str, int], peers: dict[str, PeerShard],
+              held: Holding, lengths: dict[str, int]) -> tuple[str, int]:
+        """Get `transfer` (this process is its target): from a member of the group ("received"),
+        a peer replica ("pulled"), the checkpoint ("read"), or the checkpoint after the peer
+        failed ("fallback"); with the bytes."""
+        if transfer.src in peers:
+            pulled = self._pull(peers[transfer.src], transfer, held.store)
+            if pulled:
+                return "pulled", pulled
+        elif transfer.src is not None:
+            return "received", self._receive(transfer, ranks[transfer.src], held.store, held.kv, lengths)
+        pieces = slice_pieces(self.spec, transfer.slice)
+        read = held.store.read_checkpoint(self._weights(), pieces, self.dtype, self.device)
+        return ("read" if transfer.src is None else "fallback"), read
+
+    def _pull(self, peer: PeerShard, transfer: Transfer, store: WeightPieces) -> int:
+        """Pull weight `transfer` from `peer` into `store`; the bytes (0: it failed, nothing
+        was added, the caller reads the checkpoint)."""
+        pieces = slice_pieces(self.spec, transfer.slice)
+        try:
+            if self.peer_reader is None:
+                raise RuntimeError("this runtime has no way to reach other replicas")
+            tensors = self.peer_reader(peer, pieces)
+            shapes = [piece_shape(store.shapes, p) for p in pieces]
+            if [tuple(t.shape) for t in tensors] != shapes:
+                raise RuntimeError(f"peer sent shapes {[tuple(t.shape) for t in tensors]}, not {shapes}")
+        except Exception as exc:  # noqa: BLE001 - the checkpoint still has it
+            logger.warning("%s: peer %s could not send %s (%s: %s): reading the checkpoint",
+                           self.name, peer.name, transfer.slice, type(exc).__name__, exc)
+            return 0
+        nbytes = 0
+        for piece, tensor in zip(pieces, tensors, strict=True):
+            tensor = tensor.to(self.device, self.dtype)
+            store.add(piece, tensor)
+            nbytes += tensor.numel() * tensor.element_size()
+        return nbytes
+
+    def _dissolve(self) -> WeightPieces:
+        """The old network as pieces that each own their storage (the network is dropped)."""
+        if self.network is None:
+            return WeightPieces(self.spec)
+        store = WeightPieces.from_network(self.network)
+        self.network, self.layout = None, None
+        store.own()
+        return store
+
+    def _build(self, layout: ShardLayout | None, held: Holding, lengths: dict[str, int]) -> float:
+        """Become `layout` from `held` (its stage is ready); afterwards `held` keeps only the old
+        pieces the new network does not hold (views of the new network serve later sends).
+        Returns the wall-clock time it was done."""
+        self._rebuild(layout, held.store, held.kv, lengths)
+        if self.network is not None:
+            fresh = WeightPieces.from_network(self.network)
+            for piece, _ in fresh.items():
+                held.store.discard(piece)
+            fresh.merge(held.store)
+            held.store, held.kv = fresh, {}  # KV moves come first: none is left to send
+        return time.time()
+
+    def _measure(self, held: Holding) -> int:
+        """Bytes `held` and the new network and caches hold now (raises `held.peak`)."""
+        params = self.network.parameters() if self.network is not None else ()
+        return held.measure(params, sum(c.allocated_bytes for c in self._caches.values()))
+
+    def _held_bytes(self) -> int:
+        """Bytes of the network's parameters and the KV caches' buffers (storages counted once)."""
+        params = list(self.network.parameters()) if self.network is not None else []
+        return storage_bytes(params) + sum(c.allocated_bytes for c in self._caches.values())
 
     def _own_kv_blocks(self, lengths: dict[str, int]) -> dict[str, list[KVState]]:
         """This process's old KV blocks of the requests that are kept (checked against `lengths`)."""

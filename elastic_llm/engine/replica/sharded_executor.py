@@ -21,8 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,10 +38,18 @@ from elastic_llm.engine.replica.messages import (
     MigrationOrders,
     MigrationStats,
     ModelSource,
+    PeerShard,
     StepPlan,
 )
 from elastic_llm.engine.replica.process import LocalProcessTransport
-from elastic_llm.engine.replica.reconfig import WorkerAssignment, plan_reconfiguration
+from elastic_llm.engine.replica.reconfig import ReconfigurationPlan, plan_reconfiguration
+from elastic_llm.engine.replica.report import (
+    ReconfigurationReport,
+    StageReady,
+    TransferRecord,
+    stage_ready,
+    transfer_records,
+)
 from elastic_llm.engine.replica.transport import Call, ShardTransport
 from elastic_llm.engine.replica.wire import to_wire
 from elastic_llm.model.checkpoint import resolve_checkpoint
@@ -50,59 +57,11 @@ from elastic_llm.model.kv_cache import KVState
 from elastic_llm.model.loader import LoadedModel, read_config
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.planning.config import ParallelConfig, Placement
-from elastic_llm.planning.migration import Transfer
+from elastic_llm.planning.errors import MemoryBoundError
 from elastic_llm.planning.slices import Slice
 
-@dataclass(frozen=True)
-class TransferRecord:
-    """One slice moved in a reconfiguration."""
-
-    src: str | None  #: sending worker; None: read from the checkpoint
-    dst: str  #: receiving worker
-    slice: Slice  #: what moved (planning core's slice: layer, part, unit range, KV tokens)
-    nbytes: int  #: bytes
-    seconds: float  #: time the receiver spent on it (receive or checkpoint read)
-
-
-@dataclass(frozen=True)
-class ReconfigurationReport:
-    """What one reconfiguration (or the start, from the checkpoint) did."""
-
-    old: ParallelConfig | None  #: configuration before (None at the start)
-    new: ParallelConfig  #: configuration after
-    epoch: int  #: process-group epoch now running
-    assignments: tuple[WorkerAssignment, ...]  #: every worker's old and new position
-    transfers: tuple[TransferRecord, ...]  #: in execution order
-    kv_requests: int  #: requests whose KV was carried over
-    received_bytes: int  #: bytes the workers actually received or read (equals `moved_bytes`)
-    started_workers: tuple[str, ...]  #: processes started for it
-    stopped_workers: tuple[str, ...]  #: processes stopped after it
-    spawn_seconds: float  #: starting new processes
-    plan_seconds: float  #: mapping and migration planning
-    group_seconds: float  #: forming the process groups (all epochs)
-    migrate_seconds: float  #: transfers and rebuilding networks and KV
-    seconds: float  #: all of it, wall clock
-
-    @property
-    def weight_bytes(self) -> int:
-        """Weight bytes sent worker to worker."""
-        return sum(t.nbytes for t in self.transfers if t.src is not None and not t.slice.is_kv)
-
-    @property
-    def checkpoint_bytes(self) -> int:
-        """Weight bytes read from the checkpoint (slices no live worker held)."""
-        return sum(t.nbytes for t in self.transfers if t.src is None)
-
-    @property
-    def kv_bytes(self) -> int:
-        """KV bytes sent worker to worker."""
-        return sum(t.nbytes for t in self.transfers if t.slice.is_kv)
-
-    @property
-    def moved_bytes(self) -> int:
-        """Everything that reached a worker that lacked it."""
-        return sum(t.nbytes for t in self.transfers)
-
+__all__ = ["ReconfigurationReport", "ShardedDriver", "ShardedExecutor", "StageReady",
+           "TransferRecord", "model_source", "split_micro_batches"]
 
 class ShardedDriver:
     """The driver of one sharded replica behind the engine's `Executor` contract, over any
@@ -119,13 +78,15 @@ class ShardedDriver:
         transport: how the shards are started and called.
         parallel: the first configuration (D must be 1; B is not used here, the engine batches).
         workers: names of the shards to place it on (None: `_new_names` picks them).
+        peers: shards of other live replicas the start takes weight slices from (what none of
+            them holds is read from the checkpoint; see `reconfigure`).
         micro_batches: micro-batches per step (default P, capped at the step's works).
         timeout_s: limit on every collective (the transport has its own limit on answers).
     """
 
     def __init__(self, source: ModelSource, transport: ShardTransport, parallel: ParallelConfig, *,
-                 workers: Sequence[str] | None = None, micro_batches: int | None = None,
-                 timeout_s: float = 120.0) -> None:
+                 workers: Sequence[str] | None = None, peers: Sequence[PeerShard] = (),
+                 micro_batches: int | None = None, timeout_s: float = 120.0) -> None:
         self._source = source
         self.spec: ModelSpec = source.spec
         self.timeout_s = timeout_s
@@ -145,8 +106,8 @@ class ShardedDriver:
         try:
             self._store = dist.TCPStore(transport.rendezvous_host, 0, is_master=True,
                                         wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
-            #: the start-up report (every slice read from the checkpoint)
-            self.start_report = self.reconfigure(parallel, workers=workers)
+            #: the start-up report (every slice from `peers` or the checkpoint)
+            self.start_report = self.reconfigure(parallel, workers=workers, peers=peers)
         except BaseException:
             self.close()
             raise
@@ -181,6 +142,14 @@ class ShardedDriver:
     def describe(self) -> list[dict[str, object]]:
         """Each shard's layout and bytes held, in canonical position order."""
         return self._call("describe")
+
+    def shard_sources(self) -> list[PeerShard]:
+        """This replica's shards as another replica's `peers` (canonical position order); each
+        serves pulls of the weights it holds now (`ShardRuntime.read_weights`)."""
+        config = self.parallel
+        return [PeerShard(name, (config.P, config.M), pos.stage, pos.rank, name,
+                          self._transport.handle(name))
+                for pos, name in self.placement.items()]
 
     # ------------------------------------------------------------------ Executor contract
     @property
@@ -238,41 +207,51 @@ class ShardedDriver:
         self._lengths[request_id] = state.length
 
     # ------------------------------------------------------------------ reconfiguration
-    def reconfigure(self, parallel: ParallelConfig, workers: Sequence[str] | None = None
-                    ) -> ReconfigurationReport:
+    def reconfigure(self, parallel: ParallelConfig, workers: Sequence[str] | None = None, *,
+                    use_mapper: bool = True, progressive: bool = True,
+                    memory_bytes: int | Mapping[str, int] | None = None,
+                    peers: Sequence[PeerShard] = ()) -> ReconfigurationReport:
         """Switch the live replica to `parallel`, keeping every request's KV (no recompute).
 
         `workers`: the shards that may hold the new positions (at least P*M; new names start new
         shards; live shards not named only send what they hold, then stop). None: the live
         shards, plus new ones named by `_new_names` when P*M grows.
 
-        Only the slices a new position lacks move (shard to shard, or from the checkpoint when no
-        live shard holds them); process groups are re-formed as a new epoch inside the same
-        processes.
+        Only the slices a new position lacks move (shard to shard, pulled from `peers`, shards
+        of other live replicas, or from the checkpoint when none holds them); process groups are re-formed as a new epoch inside the same
+        processes. The planner's whole plan is carried out: KV first, then layers front to back;
+        each shard frees the old slices it no longer needs as the plan's releases say and is
+        rebuilt as soon as its stage's last slice has landed, so that no shard holds more than
+        `memory_bytes` (weights + KV; one bound for all or {shard: bytes}; None: unbounded).
+
+        Ablations (SpotServe's): `use_mapper=False` places `workers` in the given order instead of
+        by Kuhn-Munkres; `progressive=False` moves everything first, then rebuilds every shard
+        (no early stage release, no bound, old slices freed only at the end).
+
+        Raises:
+            ReplicaConfigError: a bad configuration or worker list, or no transfer order keeps
+                every shard within `memory_bytes` (the replica keeps running as it was).
         """
         self._check_usable()
         check_config(self.spec, parallel)
         candidates = self._candidates(parallel, workers)
         started = time.perf_counter()
         old = self._placement
+        spawned = tuple(name for name in candidates if name not in self._members)
         try:
-            spawned = tuple(name for name in candidates if name not in self._members)
             self._transport.start(spawned, self._source)
             self._members.extend(spawned)
             spawn_done = time.perf_counter()
             kv_lengths = tuple(sorted((rid, n) for rid, n in self._lengths.items() if n > 0))
-            plan = plan_reconfiguration(self.spec, old, parallel, list(self._members),
-                                        sum(n for _, n in kv_lengths), candidates=candidates)
+            plan = self._plan(old, parallel, candidates, sum(n for _, n in kv_lengths), spawned,
+                              use_mapper=use_mapper, progressive=progressive,
+                              memory_bytes=memory_bytes, peers=tuple(peers))
             plan_done = time.perf_counter()
             layouts = replica_layouts(self.spec, parallel)
             members = [*plan.placement.workers, *plan.leaving]
             group_seconds = self._join(members, parallel if not plan.leaving else None)
-            migrate_began = time.perf_counter()
-            ranks = tuple((name, i) for i, name in enumerate(members))
-            orders = {name: {"orders": MigrationOrders(layout, plan.transfers, ranks, kv_lengths)}
-                      for name, layout in zip(plan.placement.workers, layouts, strict=True)}
-            orders.update({name: {"orders": MigrationOrders(None, plan.transfers, ranks, kv_lengths)}
-                           for name in plan.leaving})
+            migrate_began, migrate_wall = time.perf_counter(), time.time()
+            orders = migration_orders(plan, layouts, members, kv_lengths, tuple(peers))
             stats: list[MigrationStats] = self._call("migrate", per_worker=orders, workers=members)
             migrate_seconds = time.perf_counter() - migrate_began
             self._placement, self._layouts = plan.placement, layouts
@@ -280,18 +259,42 @@ class ShardedDriver:
                 self._members = [name for name in self._members if name not in plan.leaving]
                 self._transport.stop(plan.leaving)
                 group_seconds += self._join(list(plan.placement.workers), parallel)
+        except ReplicaConfigError:
+            raise
         except Exception as exc:
             self._fail(exc)
             raise
         return ReconfigurationReport(
             old=None if old is None else old.config, new=parallel, epoch=self._epoch,
             assignments=plan.assignments,
-            transfers=_records(plan.transfers, stats), kv_requests=len(kv_lengths),
+            transfers=transfer_records(plan.transfers, stats, {p.name for p in peers}), kv_requests=len(kv_lengths),
             received_bytes=sum(s.bytes_received + s.bytes_read for s in stats),
             started_workers=spawned, stopped_workers=plan.leaving,
             spawn_seconds=spawn_done - started, plan_seconds=plan_done - spawn_done,
             group_seconds=group_seconds, migrate_seconds=migrate_seconds,
-            seconds=time.perf_counter() - started)
+            seconds=time.perf_counter() - started,
+            stage_ready=stage_ready(plan, stats, migrate_wall),
+            peak_bytes={s.worker: s.peak_bytes for s in stats},
+            planned_peak_bytes={n: plan.planned_peak_bytes.get(n, 0) for n in members},
+            start_bytes={s.worker: s.start_bytes for s in stats},
+            end_bytes={s.worker: s.end_bytes for s in stats},
+            memory_bytes=dict(plan.memory_bytes), progressive=progressive, use_mapper=use_mapper)
+
+    def _plan(self, old: Placement | None, parallel: ParallelConfig, candidates: Sequence[str],
+              kv_tokens: int, spawned: Sequence[str], **options: object) -> ReconfigurationPlan:
+        """`plan_reconfiguration` over the live shards; a plan that cannot keep the memory bound
+        (or names a peer like a member) stops the shards just started and raises
+        `ReplicaConfigError` (nothing else changed)."""
+        try:
+            return plan_reconfiguration(self.spec, old, parallel, list(self._members), kv_tokens,
+                                        candidates=candidates, **options)  # type: ignore[arg-type]
+        except ValueError as exc:  # MemoryBoundError is one too
+            if spawned:
+                self._members = [name for name in self._members if name not in spawned]
+                self._transport.stop(spawned)
+            why = ("no migration order keeps every shard within its memory bound"
+                   if isinstance(exc, MemoryBoundError) else "bad peers")
+            raise ReplicaConfigError(f"{why}: {exc}") from exc
 
     def _candidates(self, parallel: ParallelConfig, workers: Sequence[str] | None) -> list[str]:
         """The shards that may hold `parallel`'s positions (checked, in order)."""
@@ -396,6 +399,42 @@ class ShardedExecutor(ShardedDriver):
         return self
 
 
+def migration_orders(plan: ReconfigurationPlan, layouts: Sequence[ShardLayout],
+                     members: Sequence[str], kv_lengths: tuple[tuple[str, int], ...],
+                     peers: tuple[PeerShard, ...] = ()) -> dict[str, dict[str, object]]:
+    """Every member's `MigrationOrders` (as call arguments): the global transfer list, its own
+    releases, when to rebuild, and the `peers` the plan pulls from.
+
+    Progressive: a shard is rebuilt right after its stage's last incoming transfer
+    (`StageReadiness.after`), but not before the last KV transfer it takes part in (its old KV
+    blocks are sent from the pieces it holds until then); a leaving shard only sends, then frees.
+    Not progressive: every shard is rebuilt after the last transfer and frees nothing before.
+    """
+    ranks = tuple((name, i) for i, name in enumerate(members))
+    last = len(plan.transfers) - 1
+    last_kv: dict[str, int] = {}
+    for index, t in enumerate(plan.transfers):
+        if t.slice.is_kv:
+            for name in (t.src, t.dst):
+                if name is not None:
+                    last_kv[name] = index
+    releases: dict[str, list[tuple[int, Slice]]] = {name: [] for name in members}
+    for release in plan.releases:
+        releases[release.worker].append((release.after, release.slice))
+    ready = {r.stage: r.after for r in plan.readiness}
+    out: dict[str, dict[str, object]] = {}
+    for name in members:
+        position = plan.placement.position_of(name)
+        layout = None if position is None else layouts[position.stage * plan.placement.config.M
+                                                         + position.rank]
+        build_after = last
+        if plan.progressive and position is not None:
+            build_after = max(ready[position.stage], last_kv.get(name, -1))
+        out[name] = {"orders": MigrationOrders(layout, plan.transfers, ranks, kv_lengths,
+                                               tuple(releases[name]), build_after, peers)}
+    return out
+
+
 def split_micro_batches(works: Sequence[StepWork], count: int) -> tuple[MicroBatch, ...]:
     """Cut `works` into at most `count` contiguous, non-empty micro-batches of similar token counts."""
     count = max(1, min(count, len(works)))
@@ -409,12 +448,6 @@ def split_micro_batches(works: Sequence[StepWork], count: int) -> tuple[MicroBat
         chunks[-1].append(work)
         done += len(work.token_ids)
     return tuple(MicroBatch(tuple(c)) for c in chunks)
-
-
-def _records(transfers: Sequence[Transfer], stats: Sequence[MigrationStats]) -> tuple[TransferRecord, ...]:
-    seconds = {index: s for st in stats for index, s in st.transfer_seconds}
-    return tuple(TransferRecord(t.src, t.dst, t.slice, t.nbytes, seconds.get(i, 0.0))
-                 for i, t in enumerate(transfers))
 
 
 def model_source(model: LoadedModel | str | os.PathLike[str], device: str = "cpu") -> ModelSource:

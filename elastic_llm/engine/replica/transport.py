@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 #: `ShardRuntime` methods a driver may call.
 RUNTIME_METHODS = frozenset({"join", "leave", "step", "migrate", "export_kv", "import_kv",
-                             "release", "kv_lengths", "describe"})
+                             "release", "kv_lengths", "describe", "read_weights"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,11 @@ class ShardTransport(Protocol):
 
     def pids(self) -> dict[str, int | None]:
         """Runtime name -> process id of the process hosting it."""
+        ...
+
+    def handle(self, name: str) -> str:
+        """How a shard of ANOTHER replica reaches runtime `name` to pull weights from it
+        (`PeerShard.handle`); "" when this transport's runtimes cannot be reached that way."""
         ...
 
     def close(self) -> None:
