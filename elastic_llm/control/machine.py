@@ -120,6 +120,8 @@ class FleetState:
     def _on_WorkerLost(self, event: ev.WorkerLost) -> None:
         self.workers.pop(event.address, None)
         for replica in [r for r in self.replicas.values() if event.address in r.workers]:
+            if replica.state is ReplicaState.STOPPING:
+                continue  # its orderly stop (`RetireReplica`) is under way and frees its workers
             if replica.sharded:  # its other shards keep a broken process group: fence them
                 self._suspect([w for w in replica.workers if w != event.address])
             self.lose(replica, f"worker {event.address} is gone")

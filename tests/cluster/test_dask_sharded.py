@@ -423,3 +423,38 @@ def test_a_second_sharded_replica_takes_its_weights_from_the_ready_one_under_spo
     assert status["weight_bytes_from_peers"] >= model.spec.total_bytes  # every slice (stage 1 adds the tied head)
     assert [r.token_ids for r in results] == want
     assert all(r["step_seconds"] > 0 for r in status["replicas"])  # both replicas served
+
+
+def _pid(dask_worker) -> int:  # type: ignore[no-untyped-def]
+    import os
+
+    return os.getpid()
+
+
+@pytest.mark.timeout(240)
+def test_a_sigkilled_sharded_leader_fences_its_shard_and_every_request_still_finishes(
+        uneven_checkpoint: Path, model: LoadedModel) -> None:
+    """3 workers, one (2, 1) replica, its LEADER killed with SIGKILL mid-generation: the surviving
+    shard worker is fenced (restarted), a new (2, 1) replica forms on healthy workers, and every
+    request finishes with the single engine's tokens (they resume from their committed tokens)."""
+    import os
+    import signal
+
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]]
+    params = SamplingParams(max_new_tokens=80, ignore_eos=True)
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, params)]
+    with local_cluster(3, processes=True) as (_, client):
+        options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel=(2, 1),
+                                 min_step_seconds=0.05, shard_timeout_s=15.0)
+        with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False) as llm:
+            replica = _the_ready_replica(llm, timeout=90)
+            futures = llm.map(prompts, max_new_tokens=80, ignore_eos=True)
+            wait_for(lambda: llm.status()["tokens_committed"] >= 2 * len(prompts), timeout=60)
+            pid = client.run(_pid, workers=[replica["worker"]])[replica["worker"]]
+            os.kill(pid, signal.SIGKILL)
+            results = [f.result(timeout=180) for f in futures]
+            status = llm.status()
+    assert [r.token_ids for r in results] == want
+    assert status["restarts"] >= len(prompts) and status["finished"] == len(prompts)
+    (after,) = [r for r in status["replicas"] if r["state"] == "ready"]
+    assert after["replica"] != replica["replica"] and replica["worker"] not in after["shards"]

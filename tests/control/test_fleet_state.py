@@ -331,6 +331,9 @@ def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor() -> No
     h.moved(hand_over.op, *hand_over.request_ids)
     retire = h.last(ins.RetireReplica)
     assert retire.replica_id == old and not h.of(ins.BuildReplica)  # its workers are not free yet
+    before = len(h.out)
+    h.send(ev.WorkerLost("a"))  # the noticed leader dies at its deadline while the old one stops
+    assert not h.of(ins.RestartWorkers, before) and start.replica_id in h.fleet.replicas  # b not fenced
     h.send(ev.ReplicaStopped(retire.op))
     assert old not in h.fleet.replicas
     h.ready(h.last(ins.BuildReplica))
