@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from elastic_llm.control import events as ev
-from elastic_llm.control import sharded
+from elastic_llm.control import evacuating, sharded
 from elastic_llm.control import instructions as ins
 from elastic_llm.control.config import FleetConfig
-from elastic_llm.control.evacuation import Evacuation, running_requests, split_evenly
+from elastic_llm.control.evacuation import Evacuation
 from elastic_llm.control.fleet import (
     LoopStats,
     NoticeRecord,
@@ -42,7 +42,6 @@ from elastic_llm.control.requests import RequestRecord, RequestStatus, RequestTa
 from elastic_llm.control.shape_choice import ShapeChoice
 from elastic_llm.control.shapes import load_changed
 from elastic_llm.control.status import fleet_status
-from elastic_llm.planning.arrangement import MigrationTimeModel
 from elastic_llm.planning.profiles import InstanceProfile
 from elastic_llm.scheduling.affinity import PrefixAffinity
 
@@ -123,7 +122,7 @@ class FleetState:
             if replica.state is ReplicaState.STOPPING:
                 continue  # its orderly stop (`RetireReplica`) is under way and frees its workers
             if replica.sharded:  # its other shards keep a broken process group: fence them
-                self._suspect([w for w in replica.workers if w != event.address])
+                self.suspect([w for w in replica.workers if w != event.address])
             self.lose(replica, f"worker {event.address} is gone")
         for operation in [o for o in self.ops.of_kind("reshard") if event.address in o.context["workers"]]:
             self._fail(operation, f"worker {event.address} is gone")
@@ -315,7 +314,7 @@ class FleetState:
         if source is None:  # the replica it was to succeed is gone meanwhile
             self.lose(self.replicas[operation.replica_id], "nothing to succeed")
             return
-        evacuation = self._evacuation_for(source, operation.context["deadline"], operation.context["received"],
+        evacuation = evacuating.evacuation_for(self, source, operation.context["deadline"], operation.context["received"],
                                           source.leader)
         evacuation.start_at = max(self._now, evacuation.start_at - self.last_start_seconds)
         evacuation.successor = operation.replica_id
@@ -339,10 +338,10 @@ class FleetState:
 
     def break_replica(self, replica: ReplicaRecord, why: str) -> None:
         """A replica whose switch or start failed: its workers are suspect, then it is lost."""
-        self._suspect(replica.workers)
+        self.suspect(replica.workers)
         self.lose(replica, why)
 
-    def _suspect(self, workers: Sequence[str]) -> None:
+    def suspect(self, workers: Sequence[str]) -> None:
         """Nothing new goes to `workers`; they are restarted (fenced) unless starts keep failing."""
         fenced = []
         for address in workers:
@@ -382,13 +381,13 @@ class FleetState:
             self._start_failed(operation, replica, why)
         elif operation.kind == "migrate":
             self.requeue_owned(operation.replica_id, operation.request_ids)
-            self._transfer_finished(operation, moved=0)
+            evacuating.transfer_finished(self, operation, moved=0)
         elif operation.kind == "handover":
             sharded.handover_finished(self, operation, ())
         elif operation.kind == "reshard":
             sharded.reshard_failed(self, operation, why)
         elif operation.kind == "retire":
-            self._retired(operation, why)
+            sharded.retired(self, operation, why)
 
     def requeue_owned(self, owner: str | None, request_ids: Sequence[str]) -> None:
         """Requeue (lost KV) those of `request_ids` that `owner` still owns."""
@@ -410,7 +409,7 @@ class FleetState:
             sharded.place(self)
         source = self.replicas.get(successor_of or "")
         if source is not None and operation.kind == "start":  # no successor: move to other replicas
-            self.evacuate(source, operation.context["deadline"], operation.context["received"], source.leader)
+            evacuating.evacuate(self, source, operation.context["deadline"], operation.context["received"], source.leader)
 
     def _advance(self) -> None:
         """Expired operations fail; due evacuations start; the load is checked; queued requests
@@ -419,7 +418,7 @@ class FleetState:
             self._fail(operation, "timed out")
         for evacuation in [e for e in self.evacuations if e.start_at <= self._now]:
             self.evacuations.remove(evacuation)
-            self._move_out(evacuation)
+            evacuating.move_out(self, evacuation)
         self._check_load()
         self._forget_gone_clients()
         self._dispatch()
@@ -433,63 +432,6 @@ class FleetState:
         pass  # `_advance` does the work of every transition
 
     # ------------------------------------------------------------------ notices (whole or sharded)
-    def _evacuation_for(self, replica: ReplicaRecord, deadline: float, received: float,
-                        worker: str, then_stop: bool = False) -> Evacuation:
-        """When and how `replica`'s requests leave it (the policy's evacuation plan)."""
-        requests = running_requests(self.table.unfinished(replica.replica_id), replica.kv_bytes_per_token,
-                                    self.config.prefill_seconds_per_token)
-        migration = MigrationTimeModel(self.config.migration_margin_s, self.config.kv_bandwidth)
-        step = self.loops.step_seconds(replica.replica_id, self.config.default_step_seconds)
-        plan = self.policy.plan_evacuation(received, deadline, requests, step, migration)
-        return Evacuation(replica.replica_id, worker, deadline, received, plan.start_at, plan, then_stop)
-
-    def evacuate(self, replica: ReplicaRecord, deadline: float, received: float, worker: str,
-                  then_stop: bool = False) -> None:
-        """`replica` decodes until the plan's start, then its requests leave (`_move_out`)."""
-        replica.state = ReplicaState.DRAINING
-        self.evacuations.append(self._evacuation_for(replica, deadline, received, worker, then_stop))
-
-    def _move_out(self, evacuation: Evacuation) -> None:
-        """An evacuation's time has come: move its requests with KV to the other ready replicas,
-        or restart them elsewhere; hand over to a successor when there is one."""
-        source = self.replicas.get(evacuation.replica_id)
-        if source is None:
-            self.record_notice(evacuation)
-            return
-        if evacuation.successor is not None:
-            sharded.hand_over(self, source, evacuation)
-            return
-        plan = evacuation.plan
-        targets = [r for r in self.replicas.values() if r.state is ReplicaState.READY and r is not source]
-        records = self.table.unfinished(source.replica_id)
-        evacuation.recomputed = len(plan.recompute)
-        if not plan.migrate or not targets:
-            for record in records:
-                self.requeue(record, source.replica_id, lost_kv=True, restart=not self.policy.resumes_progress)
-        else:
-            for record in records:
-                if record.request_id in plan.recompute:
-                    self.requeue(record, source.replica_id, lost_kv=True)
-            keep = [r.request_id for r in records if r.request_id not in plan.recompute]
-            for target, ids in zip(targets, split_evenly(keep, len(targets)), strict=False):
-                if ids:
-                    self._migrate(source, target, ids, evacuation)
-        if not evacuation.open_ops:
-            self._evacuation_done(evacuation)
-
-    def _migrate(self, source: ReplicaRecord, target: ReplicaRecord, ids: list[str],
-                 evacuation: Evacuation) -> None:
-        """`target` pulls `ids` with their KV from `source`. The table names the target as owner
-        *before* the pull: its first commit (the whole output so far) must not be refused."""
-        for request_id in ids:
-            self.table.assign(request_id, target.replica_id)
-        operation = self.ops.open("migrate", target.replica_id, evacuation.deadline + self.config.transfer_slack_s,
-                                  source=source.replica_id, request_ids=tuple(ids),
-                                  context={"evacuation": evacuation})
-        evacuation.open_ops.add(operation.op)
-        self.emit(ins.MigrateRequests(operation.op, source.replica_id, target.replica_id, tuple(ids),
-                                       operation.deadline))
-
     def _on_TransferDone(self, event: ev.TransferDone) -> None:
         operation = self.ops.close(event.op)
         if operation is None:
@@ -501,57 +443,12 @@ class FleetState:
             return
         # finished meanwhile, or never arrived: those the target owns recompute
         self.requeue_owned(operation.replica_id, [i for i in operation.request_ids if i not in taken])
-        self._transfer_finished(operation, moved=len(taken))
-
-    def _transfer_finished(self, operation: Operation, moved: int) -> None:
-        evacuation: Evacuation = operation.context["evacuation"]
-        evacuation.moved += moved
-        evacuation.open_ops.discard(operation.op)
-        if not evacuation.open_ops:
-            self._evacuation_done(evacuation)
-
-    def _evacuation_done(self, evacuation: Evacuation) -> None:
-        self.record_notice(evacuation)
-        source = self.replicas.get(evacuation.replica_id)
-        if evacuation.then_stop and source is not None:
-            self.retire(source)
-
-    def retire(self, replica: ReplicaRecord, successor: str | None = None, move: dict[str, Any] | None = None) -> None:
-        """Stop `replica`; its workers stay held until the stop is confirmed, then free workers
-        are placed (or `successor`, which takes them over, builds its engine: `move` describes
-        the hand-over for the reshard log)."""
-        replica.state = ReplicaState.STOPPING
-        operation = self.open_op("retire", replica.replica_id, self.config.stop_timeout_s,
-                                 context={"successor": successor, "move": move})
-        self.emit(ins.RetireReplica(operation.op, replica.replica_id, operation.deadline))
+        evacuating.transfer_finished(self, operation, moved=len(taken))
 
     def _on_ReplicaStopped(self, event: ev.ReplicaStopped) -> None:
         operation = self.ops.close(event.op)
         if operation is not None:
-            self._retired(operation)
-
-    def _retired(self, operation: Operation, why: str | None = None) -> None:
-        replica = self.replicas.pop(operation.replica_id or "", None)
-        if replica is not None:
-            self.affinity.forget(replica.replica_id)
-            if why is not None:  # its shards may linger: nothing new goes to its workers
-                self._suspect(replica.workers)
-                self.emit(ins.StopReplica(replica.replica_id))
-        successor = self.replicas.get(operation.context["successor"] or "")
-        if successor is None:
-            sharded.place(self)
-        else:
-            self.build_successor(successor, operation.replica_id or "", operation.context["move"])
-
-    def build_successor(self, successor: ReplicaRecord, source: str, move: dict[str, Any] | None) -> None:
-        """The successor of `source` (which is gone) builds its engine."""
-        build = self.open_op("build", successor.replica_id, self.config.start_timeout_s,
-                             context={"handover_of": source, "move": move})
-        self.emit(ins.BuildReplica(build.op, successor.replica_id, build.deadline))
-
-    def record_notice(self, evacuation: Evacuation) -> None:
-        self.notices.append(NoticeRecord(evacuation.worker, evacuation.deadline, evacuation.received,
-                                         evacuation.moved, evacuation.recomputed))
+            sharded.retired(self, operation)
 
     # ------------------------------------------------------------------ helpers
     def emit(self, instruction: ins.Instruction) -> None:

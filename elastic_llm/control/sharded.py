@@ -20,8 +20,9 @@ to a replica whose shard worker or leader is leaving. Policies decide through th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from elastic_llm.control import evacuating
 from elastic_llm.control import events as ev
 from elastic_llm.control import instructions as ins
 from elastic_llm.control.evacuation import Evacuation
@@ -140,14 +141,14 @@ def shard_noticed(fleet: FleetState, replica: ReplicaRecord, leaving: str, deadl
         replica.deferred_notices.append((leaving, deadline))
         return
     if fleet.policy.shard_notice == "dissolve":
-        fleet.evacuate(replica, deadline, fleet.now, leaving, then_stop=True)
+        evacuating.evacuate(fleet, replica, deadline, fleet.now, leaving, then_stop=True)
         return
     workers = [w for w in replica.shards if w != leaving and fleet.usable(w)]
     spares = [w for w in fleet.free_workers() if w not in workers]
     shape = (fleet.shapes.shape_after_loss(replica.parallel, len(workers) + len(spares), fleet.memory_budget(),
                                            fleet.arrival_rate()) if workers else None)
     if shape is None:  # no shape fits there: its requests move to other replicas
-        fleet.evacuate(replica, deadline, fleet.now, leaving, then_stop=True)
+        evacuating.evacuate(fleet, replica, deadline, fleet.now, leaving, then_stop=True)
         return
     chosen = _with_leader(replica.leader, (workers + spares)[: shape[0] * shape[1]])
     _reshard(fleet, replica, shape, chosen, notice=(leaving, deadline, fleet.now))
@@ -165,14 +166,14 @@ def leader_noticed(fleet: FleetState, replica: ReplicaRecord, deadline: float) -
 def _leader_notice_now(fleet: FleetState, replica: ReplicaRecord, deadline: float) -> None:
     replica.state = ReplicaState.DRAINING
     if not replica.sharded or fleet.policy.leader_notice == "evacuate":
-        fleet.evacuate(replica, deadline, fleet.now, replica.leader)
+        evacuating.evacuate(fleet, replica, deadline, fleet.now, replica.leader)
         return
     pool = [w for w in replica.shards if w != replica.leader and fleet.usable(w)]
     pool += [w for w in fleet.free_workers() if w not in pool]
     shape = (fleet.shapes.shape_after_loss(replica.parallel, len(pool), fleet.memory_budget(), fleet.arrival_rate(),
                                            favour_current=False) if pool else None)
     if shape is None:
-        fleet.evacuate(replica, deadline, fleet.now, replica.leader)
+        evacuating.evacuate(fleet, replica, deadline, fleet.now, replica.leader)
         return
     chosen = tuple(pool[: shape[0] * shape[1]])
     # another live replica may send the weights (this one is DRAINING: stopped before the build)
@@ -205,7 +206,7 @@ def handover_finished(fleet: FleetState, operation: Operation, moved: tuple[Move
     taken = {m.request_id for m in moved}
     fleet.requeue_owned(operation.replica_id, [i for i in operation.request_ids if i not in taken])
     evacuation.moved = len(taken)
-    fleet.record_notice(evacuation)
+    evacuating.record_notice(fleet, evacuation)
     source = fleet.replicas.get(operation.source or "")
     successor = fleet.replicas.get(operation.replica_id or "")
     move = None
@@ -215,9 +216,42 @@ def handover_finished(fleet: FleetState, operation: Operation, moved: tuple[Move
                 "shards": list(successor.shards), "kv_bytes": sum(m.kv_bytes for m in moved),
                 "leader_moved": True}
     if source is not None:
-        fleet.retire(source, successor.replica_id if successor is not None else None, move)
+        retire(fleet, source, successor.replica_id if successor is not None else None, move)
     elif successor is not None:  # the old replica is gone already: build at once
-        fleet.build_successor(successor, operation.source or "", move)
+        build_successor(fleet, successor, operation.source or "", move)
+
+
+def retire(fleet: FleetState, replica: ReplicaRecord, successor: str | None = None,
+           move: dict[str, Any] | None = None) -> None:
+    """Stop `replica`; its workers stay held until the stop is confirmed, then free workers
+    are placed (or `successor`, which takes them over, builds its engine: `move` describes
+    the hand-over for the reshard log)."""
+    replica.state = ReplicaState.STOPPING
+    operation = fleet.open_op("retire", replica.replica_id, fleet.config.stop_timeout_s,
+                             context={"successor": successor, "move": move})
+    fleet.emit(ins.RetireReplica(operation.op, replica.replica_id, operation.deadline))
+
+
+def retired(fleet: FleetState, operation: Operation, why: str | None = None) -> None:
+    replica = fleet.replicas.pop(operation.replica_id or "", None)
+    if replica is not None:
+        fleet.affinity.forget(replica.replica_id)
+        if why is not None:  # its shards may linger: nothing new goes to its workers
+            fleet.suspect(replica.workers)
+            fleet.emit(ins.StopReplica(replica.replica_id))
+    successor = fleet.replicas.get(operation.context["successor"] or "")
+    if successor is None:
+        place(fleet)
+    else:
+        build_successor(fleet, successor, operation.replica_id or "", operation.context["move"])
+
+
+def build_successor(fleet: FleetState, successor: ReplicaRecord, source: str,
+                    move: dict[str, Any] | None) -> None:
+    """The successor of `source` (which is gone) builds its engine."""
+    build = fleet.open_op("build", successor.replica_id, fleet.config.start_timeout_s,
+                         context={"handover_of": source, "move": move})
+    fleet.emit(ins.BuildReplica(build.op, successor.replica_id, build.deadline))
 
 
 def _with_leader(leader: str, workers: list[str]) -> list[str]:
