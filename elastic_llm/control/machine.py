@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from elastic_llm.control import events as ev
-from elastic_llm.control import evacuating, sharded
+from elastic_llm.control import dispatch, evacuating, sharded
 from elastic_llm.control import instructions as ins
 from elastic_llm.control.config import FleetConfig
 from elastic_llm.control.evacuation import Evacuation
@@ -35,7 +35,7 @@ from elastic_llm.control.fleet import (
     WorkerHealth,
     WorkerRecord,
 )
-from elastic_llm.control.messages import ReplicaCommit, RequestWork
+from elastic_llm.control.messages import ReplicaCommit
 from elastic_llm.control.operations import Operation, Operations
 from elastic_llm.control.policies import FleetPolicy, policy_by_name
 from elastic_llm.control.requests import RequestRecord, RequestStatus, RequestTable
@@ -210,35 +210,8 @@ class FleetState:
         """Commits count only from the replica the table says runs the request."""
         return request_id in self.table and self.table.get(request_id).replica == replica_id
 
-    def _dispatch(self) -> None:
-        """Queued requests go to ready replicas: the least loaded by outstanding tokens, or one
-        whose prefix cache holds the request's start when that saves more than it queues."""
-        ready = [r.replica_id for r in self.replicas.values() if r.state is ReplicaState.READY]
-        queued = self.table.queued()
-        if not ready or not queued:
-            return
-        load = {replica_id: self._outstanding(replica_id) for replica_id in ready}
-        self.affinity.retain(self.replicas)
-        batches: dict[str, list[RequestWork]] = {}
-        for record in queued:
-            target = self.affinity.choose([*record.prompt_token_ids, *record.committed], load)
-            self.affinity.observe(target, record.prompt_token_ids)
-            load[target] += len(record.prompt_token_ids) + record.params.max_new_tokens
-            self.table.assign(record.request_id, target)
-            batches.setdefault(target, []).append(RequestWork(
-                record.request_id, record.prompt_token_ids, tuple(record.committed), record.params))
-        for replica_id, work in batches.items():
-            ids = tuple(w.request_id for w in work)
-            operation = self.ops.open("assign", replica_id, self._now + self.config.call_timeout_s,
-                                      request_ids=ids)
-            self.emit(ins.AssignRequests(operation.op, replica_id, tuple(work), operation.deadline))
-
     def _on_RequestsAssigned(self, event: ev.RequestsAssigned) -> None:
         self.ops.close(event.op)
-
-    def _outstanding(self, replica_id: str) -> int:
-        return sum(len(r.prompt_token_ids) + r.params.max_new_tokens - len(r.committed)
-                   for r in self.table.unfinished(replica_id))
 
     def requeue(self, record: RequestRecord, owner: str, lost_kv: bool, restart: bool = False) -> bool:
         """Queue `record` again if `owner` still owns it (exactly once, whoever asks); its old
@@ -284,7 +257,7 @@ class FleetState:
         none of its workers about to leave; least loaded first (None: there is none)."""
         ready = [r for r in self.replicas.values() if r.state is ReplicaState.READY and r.sharded == sharded
                  and r.busy is None and all(self.usable(w) for w in r.workers)]
-        best = min(ready, key=lambda r: self._outstanding(r.replica_id), default=None)
+        best = min(ready, key=lambda r: dispatch.outstanding(self, r.replica_id), default=None)
         return None if best is None else best.replica_id
 
     def _on_ReplicaReady(self, event: ev.ReplicaReady) -> None:
@@ -421,7 +394,7 @@ class FleetState:
             evacuating.move_out(self, evacuation)
         self._check_load()
         self._forget_gone_clients()
-        self._dispatch()
+        dispatch.dispatch(self)
         timers = [e.start_at for e in self.evacuations]
         if self._next_load_check is not None:
             timers.append(self._next_load_check)
