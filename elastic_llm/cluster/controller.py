@@ -179,7 +179,8 @@ class ElasticController(SchedulerPlugin):
         self.apply(ev.WorkerLost(worker))
 
     def remove_client(self, scheduler: Any, client: str) -> None:
-        """A Dask client disconnected: the unfinished requests of its sessions are aborted."""
+        """A Dask client disconnected: its sessions' unfinished requests are aborted unless it
+        calls again within `FleetConfig.client_reconnect_s`."""
         for session in [s for s in self._sessions if s == client or s.startswith(f"{client}#")]:
             self.apply(ev.ClientGone(session))
             self._client_events.pop(session, None)
@@ -262,6 +263,8 @@ class ElasticController(SchedulerPlugin):
         known = self._sessions.setdefault(client, token)
         if not secrets.compare_digest(known, token):
             raise UnauthorizedError(f"client {client!r} belongs to another session")
+        if client in self.fleet.disconnected_clients:  # it reconnected: its requests carry on
+            self.apply(ev.ClientBack(client))
 
     def status(self) -> dict[str, Any]:
         """Deployment, per-replica load, queue, latency, counters and cost."""

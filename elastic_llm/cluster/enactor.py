@@ -166,8 +166,9 @@ class Enactor:
 
     async def _do_MigrateRequests(self, instruction: ins.MigrateRequests) -> ev.Event:
         target, source = self.actors[instruction.target], self.actors[instruction.source]
-        moved = await target.pull_from(source, list(instruction.request_ids), True,
-                                       max(1.0, instruction.deadline - time.time()))
+        # the target's single actor thread waits on the source: never past the source's end
+        until = min(instruction.deadline, instruction.source_deadline + ins.PULL_GRACE_S)
+        moved = await target.pull_from(source, list(instruction.request_ids), True, max(1.0, until - time.time()))
         return ev.TransferDone(instruction.op, tuple(moved))
 
     async def _do_HandOver(self, instruction: ins.HandOver) -> ev.Event:

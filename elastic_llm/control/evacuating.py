@@ -79,7 +79,7 @@ def migrate(fleet: FleetState, source: ReplicaRecord, target: ReplicaRecord, ids
                               context={"evacuation": evacuation})
     evacuation.open_ops.add(operation.op)
     fleet.emit(ins.MigrateRequests(operation.op, source.replica_id, target.replica_id, tuple(ids),
-                                   operation.deadline))
+                                   operation.deadline, evacuation.deadline))
 
 
 def transfer_finished(fleet: FleetState, operation: Operation, moved: int) -> None:

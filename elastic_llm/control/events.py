@@ -59,7 +59,15 @@ class RequestsCancelled:
 
 @dataclass(frozen=True)
 class ClientGone:
-    """A client disconnected: its unfinished requests are aborted."""
+    """A client disconnected: its unfinished requests are aborted unless it is back within
+    `FleetConfig.client_reconnect_s`."""
+
+    client: str  #: the client
+
+
+@dataclass(frozen=True)
+class ClientBack:
+    """A disconnected client called again (it reconnected): its requests carry on."""
 
     client: str  #: the client
 
@@ -140,6 +148,6 @@ class Tick:
     """Time passed: timers, deadlines and the load measurement are checked."""
 
 
-Event = (WorkerJoined | WorkerLost | WorkerNoticed | RequestSubmitted | RequestsCancelled | ClientGone
+Event = (WorkerJoined | WorkerLost | WorkerNoticed | RequestSubmitted | RequestsCancelled | ClientGone | ClientBack
          | TokensCommitted | ModelDescribed | ReplicaCreated | ReplicaReady | ReplicaStopped | RequestsAssigned
          | TransferDone | ReshardDone | OperationFailed | Tick)

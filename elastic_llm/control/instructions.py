@@ -82,6 +82,12 @@ class MigrateRequests:
     target: str  #: replica id
     request_ids: tuple[str, ...]
     deadline: float
+    #: when the source's worker goes (its notice's deadline): a pull cannot succeed after it,
+    #: so the target gives up then (plus `PULL_GRACE_S`) rather than at `deadline`
+    source_deadline: float
+
+
+PULL_GRACE_S = 2.0  #: how long past its source's deadline a pull still waits (clock skew, last bytes)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class FleetState:
         self.weight_bytes_from_peers = 0  #: weight bytes new replicas took from peers
         self.reloads = 0  #: replicas that reloaded their weights from the checkpoint (reparallelize)
         self.commits_refused = 0  #: commits from an unknown replica or not from its leader's worker
+        self.client_disconnects = 0  #: client sessions that disconnected
         self.evacuations: list[Evacuation] = []  #: noticed replicas still decoding before they move
         self.last_start_seconds = 5.0  #: how long the latest replica took to start
         self._ids = itertools.count()
@@ -85,7 +86,8 @@ class FleetState:
         self._out: Instructions = []
         self._now = 0.0
         self._touched: set[str] = set()  # clients with new events in this transition
-        self._gone: dict[str, float] = {}  # disconnected clients -> when (their logs are kept a while)
+        self._disconnected: dict[str, float] = {}  # clients gone -> when (may still reconnect)
+        self._gone: dict[str, float] = {}  # clients whose requests were aborted -> when (logs kept a while)
         self._start_failures = 0  # replica starts that failed since the last one that did not
 
     # ------------------------------------------------------------------ the transition
@@ -166,13 +168,27 @@ class FleetState:
                 self.emit(ins.CancelRequests(replica_id, tuple(ids)))
 
     def _on_ClientGone(self, event: ev.ClientGone) -> None:
-        """Abort the client's requests; its event log (with the aborts) is kept for
-        `client_log_ttl_s`, so a client that reconnects learns what happened."""
-        ids = tuple(r.request_id for r in self.table.unfinished() if r.client == event.client)
-        self._on_RequestsCancelled(ev.RequestsCancelled(ids))
-        self._gone[event.client] = self._now
+        """The client's requests carry on for `client_reconnect_s` (a reconnect loses nothing),
+        then are aborted; its event log (with the aborts) is kept for `client_log_ttl_s`."""
+        self.client_disconnects += 1
+        self._disconnected.setdefault(event.client, self._now)
+
+    def _on_ClientBack(self, event: ev.ClientBack) -> None:
+        if self._disconnected.pop(event.client, None) is None:
+            self._gone.pop(event.client, None)  # back after its aborts: its log lives on
+
+    @property
+    def disconnected_clients(self) -> frozenset[str]:
+        """Clients gone for less than `client_reconnect_s` (their requests still run)."""
+        return frozenset(self._disconnected)
 
     def _forget_gone_clients(self) -> None:
+        for client, since in list(self._disconnected.items()):
+            if self._now - since >= self.config.client_reconnect_s:
+                del self._disconnected[client]
+                ids = tuple(r.request_id for r in self.table.unfinished() if r.client == client)
+                self._on_RequestsCancelled(ev.RequestsCancelled(ids))
+                self._gone[client] = self._now
         for client, since in list(self._gone.items()):
             if self._now - since >= self.config.client_log_ttl_s:
                 del self._gone[client]
@@ -307,6 +323,8 @@ class FleetState:
         self.affinity.forget(replica.replica_id)
         self.emit(ins.StopReplica(replica.replica_id))
         for operation in self.ops.involving(replica.replica_id):
+            if operation.kind == "migrate" and operation.source == replica.replica_id:
+                continue  # the target answers: it may hold them already (its pull is bounded)
             self._fail(operation, why)
 
     def break_replica(self, replica: ReplicaRecord, why: str) -> None:
@@ -396,6 +414,7 @@ class FleetState:
         self._forget_gone_clients()
         dispatch.dispatch(self)
         timers = [e.start_at for e in self.evacuations]
+        timers += [since + self.config.client_reconnect_s for since in self._disconnected.values()]
         if self._next_load_check is not None:
             timers.append(self._next_load_check)
         if timers:

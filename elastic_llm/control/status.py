@@ -48,6 +48,8 @@ def fleet_status(fleet: FleetState, now: float) -> dict[str, Any]:
         "weight_bytes_from_peers": fleet.weight_bytes_from_peers,
         "reloads": fleet.reloads,
         "commits_refused": fleet.commits_refused,
+        "client_disconnects": fleet.client_disconnects,
+        "clients_reconnecting": len(fleet.disconnected_clients),
         "tokens_committed": totals.tokens_committed,
         "tokens_finished": totals.tokens_finished,
         "notices": [asdict(n) for n in fleet.notices],

@@ -175,9 +175,13 @@ def test_a_failure_mid_migration_requeues_each_request_exactly_once(side: str) -
     source_worker = "a"
     h.send(ev.WorkerNoticed(source_worker, h.now + 30.0))
     migration = h.of(ins.MigrateRequests)[0]
+    assert migration.source_deadline == h.now + 30.0  # the pull gives up once its source is gone
     target_worker = h.fleet.replicas[migration.target].leader
     dead = source_worker if side == "source" else target_worker
     h.send(ev.WorkerLost(dead))
+    if side == "source":  # the target's bounded pull answers: here, it failed
+        assert all(h.owner(i) == migration.target for i in migration.request_ids)
+        h.send(ev.OperationFailed(migration.op, "the source is gone"))
     h.send(ev.OperationFailed(migration.op, "late failure"))  # answer to a closed op: ignored
     h.moved(migration.op, *migration.request_ids)  # a late success: ignored too
     for request_id in migration.request_ids:
@@ -185,6 +189,20 @@ def test_a_failure_mid_migration_requeues_each_request_exactly_once(side: str) -
         assert record.restarts == 1, request_id  # exactly once
         assert record.replica in h.fleet.replicas and h.fleet.replicas[record.replica].leader != dead
     assert h.fleet.kv_bytes_migrated == 0
+
+
+def test_a_pull_that_completed_as_its_source_died_keeps_the_requests_on_the_target() -> None:
+    h = _serving("spotserve-no-arranger")
+    h.send(ev.WorkerNoticed("a", h.now + 30.0))
+    migration = h.of(ins.MigrateRequests)[0]
+    h.send(ev.WorkerLost("a"))  # the source died right after it answered the pull
+    assigned = len(h.of(ins.AssignRequests))
+    h.moved(migration.op, *migration.request_ids)
+    assert len(h.of(ins.AssignRequests)) == assigned  # nothing started a second time
+    for request_id in migration.request_ids:
+        record = h.fleet.table.get(request_id)
+        assert record.replica == migration.target and record.restarts == 0, request_id
+    assert h.fleet.kv_bytes_migrated > 0
 
 
 def test_a_migration_that_never_answers_times_out_and_its_requests_requeue_once() -> None:
@@ -223,9 +241,13 @@ def test_an_assignment_that_fails_requeues_only_what_that_replica_still_owns() -
     assert h.owner("q0") == new_owner and h.fleet.table.get("q0").restarts == 1
 
 
-def test_a_disconnected_client_s_requests_are_aborted_and_a_reconnect_learns_it() -> None:
-    h = _serving("spotserve", requests=2, client_log_ttl_s=60.0)
+def test_a_client_gone_past_the_reconnect_window_has_its_requests_aborted_and_its_log_kept() -> None:
+    h = _serving("spotserve", requests=2, client_log_ttl_s=60.0, client_reconnect_s=10.0)
+    gone_at = h.now
     h.send(ev.ClientGone("client-1"))
+    assert not any(r.status is RequestStatus.FINISHED for r in h.fleet.table.records())  # still running
+    assert ins.WakeAt(gone_at + 10.0) in h.out  # the state machine asks to be woken for the aborts
+    h.tick(gone_at + 10.0)
     assert all(r.status is RequestStatus.FINISHED for r in h.fleet.table.records())
     assert h.of(ins.CancelRequests)
     h.tick(h.now + 30.0)  # reconnected within the TTL: the aborts are in its log
@@ -234,6 +256,22 @@ def test_a_disconnected_client_s_requests_are_aborted_and_a_reconnect_learns_it(
     assert {e.finish_reason for e in finished} == {"abort"}
     h.tick(h.now + 31.0)  # past the TTL: the log is gone
     assert h.fleet.table.events_since("client-1", 0) == []
+
+
+def test_a_client_back_within_the_reconnect_window_loses_nothing() -> None:
+    h = _serving("spotserve", requests=2, client_reconnect_s=10.0)
+    h.send(ev.ClientGone("client-1"))
+    assert h.fleet.disconnected_clients == {"client-1"}
+    h.send(ev.ClientBack("client-1"), at=h.now + 9.0)
+    h.tick(h.now + 6.0)  # past the window's end
+    assert h.fleet.disconnected_clients == frozenset()
+    assert not h.of(ins.CancelRequests)
+    assert not any(r.status is RequestStatus.FINISHED for r in h.fleet.table.records())
+    for replica in list(h.fleet.replicas):  # the replicas finish them and the client's log has it
+        h.commit(replica, {}, finished={r.request_id: [7] * 6 for r in h.fleet.table.unfinished(replica)})
+    finished = [e for e in h.fleet.table.events_since("client-1", 0) if e.kind == "finished"]
+    assert sorted(e.request_id for e in finished) == ["q0", "q1"]
+    assert {e.finish_reason for e in finished} == {"length"}
 
 
 # ------------------------------------------------------------------ sharded replicas
