@@ -9,7 +9,7 @@ in it) and the controller's table sizes, sampled every few seconds; "flat" means
 of the samples grows less than `--flat-mib`.
 
 Run:  python benchmarks/soak.py [--minutes 3] [--workers 3] [--rate 2] [--max-new-tokens 24]
-          [--model smollm2-135m-instruct] [--churn-every 15] [--json out.json]
+          [--model smollm2-135m-instruct] [--churn-every 15] [--keep-finished N] [--json out.json]
 All loops are bounded in count and time; only loopback addresses are used.
 """
 
@@ -21,6 +21,7 @@ import platform
 import random
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 import psutil
@@ -70,7 +71,11 @@ def main() -> None:
     parser.add_argument("--policy", default="spotserve")
     parser.add_argument("--flat-mib", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-finished", type=int, default=10_000,
+                        help="finished requests the controller keeps in full (a small value shows the bound)")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="name the allocation sites of this process that grew over the last two thirds")
     args = parser.parse_args()
 
     model = load_model(args.model)
@@ -92,22 +97,40 @@ def main() -> None:
         for name in names:
             emulator.acquire(name, market="spot", price_per_hour=1.0)
         options = ReplicaOptions(model=args.model, max_batch_size=8)
-        with ServingClient(client, model=args.model, policy=args.policy, replica=options, chat=False) as llm:
+        with ServingClient(client, model=args.model, policy=args.policy, replica=options, chat=False,
+                           max_finished_records=args.keep_finished) as llm:
             llm.wait_for_replicas(args.workers, timeout=300)
             stop = threading.Event()
             churner = threading.Thread(target=_churn, args=(emulator, stop, args.churn_every, names, churn_log,
                                                             args.seed), daemon=True)
             churner.start()
             began, futures = time.time(), []
+            snapshot_at, first_snapshot = count // 3, None
             deadline = began + args.minutes * 60
             for index, prompt in enumerate(prompts):  # bounded: `count` requests, paced
                 time.sleep(max(0.0, began + index / args.rate - time.time()))
+                if args.tracemalloc and index == 0:
+                    tracemalloc.start(8)
+                if args.tracemalloc and index == snapshot_at:
+                    first_snapshot = tracemalloc.take_snapshot()
                 futures.append(llm.submit(prompt, max_new_tokens=args.max_new_tokens, ignore_eos=True))
                 if index % max(1, int(5 * args.rate)) == 0:
                     controller = client.cluster.scheduler.plugins["elastic_llm"]
                     samples.append({"t": time.time() - began, "rss_mib": process.memory_info().rss / 2**20,
                                     "records": len(controller.table), "status_keys": len(llm.status())})
+                if index % max(1, int(15 * args.rate)) == 0:  # progress about every 15 s
+                    done = sum(f.done() for f in futures)
+                    print(f"[soak] {time.time() - began:5.0f} s: {index + 1}/{count} submitted, {done} done, "
+                          f"{len(churn_log)} churn events, rss {process.memory_info().rss / 2**20:.0f} MiB",
+                          flush=True)
+            growth_sites = []
+            if first_snapshot is not None:
+                top = tracemalloc.take_snapshot().compare_to(first_snapshot, "traceback")[:8]
+                growth_sites = [{"kib": round(s.size_diff / 1024, 1), "count": s.count_diff,
+                                 "where": [str(frame) for frame in s.traceback.format()[-6:]]} for s in top]
+                tracemalloc.stop()
             stop.set()
+            print(f"[soak] all {count} submitted; waiting for the last answers", flush=True)
             results: list[Any] = []
             for future in futures:  # bounded: each waits until the soak's end plus 5 minutes at most
                 try:
@@ -127,8 +150,11 @@ def main() -> None:
               "churn_events": len(churn_log), "churn_errors": sum("error" in c for c in churn_log),
               "notices": len(status["notices"]), "restarts": status["restarts"],
               "kv_bytes_migrated": status["kv_bytes_migrated"], "rss_growth_last_third_mib": growth,
-              "memory_flat": growth < args.flat_mib, "samples": samples, "churn": churn_log}
-    print(json.dumps({k: v for k, v in report.items() if k not in ("samples", "churn")}, indent=2))
+              "memory_flat": growth < args.flat_mib, "growth_sites": growth_sites, "samples": samples,
+              "churn": churn_log}
+    print(json.dumps({k: v for k, v in report.items() if k not in ("samples", "churn", "growth_sites")}, indent=2))
+    for site in growth_sites:
+        print(f"[soak] grew {site['kib']} KiB in {site['count']} blocks at:\n    " + "\n    ".join(site["where"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"args": vars(args), **report}, handle, indent=2)

@@ -68,6 +68,7 @@ class ElasticController(SchedulerPlugin):
         load_check_s: seconds between checks of the arrival rate (adaptive shapes).
         vocab_size, max_context: the model's, to check submitted requests against (None: only
             their types and signs are checked).
+        fleet_settings: further `FleetConfig` fields (e.g. client_reconnect_s, max_finished_records).
     """
 
     name = PLUGIN_NAME
@@ -76,7 +77,7 @@ class ElasticController(SchedulerPlugin):
                  migration_margin_s: float = 2.0, kv_bandwidth: float = 2e8,
                  prefill_seconds_per_token: float = 2e-3, on_demand_price_per_hour: float = 3.912,
                  profile: str | os.PathLike[str] | InstanceProfile | None = None, load_check_s: float = 5.0,
-                 vocab_size: int | None = None, max_context: int | None = None) -> None:
+                 vocab_size: int | None = None, max_context: int | None = None, **fleet_settings: Any) -> None:
         fleet_policy = policy_by_name(policy)
         self.model = model
         self.policy = fleet_policy.name
@@ -86,7 +87,7 @@ class ElasticController(SchedulerPlugin):
         config = FleetConfig(parallel=parallel, max_batch_size=options.max_batch_size,
                              memory_budget_bytes=options.memory_budget_bytes, migration_margin_s=migration_margin_s,
                              kv_bandwidth=kv_bandwidth, prefill_seconds_per_token=prefill_seconds_per_token,
-                             load_check_s=load_check_s)
+                             load_check_s=load_check_s, **fleet_settings)
         if profile is not None and not isinstance(profile, InstanceProfile):
             profile = MeasuredProfile.from_json(profile)
         self.fleet = FleetState(fleet_policy, config, profile)  #: the state machine

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from distributed import Client
+from distributed.actor import Actor
 
 from elastic_llm.cluster.replica_actor import ReplicaActor, ReplicaOptions
 from elastic_llm.control import events as ev
@@ -36,6 +37,14 @@ def model_spec_of(model: str) -> ModelSpec:
     from elastic_llm.model.loader import read_spec
 
     return read_spec(resolve_checkpoint(model), Path(os.fspath(model)).name)[1]
+
+
+def bound_actor(handle: Actor, client: Client) -> Actor:
+    """`handle` bound to `client`. Dask binds a deserialized actor handle to the process's newest
+    client, which in a process holding several (a user's, a dashboard's cached one, one of a
+    cluster that is gone) may talk to another scheduler: the actor's calls then hang."""
+    with client.as_current():
+        return Actor(handle._cls, handle._address, handle.key)  # noqa: SLF001 - Dask's own fields
 
 
 class Enactor:
@@ -121,7 +130,7 @@ class Enactor:
             peers, actor=True, workers=[instruction.leader], allow_other_workers=False, pure=False,
             key=f"elastic-llm-replica-{instruction.replica_id}")
         self._futures[instruction.replica_id] = future
-        actor = self.actors[instruction.replica_id] = await future
+        actor = self.actors[instruction.replica_id] = bound_actor(await future, self.client)
         if peer is not None and not sharded:
             await self._weights_from(peer, instruction.replica_id, actor)
         if not instruction.build:

@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from elastic_llm.cluster.replica_options import ReplicaOptions
+from elastic_llm.cluster.serialization import register_tensor_serializer
 from elastic_llm.control.messages import (
     FailCommit,
     FinishCommit,
@@ -55,6 +56,12 @@ if TYPE_CHECKING:
     from elastic_llm.engine.replica.report import ReconfigurationReport
 
 logger = logging.getLogger(__name__)
+
+# Every process that holds this actor must decode tensors the way its callers encode them: a
+# client process that registered our serializer (e.g. after an in-process worker ran) sending to
+# a worker still on Dask's own made the actor call hang. So the serializer is registered as soon
+# as the actor's class is imported (unpickling an actor imports it before any call arrives).
+register_tensor_serializer()
 
 COMMIT_OP = "elastic_llm_commit"
 

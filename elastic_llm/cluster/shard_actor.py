@@ -26,6 +26,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from elastic_llm.cluster.serialization import register_tensor_serializer
 from elastic_llm.engine.replica.errors import ReplicaWorkerError
 from elastic_llm.engine.replica.messages import ModelSource, PeerShard
 from elastic_llm.engine.replica.transport import Call, Reply, serve_call
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
     from elastic_llm.engine.replica.pieces import TensorPiece
 
 #: How long the constructor waits for the runtime to be built in the actor's thread.
+# Every process that holds this actor must decode tensors the way its callers encode them: a
+# client process that registered our serializer (e.g. after an in-process worker ran) sending to
+# a worker still on Dask's own made the actor call hang. So the serializer is registered as soon
+# as the actor's class is imported (unpickling an actor imports it before any call arrives).
+register_tensor_serializer()
+
 _START_TIMEOUT_S = 120.0
 #: How long one pull of weight pieces from a peer shard may take.
 _PULL_TIMEOUT_S = 60.0

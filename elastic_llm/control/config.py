@@ -31,6 +31,8 @@ class FleetConfig:
     #: a disconnected client's requests keep running this long (a reconnect within it loses
     #: nothing); then they are aborted
     client_reconnect_s: float = 30.0
+    max_finished_records: int = 10_000  #: finished requests kept in full (older: in the totals)
+    max_events_per_client: int = 20_000  #: a client's event log (further behind: a "lost" event)
     #: consecutive failed replica starts after which broken workers are no longer restarted
     max_start_failures: int = 3
 
@@ -43,8 +45,9 @@ class FleetConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"FleetConfig.{name} must be a finite number >= 0, got {value!r}")
-        if self.max_batch_size < 1:
-            raise ValueError("FleetConfig.max_batch_size must be >= 1")
+        for name in ("max_batch_size", "max_finished_records", "max_events_per_client"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"FleetConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
     @property
     def auto_parallel(self) -> bool:

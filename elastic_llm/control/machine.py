@@ -63,7 +63,7 @@ class FleetState:
                  profile: InstanceProfile | None = None) -> None:
         self.policy = policy_by_name(policy)
         self.config = config or FleetConfig()
-        self.table = RequestTable()  #: every request, with its committed tokens
+        self.table = RequestTable(self.config.max_events_per_client, self.config.max_finished_records)  #: requests
         self.workers: dict[str, WorkerRecord] = {}  #: live workers by address
         self.replicas: dict[str, ReplicaRecord] = {}  #: live replicas by id
         self.loops = LoopStats()  #: replicas' loop counters
