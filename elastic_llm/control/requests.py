@@ -246,8 +246,13 @@ class RequestTable:
         return True
 
     def events_since(self, client: str, cursor: int) -> list[ClientEvent]:
-        """The client's events with `seq >= cursor`; `EventsLostError` if some were dropped."""
+        """The client's events with `seq >= cursor`; `EventsLostError` if some were dropped.
+        Asking from `cursor` acknowledges every earlier event: those are dropped (delivered)."""
         events = self._events.get(client)
+        if not events:
+            return []
+        while events and events[0].seq < cursor:
+            events.popleft()
         if not events:
             return []
         first = events[0].seq

@@ -59,6 +59,22 @@ def test_a_client_too_far_behind_gets_an_error_not_a_gap() -> None:
     assert table.events_since("c", 5) == []
 
 
+def test_delivered_events_are_dropped_so_a_client_that_keeps_up_holds_a_bounded_log() -> None:
+    table = RequestTable(max_events_per_client=1000)
+    table.add(_record(0))
+    table.assign("q0", "r")
+    cursor = 0
+    for step in range(50):
+        table.commit("q0", step, [step], now=1.0)
+        events = table.events_since("c", cursor)
+        assert [e.token_ids for e in events] == [(step,)]
+        cursor = events[-1].seq + 1
+    table.events_since("c", cursor)  # the last answer acknowledged
+    assert len(table._events["c"]) == 0  # noqa: SLF001 - the log itself
+    table.commit("q0", 50, [50], now=1.0)
+    assert [e.seq for e in table.events_since("c", cursor)] == [50]
+
+
 def test_a_gap_is_refused_and_a_repeat_merges() -> None:
     table = RequestTable()
     table.add(_record(0))
