@@ -435,8 +435,9 @@ class FleetState:
         return any(address in r.workers or address in r.reserved for r in self.replicas.values())
 
     def free_workers(self) -> list[str]:
-        """Usable workers holding nothing, in a stable order."""
-        return sorted(a for a in self.workers if self.usable(a) and not self._held(a))
+        """Usable workers holding nothing, in a stable order (O(workers + replica positions))."""
+        held = {w for r in self.replicas.values() for w in (*r.workers, *r.reserved)}
+        return sorted(a for a in self.workers if self.usable(a) and a not in held)
 
     def usable_workers(self) -> list[str]:
         """Workers neither leaving nor suspect (held or free)."""

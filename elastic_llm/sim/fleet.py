@@ -167,7 +167,7 @@ class FleetSimulator:
         iteration = replica.next_iteration(self.clock)
         if iteration is None:
             return
-        gone = [w for w in replica.workers if self.instance_of(w) not in self.alive]
+        gone = [i for i in {self.instance_of(w) for w in replica.workers} if i not in self.alive]
         if gone:
             self.violations.append(f"{replica.replica_id} ran on {gone[0]} outside its availability at {self.now}")
         replica.iterating = True

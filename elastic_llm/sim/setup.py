@@ -24,6 +24,9 @@ class PaperSetting:
     memory_budget_bytes: int = 95 * 10**8
     prompt_tokens: int = 512  #: input length
     output_tokens: int = 128  #: output length
+    #: re-plan shapes on the measured arrival rate too (our live controller's load check); False:
+    #: plan for `required_rate` only, as the artifact's optimizer does
+    measured_rate: bool = False
 
 
 def simulate_fleet(policy: str | FleetPolicy, spec: ModelSpec, profile: InstanceProfile,
@@ -33,7 +36,8 @@ def simulate_fleet(policy: str | FleetPolicy, spec: ModelSpec, profile: Instance
     settings = settings or SimSettings(output_tokens=setting.output_tokens)
     config = FleetConfig(parallel=None, max_batch_size=settings.max_batch,
                          memory_budget_bytes=setting.memory_budget_bytes, required_rate=setting.required_rate,
-                         plan_workload=(setting.prompt_tokens, setting.output_tokens))
+                         plan_workload=(setting.prompt_tokens, setting.output_tokens),
+                         rate_window_s=60.0 if setting.measured_rate else 0.0)
     fleet = FleetState(policy, config, profile=profile)
     clock = IterationClock(spec, profile, prompt_tokens=setting.prompt_tokens)
     return FleetSimulator(fleet, spec, clock, settings).run(availability, arrivals)
