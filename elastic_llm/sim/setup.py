@@ -27,6 +27,9 @@ class PaperSetting:
     #: re-plan shapes on the measured arrival rate too (our live controller's load check); False:
     #: plan for `required_rate` only, as the artifact's optimizer does
     measured_rate: bool = False
+    #: a fixed (P, M) for every replica; None: the planner chooses (SpotServe adapts it, the
+    #: baselines keep their first choice)
+    parallel: tuple[int, int] | None = None
 
 
 def simulate_fleet(policy: str | FleetPolicy, spec: ModelSpec, profile: InstanceProfile,
@@ -34,7 +37,7 @@ def simulate_fleet(policy: str | FleetPolicy, spec: ModelSpec, profile: Instance
                    setting: PaperSetting = PaperSetting(), settings: SimSettings | None = None) -> SimResult:
     """Run one policy over the traces with the live `FleetState` and return the figures."""
     settings = settings or SimSettings(output_tokens=setting.output_tokens)
-    config = FleetConfig(parallel=None, max_batch_size=settings.max_batch,
+    config = FleetConfig(parallel=setting.parallel, max_batch_size=settings.max_batch,
                          memory_budget_bytes=setting.memory_budget_bytes, required_rate=setting.required_rate,
                          plan_workload=(setting.prompt_tokens, setting.output_tokens),
                          rate_window_s=60.0 if setting.measured_rate else 0.0)

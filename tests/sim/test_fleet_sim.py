@@ -121,3 +121,11 @@ def test_replay_of_b_s_puts_spotserve_ahead_of_both_baselines_on_p99() -> None:
     p99 = {policy: simulate_fleet(policy, GPT20B, _profile(), trace, arrivals).latency_p99_s
            for policy in ("spotserve", "reroute", "reparallelize")}
     assert p99["spotserve"] < p99["reroute"] and p99["spotserve"] < p99["reparallelize"], p99
+
+
+def test_paper_replay_refuses_bad_options_with_exit_2(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "workflows" / "paper_replay.py"
+    for args in (["--sections", "nonsense"], ["--data", str(tmp_path)], ["--batching", "dynamic"]):
+        result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "error" in result.stderr
