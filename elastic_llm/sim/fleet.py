@@ -140,8 +140,14 @@ class FleetSimulator:
                                       self.settings.gpu_memory_bytes))
 
     def _instance_noticed(self, instance: str, deadline: float) -> None:
+        """All of an instance's workers are noticed at once; the state machine takes one event per
+        worker, so replica leaders come last: a replica then first reshards away from its leaving
+        shards. (Leader first, `FleetState` creates a successor on the leader's sibling workers,
+        which are noticed next, and the chain of successors ends up on workers the original replica
+        still holds: see docs/benchmarks.md, "Fleet simulator".)"""
         if instance in self.alive:
-            for worker in self.gpus(instance):
+            leaders = {r.leader for r in self.replicas.values()}
+            for worker in sorted(self.gpus(instance), key=lambda w: w in leaders):
                 self.send(ev.WorkerNoticed(worker, deadline))
 
     def _instance_removed(self, instance: str) -> None:
@@ -246,8 +252,17 @@ class FleetSimulator:
         if self.replicas.get(replica.replica_id) is not replica:
             return
         replica.ready = True
+        self._check_exclusive(replica)
         self.send(ev.ReplicaReady(op, info))
         self.kick(replica)
+
+    def _check_exclusive(self, replica: SimReplica) -> None:
+        """Invariant: a replica taking its workers shares none with another ready replica."""
+        mine = set(replica.workers)
+        for other in self.replicas.values():
+            if other is not replica and other.ready and mine & set(other.workers):
+                self.violations.append(f"{replica.replica_id} and {other.replica_id} both hold "
+                                       f"{sorted(mine & set(other.workers))[0]} at {self.now:.1f} s")
 
     def _do_BuildReplica(self, order: ins.BuildReplica) -> None:
         replica = self.replicas.get(order.replica_id)
@@ -342,6 +357,7 @@ class FleetSimulator:
         old = replica.parallel
         replica.parallel, replica.workers, replica.paused = order.parallel, order.workers, False
         replica.epoch += 1
+        self._check_exclusive(replica)
         self.send(ev.ReshardDone(order.op, plan.summary(old, order, replica.epoch)))
         self.kick(replica)
 

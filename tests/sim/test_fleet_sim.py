@@ -129,3 +129,31 @@ def test_paper_replay_refuses_bad_options_with_exit_2(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         assert "error" in result.stderr
+
+
+@needs_data
+@pytest.mark.xfail(strict=True, reason="control bug: a noticed leader's successor chain double-books workers")
+def test_noticing_a_replica_leader_before_its_sibling_workers_keeps_workers_exclusive() -> None:
+    """One instance = 4 workers, noticed one event at a time. Leader first, `FleetState` makes a
+    successor on the leader's siblings (noticed next), and the last successor of the chain is
+    built on workers the original replica still holds (found by the simulator; the enactor now
+    notices leaders last)."""
+    from elastic_llm.control import FleetConfig, FleetState
+    from elastic_llm.control import events as ev
+    from elastic_llm.sim import FleetSimulator, PaperSetting
+    from elastic_llm.sim.replica import IterationClock
+
+    class LeaderFirst(FleetSimulator):
+        def _instance_noticed(self, instance: str, deadline: float) -> None:
+            leaders = {r.leader for r in self.replicas.values()}
+            for worker in sorted(self.gpus(instance), key=lambda w: w not in leaders):
+                self.send(ev.WorkerNoticed(worker, deadline))
+
+    trace = load_availability(DATA / "availability" / "trace_0304_real.txt")
+    arrivals = [a for a in load_arrivals(DATA / "arrivals" / "query_tpt0.35_cv6.txt") if a.time < trace.end]
+    setting = PaperSetting()
+    config = FleetConfig(parallel=None, max_batch_size=4, memory_budget_bytes=setting.memory_budget_bytes,
+                         required_rate=setting.required_rate, plan_workload=(512, 128), rate_window_s=0.0)
+    fleet = FleetState("spotserve", config, profile=_profile())
+    result = LeaderFirst(fleet, GPT20B, IterationClock(GPT20B, _profile())).run(trace, arrivals)
+    assert result.violations == ()
