@@ -9,8 +9,8 @@ SpotServe's four ablations; the 6.7B and 30B models at their rates; and the simu
 the 12-hour trace and on a synthetic 512-instance trace.
 
 Run:  python workflows/paper_replay.py [--data ../shared/data/spotserve] [--sections all]
-          [--batching static|continuous] [--json results.json]
-sections: paper, ondemand, ablations, models, speed (comma-separated) or all
+          [--batching static|continuous] [--storage-bandwidth 1.25e9] [--json results.json]
+sections: paper, ondemand, ablations, models, fixed, speed (comma-separated) or all
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ MODELS = {  # model: (profile, arrivals, required rate)
     "gpt-20b": ("T4-4x_megatron_h6144.json", "query_tpt0.35_cv6.txt", 0.4),
     "spotserve-30b": ("T4-4x_megatron_h7168.json", "query_tpt0.2_cv6.txt", 0.2),
 }
-SECTIONS = ("paper", "ondemand", "ablations", "models", "speed")
+SECTIONS = ("paper", "ondemand", "ablations", "models", "fixed", "speed")
 
 
 def published(data: Path) -> dict[tuple[str, str], tuple[float, float]]:
@@ -59,14 +59,14 @@ class Runner:
         self.cpu_s = 0.0  #: CPU seconds of the latest run (the machine is shared: wall time varies)
 
     def run(self, section: str, label: str, policy: str, model: str, trace: AvailabilityTrace,
-            arrivals: Any = None) -> tuple[SimResult, float]:
+            arrivals: Any = None, setting: PaperSetting | None = None) -> tuple[SimResult, float]:
         profile_file, arrivals_file, rate = MODELS[model]
         profile = load_profile(self.data / "profiles" / profile_file, model=model)
         if arrivals is None:
             arrivals = [a for a in load_arrivals(self.data / "arrivals" / arrivals_file) if a.time < trace.end]
         started, cpu = time.perf_counter(), time.process_time()
         result = simulate_fleet(policy, described_model(model), profile, trace, arrivals,
-                                PaperSetting(required_rate=rate), self.settings)
+                                replace(setting or PaperSetting(), required_rate=rate), self.settings)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         self.cpu_s = cpu
         self.results.append({"section": section, "label": label, "model": model, "wall_s": wall, "cpu_s": cpu,
@@ -142,6 +142,19 @@ def models(runner: Runner) -> None:
                       f"{result.latency_p99_s:.1f} | {result.cost_per_token:.3f} |")
 
 
+def fixed_shape(runner: Runner) -> None:
+    print("\n## Every policy with replicas fixed at (P, M) = (3, 4) (GPT-20B, seconds)\n")
+    print("| trace | policy | avg | P99 | P99 paper | restarted |")
+    print("|---|---|---|---|---|---|")
+    values = published(runner.data)
+    for trace_name in TRACES:
+        for policy in POLICIES:
+            result, _ = runner.run("fixed", trace_name, OUR_NAME[policy], "gpt-20b", runner.trace(trace_name),
+                                   setting=replace(PaperSetting(), parallel=(3, 4)))
+            print(f"| {trace_name} | {policy} | {result.latency_mean_s:.1f} | {result.latency_p99_s:.1f} | "
+                  f"{values[(trace_name, policy)][1]:.1f} | {result.requests_restarted} |")
+
+
 def speed(runner: Runner) -> None:
     print("\n## Simulator speed (simulated seconds per wall-clock second)\n")
     print("| run | instances (peak) | requests | events | simulated s | wall s | CPU s | sim s / wall s |")
@@ -162,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/spotserve")
     parser.add_argument("--sections", default="all")
     parser.add_argument("--batching", choices=("static", "continuous"), default="static")
+    parser.add_argument("--storage-bandwidth", type=float, default=SimSettings().storage_bandwidth,
+                        help="bytes/s one instance reads the checkpoint at (default 1.25e9 = 10 Gbps)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = parser.parse_args(argv)
     sections = SECTIONS if args.sections == "all" else tuple(s.strip() for s in args.sections.split(","))
@@ -170,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)} or all")
     if not (args.data / "published_gpt20b.csv").exists():
         parser.error(f"--data {args.data} does not hold SpotServe's artifact data (published_gpt20b.csv)")
-    runner = Runner(args.data, replace(SimSettings(), batching=args.batching))
-    print(f"# SpotServe reproduction in the fleet simulator ({args.batching} batching)")
+    if args.storage_bandwidth <= 0:
+        parser.error("--storage-bandwidth must be > 0")
+    runner = Runner(args.data, replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth))
+    print(f"# SpotServe reproduction in the fleet simulator ({args.batching} batching, "
+          f"checkpoint at {args.storage_bandwidth:.3g} B/s per instance)")
     for section in sections:
         {"paper": paper, "ondemand": on_demand_fleets, "ablations": ablations, "models": models,
-         "speed": speed}[section](runner)
+         "fixed": fixed_shape, "speed": speed}[section](runner)
     if args.json:
         args.json.write_text(json.dumps(runner.results, indent=1))
     bad = [r for r in runner.results if r["violations"]]
