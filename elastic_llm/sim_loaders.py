@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from elastic_llm.planning.errors import ProfileError
@@ -62,8 +63,6 @@ def load_availability(path: PathLike) -> AvailabilityTrace:
 def _mark_on_demand(trace: AvailabilityTrace) -> AvailabilityTrace:
     """SpotServe's A_S+O / B_S+O: each node added after the first preemption replaces a
     preempted one and is on the on-demand market (the artifact's cost counts them so)."""
-    from dataclasses import replace
-
     first_removal = min((e.time for e in trace.events if e.kind == "remove"), default=None)
     marked = set()
     if first_removal is not None:

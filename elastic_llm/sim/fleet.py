@@ -23,7 +23,6 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -33,8 +32,8 @@ from elastic_llm.control import instructions as ins
 from elastic_llm.control.messages import FinishCommit, LoopCounters, ReplicaCommit, ReplicaInfo, TokenCommit
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.sampling import SamplingParams
-from elastic_llm.sim.moves import MoveTimer
-from elastic_llm.sim.replica import IterationClock, SimReplica, SimRequest, kv_bytes
+from elastic_llm.sim.moves import MoveTimer, ReshardPlan
+from elastic_llm.sim.replica import Iteration, IterationClock, SimReplica, SimRequest, kv_bytes
 from elastic_llm.sim.results import SimResult, SimSettings
 from elastic_llm.sim.traces import Arrival, AvailabilityTrace
 
@@ -179,7 +178,7 @@ class FleetSimulator:
         replica.iterating = True
         self.at(self.now + iteration.seconds, lambda: self._iteration_done(replica, iteration))
 
-    def _iteration_done(self, replica: SimReplica, iteration: Any) -> None:
+    def _iteration_done(self, replica: SimReplica, iteration: Iteration) -> None:
         if self.replicas.get(replica.replica_id) is not replica:
             return  # lost meanwhile: nothing it computed counts
         starts = {r.request_id: r.done for r in iteration.requests}
@@ -351,7 +350,7 @@ class FleetSimulator:
 
         self.on_boundary(replica, switch)
 
-    def _resharded(self, replica: SimReplica, order: ins.Reshard, plan: Any) -> None:
+    def _resharded(self, replica: SimReplica, order: ins.Reshard, plan: ReshardPlan) -> None:
         if self.replicas.get(replica.replica_id) is not replica:
             return
         old = replica.parallel
