@@ -88,8 +88,8 @@ class FleetSimulator:
     def run(self, availability: AvailabilityTrace, arrivals: Sequence[Arrival]) -> SimResult:
         """Replay both traces until every request finished (or the drain limit); the figures."""
         self._schedule_availability(availability)
-        params = SamplingParams(max_new_tokens=self.settings.output_tokens, ignore_eos=True)
         for index, arrival in enumerate(arrivals):
+            params = SamplingParams(max_new_tokens=arrival.output_len or self.settings.output_tokens, ignore_eos=True)
             self.at(arrival.time, self._submit(f"q{index}", arrival, params, index))
         stop_at = max(availability.end, arrivals[-1].time if arrivals else 0.0) + self.settings.drain_limit_s
         while self._heap:
@@ -176,6 +176,9 @@ class FleetSimulator:
         if gone:
             self.violations.append(f"{replica.replica_id} ran on {gone[0]} outside its availability at {self.now}")
         replica.iterating = True
+        if self.settings.shared_cores is not None:  # processes on one machine share its cores
+            busy = sum(r.iterating for r in self.replicas.values())
+            iteration.seconds *= max(1.0, busy / self.settings.shared_cores)
         self.at(self.now + iteration.seconds, lambda: self._iteration_done(replica, iteration))
 
     def _iteration_done(self, replica: SimReplica, iteration: Iteration) -> None:
@@ -402,7 +405,7 @@ class FleetSimulator:
         on_demand = (held["spot"] + held["on-demand"]) * self.settings.on_demand_price / 3600
         latencies = np.array([self.finished_at[r] - self.arrived[r] for r in self.finished_at]) if self.finished_at \
             else np.array([float("nan")])
-        tokens = sum(a.input_len + self.settings.output_tokens for a in arrivals)
+        tokens = sum(a.input_len + (a.output_len or self.settings.output_tokens) for a in arrivals)
         status = self.fleet.status(self.now)
         violations = list(self.violations)
         twice = [r for r, n in self.finishes.items() if n > 1]

@@ -31,6 +31,10 @@ class SimSettings:
     on_demand_price: float = ON_DEMAND_PRICE  #: USD/h of one on-demand instance
     warm_start: bool = True  #: replicas on the instances present at time 0 start loaded
     drain_limit_s: float = 3600.0  #: after the trace ends, stop at most this much later
+    #: CPU cores all workers share (one machine, as the live replay on this machine): an iteration
+    #: takes longer by (replicas iterating / cores) when that exceeds 1; None: every worker has its
+    #: own device (a real fleet)
+    shared_cores: int | None = None
     max_events: int = 50_000_000  #: bound on simulated events (a runaway is an error, not a hang)
 
     def __post_init__(self) -> None:
@@ -43,6 +47,8 @@ class SimSettings:
             raise ValueError("SimSettings bandwidths must be > 0")
         if self.gpus_per_instance < 1 or self.max_batch < 1 or self.output_tokens < 1 or self.max_events < 1:
             raise ValueError("SimSettings.gpus_per_instance, max_batch, output_tokens, max_events must be >= 1")
+        if self.shared_cores is not None and self.shared_cores < 1:
+            raise ValueError("SimSettings.shared_cores must be >= 1 or None")
         if self.batching not in ("static", "continuous"):
             raise ValueError(f"SimSettings.batching must be 'static' or 'continuous', got {self.batching!r}")
 

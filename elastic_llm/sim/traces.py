@@ -59,6 +59,7 @@ class Arrival:
 
     time: float  #: seconds from the trace start
     input_len: int  #: prompt tokens
+    output_len: int | None = None  #: output tokens (None: the simulation's `output_tokens`)
 
 
 def _checked(events: list[InstanceEvent], end: float | None) -> AvailabilityTrace:

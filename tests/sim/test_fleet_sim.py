@@ -157,3 +157,19 @@ def test_noticing_a_replica_leader_before_its_sibling_workers_keeps_workers_excl
     fleet = FleetState("spotserve", config, profile=_profile())
     result = LeaderFirst(fleet, GPT20B, IterationClock(GPT20B, _profile())).run(trace, arrivals)
     assert result.violations == ()
+
+
+@needs_data
+def test_workers_sharing_cores_iterate_slower_and_per_request_output_lengths_are_served() -> None:
+    from dataclasses import replace
+
+    from elastic_llm.sim.traces import Arrival
+
+    trace = synthetic_availability(6, 300.0, mean_lifetime_s=1e6, seed=1)  # no churn
+    arrivals = [Arrival(a.time, 512, 16 + i % 3) for i, a in enumerate(gamma_arrivals(0.5, 1.0, 200.0, 512, seed=1))]
+    own = simulate_fleet("reroute", GPT20B, _profile(), trace, arrivals)
+    shared = simulate_fleet("reroute", GPT20B, _profile(), trace, arrivals,
+                            settings=replace(SimSettings(), shared_cores=1))
+    assert own.finished == shared.finished == len(arrivals)
+    assert own.status["tokens_finished"] == sum(a.output_len for a in arrivals)  # type: ignore[misc]
+    assert shared.latency_mean_s > own.latency_mean_s * 1.2
