@@ -74,6 +74,7 @@ class FleetSimulator:
         self._ticks: set[float] = set()
         self._events = 0
         self._weights_at: dict[str, float] = {}  # replica -> when its weights are in place
+        self._instance_sets: dict[tuple[str, ...], frozenset[str]] = {}
 
     # ------------------------------------------------------------------ the loop
     def at(self, time: float, action: Callable[[], None]) -> None:
@@ -160,6 +161,13 @@ class FleetSimulator:
         for worker in sorted(workers):
             self.send(ev.WorkerLost(worker))
 
+    def _instances(self, workers: tuple[str, ...]) -> frozenset[str]:
+        """The instances a replica's workers are on (cached per worker tuple)."""
+        found = self._instance_sets.get(workers)
+        if found is None:
+            found = self._instance_sets[workers] = frozenset(self.instance_of(w) for w in workers)
+        return found
+
     def instance_of(self, worker: str) -> str:
         """The instance a worker address belongs to."""
         return worker.rsplit("/", 1)[0]
@@ -172,7 +180,7 @@ class FleetSimulator:
         iteration = replica.next_iteration(self.clock)
         if iteration is None:
             return
-        gone = [i for i in {self.instance_of(w) for w in replica.workers} if i not in self.alive]
+        gone = [i for i in self._instances(replica.workers) if i not in self.alive]
         if gone:
             self.violations.append(f"{replica.replica_id} ran on {gone[0]} outside its availability at {self.now}")
         replica.iterating = True
