@@ -35,19 +35,26 @@ class FleetConfig:
     max_events_per_client: int = 20_000  #: a client's event log (further behind: a "lost" event)
     #: consecutive failed replica starts after which broken workers are no longer restarted
     max_start_failures: int = 3
+    #: the shape planner plans for at least this arrival rate (1/s): SpotServe's required throughput
+    required_rate: float = 0.0
+    #: (prompt, output) tokens the shape planner plans for
+    plan_workload: tuple[int, int] = (128, 64)
 
     def __post_init__(self) -> None:
         if self.parallel is not None and (len(self.parallel) != 2 or min(self.parallel) < 1):
             raise ValueError(f"parallel must be (P, M) with P, M >= 1 or None, not {self.parallel!r}")
         for name in ("migration_margin_s", "kv_bandwidth", "prefill_seconds_per_token", "start_timeout_s",
                      "call_timeout_s", "transfer_slack_s", "reshard_timeout_s", "stop_timeout_s", "rate_window_s",
-                     "load_check_s", "default_step_seconds", "client_log_ttl_s", "client_reconnect_s"):
+                     "load_check_s", "default_step_seconds", "client_log_ttl_s", "client_reconnect_s",
+                     "required_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"FleetConfig.{name} must be a finite number >= 0, got {value!r}")
         for name in ("max_batch_size", "max_finished_records", "max_events_per_client"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"FleetConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if len(self.plan_workload) != 2 or min(self.plan_workload) < 1:
+            raise ValueError(f"FleetConfig.plan_workload must be (prompt, output) >= 1, got {self.plan_workload!r}")
 
     @property
     def auto_parallel(self) -> bool:

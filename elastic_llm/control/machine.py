@@ -70,7 +70,7 @@ class FleetState:
         self.affinity = PrefixAffinity()  #: prompt prefixes each replica's cache has seen
         self.ops = Operations()  #: instructions awaiting their answer
         self.shapes = ShapeChoice(self.config.parallel, self.config.max_batch_size,
-                                  self.policy.adapts_shape, profile)
+                                  self.policy.adapts_shape, profile, self.config.plan_workload)
         self.notices: deque[NoticeRecord] = deque(maxlen=HISTORY)  #: the latest notices handled
         self.reshards: deque[dict[str, Any]] = deque(maxlen=HISTORY)  #: the latest shape switches
         self.load_replans: deque[dict[str, float]] = deque(maxlen=HISTORY)  #: the latest load re-plans
@@ -454,8 +454,9 @@ class FleetState:
         return any(address in r.workers or address in r.reserved for r in self.replicas.values())
 
     def free_workers(self) -> list[str]:
-        """Usable workers holding nothing, in a stable order."""
-        return sorted(a for a in self.workers if self.usable(a) and not self._held(a))
+        """Usable workers holding nothing, in a stable order (O(workers + replica positions))."""
+        held = {w for r in self.replicas.values() for w in (*r.workers, *r.reserved)}
+        return sorted(a for a in self.workers if self.usable(a) and a not in held)
 
     def usable_workers(self) -> list[str]:
         """Workers neither leaving nor suspect (held or free)."""
@@ -468,9 +469,10 @@ class FleetState:
         return min((self.workers[a].memory_bytes for a in self.usable_workers()), default=0)
 
     def arrival_rate(self) -> float:
-        """Requests per second submitted over the last `rate_window_s`."""
+        """Requests per second submitted over the last `rate_window_s` (at least `required_rate`)."""
         window = self.config.rate_window_s
-        return self.table.arrived_since(self._now - window) / window if window else 0.0
+        measured = self.table.arrived_since(self._now - window) / window if window else 0.0
+        return max(measured, self.config.required_rate)
 
     def _check_load(self) -> None:
         """(adaptive shapes) plan the fleet again when the arrival rate has moved 2x or more."""

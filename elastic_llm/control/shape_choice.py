@@ -8,6 +8,7 @@ fleet's shapes were planned for (so a sustained load change can plan again). Pur
 from __future__ import annotations
 
 from elastic_llm.control.shapes import ShapePlanner, cpu_profile, fit_shape
+from elastic_llm.planning.config import Workload
 from elastic_llm.planning.errors import NoFeasibleConfigError
 from elastic_llm.planning.measured import MeasuredProfile
 from elastic_llm.planning.profiles import InstanceProfile
@@ -21,14 +22,16 @@ class ShapeChoice:
         batch_size: the replicas' batch size.
         adaptive: re-choose as workers and load change (else the first choice is kept).
         profile: timings the optimizer plans with (None: a CPU roofline at the memory budget).
+        workload: (prompt, output) tokens the optimizer plans for.
     """
 
     def __init__(self, parallel: tuple[int, int] | None, batch_size: int, adaptive: bool,
-                 profile: InstanceProfile | None = None) -> None:
+                 profile: InstanceProfile | None = None, workload: tuple[int, int] = (128, 64)) -> None:
         self.parallel = parallel
         self.batch_size = batch_size
         self.adaptive = adaptive
         self.profile = profile
+        self.workload = Workload(input_len=workload[0], output_len=workload[1])  #: what shapes are planned for
         self.spec: object | None = None  #: the model's `ModelSpec`, once described
         self.planned_rate: float | None = None  #: arrival rate (1/s) the fleet was planned for
         self.notes: list[str] = []  #: why a given profile was not used
@@ -81,5 +84,5 @@ class ShapeChoice:
                                   "planning with a CPU roofline instead")
                 profile = None
             self._planner = ShapePlanner(self.spec, profile or cpu_profile(memory_bytes),  # type: ignore[arg-type]
-                                         self.batch_size)
+                                         self.batch_size, self.workload)
         return self._planner
