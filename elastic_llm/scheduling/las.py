@@ -1,28 +1,34 @@
-"""Least attained service in tokens, with an age guard: the "las-guard" policy.
+"""Least attained service in tokens, ordered by the Gittins index, with a guard: "las-guard".
 
-Measured on bursty heavy-tailed load (docs/benchmarks.md, issue 20), skip-join MLFQ gained little
-on mean JCT and lost up to 1.8x on P99: service counted in iteration *seconds* charged every
-decoding request for the prefills of a burst's newcomers, and starvation promotion (after a fixed
-alpha, resetting the level) arrived too late for the long requests and then sent them back down.
-This policy keeps what made MLFQ good (newcomers first, least-served first) and changes the rest:
+Measured on bursty heavy-tailed load (docs/benchmarks.md, issue 20): skip-join MLFQ counts
+service in iteration *seconds* (a burst's prefills age every decoding request next to them),
+reorders by attained service even where output lengths are close to exponential (ShareGPT-shaped,
+CV 1: no size-blind gain on the mean exists there, and P99 doubles), and its starvation
+promotion comes after a fixed alpha. This policy:
 
-- **Service in tokens.** A request's attained service is the number of tokens it has *sampled*
-  (output tokens), not the seconds of the iterations it sat in: a long prefill next to it does not
-  age it. Level `i` holds requests with attained service in
-  `[quantum_tokens * (2**i - 1), quantum_tokens * (2**(i+1) - 1))`: level 0 is the newcomers.
-- **Order.** Lower level first; within a level, arrival order (FIFO, not round-robin, so equal
-  requests finish one after another instead of all late together).
-- **Hysteresis.** A request that ran in the last iteration is displaced only by one at least
-  `preempt_margin` levels above it, and one iteration displaces at most
-  `max_preempt_fraction` of the batch (at least one request): a burst cannot evict the whole
-  running batch at once.
-- **Age guard (the starvation bound).** A request older than the guard (`now - arrival`) is
-  *guarded*: guarded requests come before every unguarded one but newcomers (whose first token
-  comes first), oldest first, keep their attained service, and are owed at least half the batch. The guard is `guard_factor` x the mean completion time of the requests
-  finished so far (measured online, so it follows the load), clipped to
-  [`min_guard_s`, `max_guard_s`], plus `1 + guard_slowdown` x the time the request has been
-  served (its attained tokens x the mean iteration). So no request waits beyond that guard plus
-  the time the guarded requests that arrived before it take in their half of the batch.
+- **Counts service in sampled tokens.** Level `i` holds requests that sampled
+  `[quantum_tokens * (2**i - 1), quantum_tokens * (2**(i+1) - 1))` tokens; level 0 holds the
+  requests yet to sample their first token.
+- **Orders levels by the Gittins index** (`gittins.GittinsTable`) of a sample of output lengths:
+  `prior_lengths` (the bundled sample at the engine's scale: the "predictor") and, with
+  `learn_online`, the lengths of finished requests (Kaplan-Meier, running ones censored). Where
+  the hazard of the length falls (Pareto) this is least attained service; where it rises
+  (ShareGPT-shaped) a started request keeps its place and the order is FCFS's. Until
+  `min_samples` lengths are known, lower level first (plain least attained service).
+- **FIFO within a level**, so equal requests finish one after another, not all late together.
+- **Newcomers first** (`newcomers_first`): a request's prefill and first token come before
+  every started request's next token (time to first token), except the guarded half below.
+- **Hysteresis.** A request that ran in the last iteration is displaced only by one ranked
+  higher (at least `preempt_margin` levels higher without an index), and one iteration displaces
+  at most `max_preempt_fraction` of the batch (at least one request).
+- **Guard (the starvation bound).** A request is *guarded* when its age exceeds
+  `(1 + guard_slowdown) x the seconds it has run + slack`, the slack being `guard_factor` x the
+  online mean completion time once it has sampled the `guard_quantile` quantile of known
+  lengths, and `young_guard_factor` x that mean before (both clipped to
+  [`min_guard_s`, `max_guard_s`]; `max_guard_s` before anything finished). Guarded requests
+  come first, oldest first, keep their service, and are owed at least half the batch (rounded
+  up). So no request waits longer than `max_guard_s` + 1.1 x its own run time plus the time
+  guarded requests that arrived before it take in their half of the batch.
 
 Pure: no clock (`now` is a parameter), no I/O.
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from collections.abc import Sequence
+import numpy as np
 
 from elastic_llm.scheduling.base import (
     BatchLimits,
@@ -51,25 +57,33 @@ class LASConfig:
     quantum_tokens: int = 1  #: width of level 0 in sampled tokens; level i is 2**i times wider
     preempt_margin: int = 1  #: levels a waiting request must be above a running one to displace it
     max_preempt_fraction: float = 1.0  #: most of the batch one iteration may displace (>= 1 request)
-    guard_factor: float = 2.0  #: the guard's slack = this x the online mean completion time
-    guard_slowdown: float = 0.2  #: the guard also allows this x the time the request has been served
+    guard_factor: float = 0.25  #: slack of requests past `guard_quantile`: this x online mean JCT
+    young_guard_factor: float = 2.0  #: slack of the others: this x online mean JCT
+    guard_slowdown: float = 0.1  #: the guard also allows this x the seconds the request has run
+    guard_quantile: float = 0.9  #: quantile of the known lengths from which the tight slack applies
     newcomers_first: bool = True  #: a request yet to sample its first token outranks guarded ones
     min_guard_s: float = 1.0  #: the guard never falls below this (seconds)
     max_guard_s: float = 120.0  #: the guard never exceeds this (seconds): the starvation bound
-    learn_lengths: bool = True  #: order by the Gittins index of the finished requests' lengths
+    use_gittins: bool = True  #: order by the Gittins index of the known output lengths (else by level)
+    prior_lengths: tuple[int, ...] = ()  #: output lengths known beforehand (a bundled sample)
     refit_every: int = 50  #: refit the index after this many more finished requests
     min_samples: int = 50  #: least attained service until this many lengths are known
     window: int = 2000  #: lengths kept for the fit (most recent)
+    learn_online: bool = True  #: finished requests' lengths join the sample (else: the given one only)
 
     def __post_init__(self) -> None:
         if self.quantum_tokens < 1 or self.preempt_margin < 1:
             raise ValueError("quantum_tokens and preempt_margin must be >= 1")
         if not 0.0 < self.max_preempt_fraction <= 1.0:
             raise ValueError("max_preempt_fraction must be in (0, 1]")
-        if not self.guard_factor > 0 or self.guard_slowdown < 0:
-            raise ValueError("guard_factor must be > 0 and guard_slowdown >= 0")
+        if not self.guard_factor > 0 or not self.young_guard_factor > 0 or self.guard_slowdown < 0:
+            raise ValueError("guard_factor and young_guard_factor must be > 0, guard_slowdown >= 0")
+        if any(n < 1 for n in self.prior_lengths):
+            raise ValueError("prior_lengths must be >= 1 token each")
         if not 0 < self.min_guard_s <= self.max_guard_s:
             raise ValueError("need 0 < min_guard_s <= max_guard_s")
+        if not 0.0 <= self.guard_quantile < 1.0:
+            raise ValueError("guard_quantile must be in [0, 1)")
         if min(self.refit_every, self.min_samples, self.window) < 1:
             raise ValueError("refit_every, min_samples and window must be >= 1")
 
@@ -100,21 +114,19 @@ class _Entry:
     arrival: float
     pending: int
     attained: int = 0
+    served_s: float = 0.0  # seconds of the iterations it ran in
     guarded: bool = False
 
 
 class GuardedLAS(RequestScheduler):
     """Token-level preemptive least-attained-service scheduler with an adaptive age guard."""
 
-    def __init__(self, config: LASConfig | None = None, lengths: Sequence[int] = ()) -> None:
-        """`lengths`: output lengths (tokens) known beforehand, e.g. a bundled sample at the
-        engine's scale; with `learn_lengths` the finished requests' lengths join them."""
+    def __init__(self, config: LASConfig | None = None) -> None:
         self.config = config or LASConfig()
-        self._lengths: list[int] = [int(n) for n in lengths if n >= 1][-self.config.window:]
+        self._lengths: list[int] = list(self.config.prior_lengths[-self.config.window:])
         self._since_fit = 0
         self._table: GittinsTable | None = None
-        if len(self._lengths) >= self.config.min_samples:
-            self._table = GittinsTable.fit(self._lengths)
+        self._guard_tokens = 0  # attained tokens from which the slack guard applies
         self._entries: dict[str, _Entry] = {}  # {request_id: entry}
         self._next_seq = 0
         self._last_ran: frozenset[str] = frozenset()
@@ -123,6 +135,8 @@ class GuardedLAS(RequestScheduler):
         self._total_jct_s = 0.0  # sum of their completion times
         self._iterations = 0  # iterations reported
         self._busy_s = 0.0  # their total duration (seconds)
+        if len(self._lengths) >= self.config.min_samples:
+            self._fit()
 
     # ---- RequestScheduler -------------------------------------------------------------------
     def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
@@ -138,16 +152,19 @@ class GuardedLAS(RequestScheduler):
         if entry is not None and entry.attained > 0:
             self._finished += 1
             self._total_jct_s += max(0.0, self._now - entry.arrival)
-            if self.config.learn_lengths:
+            if self.config.learn_online:
                 self._learn(entry.attained)
         self._last_ran -= {request_id}
 
     def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
         """Mark requests older than the guard, then fill the batch in priority order."""
-        slack = self.guard_s()
-        per_token = self.mean_iteration_s() * (1.0 + self.config.guard_slowdown)
+        slack, young = self.guard_s(), self.guard_s(young=True)
+        stretch = 1.0 + self.config.guard_slowdown
         for entry in self._entries.values():
-            entry.guarded = now - entry.arrival > slack + per_token * entry.attained
+            served = stretch * entry.served_s
+            age = now - entry.arrival
+            long_enough = entry.attained >= self._guard_tokens
+            entry.guarded = age > served + (slack if long_enough else young)
         chosen = self._choose(limits)
         scheduled: list[ScheduledWork] = []
         budget = limits.max_batch_tokens
@@ -172,6 +189,7 @@ class GuardedLAS(RequestScheduler):
             entry = self._entries.get(request_id)
             if entry is not None:
                 entry.pending = max(0, entry.pending - tokens)
+                entry.served_s += outcome.duration
                 ran.add(request_id)
         for request_id in outcome.sampled:
             entry = self._entries.get(request_id)
@@ -204,13 +222,14 @@ class GuardedLAS(RequestScheduler):
         """Mean duration of the iterations reported so far (0 before the first)."""
         return self._busy_s / self._iterations if self._iterations else 0.0
 
-    def guard_s(self) -> float:
-        """The guard's slack (seconds): guard_factor x online mean JCT, clipped to
-        [min_guard_s, max_guard_s] (max_guard_s before any request finished)."""
+    def guard_s(self, young: bool = False) -> float:
+        """The guard's slack (seconds): `guard_factor` (`young_guard_factor` if `young`) x the
+        online mean JCT, clipped to [min_guard_s, max_guard_s]; max_guard_s before any finished."""
         config = self.config
         if self._finished == 0:
             return config.max_guard_s
-        guard = config.guard_factor * self._total_jct_s / self._finished
+        factor = config.young_guard_factor if young else config.guard_factor
+        guard = factor * self._total_jct_s / self._finished
         return min(config.max_guard_s, max(config.min_guard_s, guard))
 
     def state(self, request_id: str) -> LASEntryState:
@@ -230,8 +249,14 @@ class GuardedLAS(RequestScheduler):
         self._since_fit += 1
         due = self._table is None or self._since_fit >= self.config.refit_every
         if due and len(self._lengths) >= self.config.min_samples:
-            self._table = GittinsTable.fit(self._lengths)
+            self._fit()
             self._since_fit = 0
+
+    def _fit(self) -> None:
+        if self.config.use_gittins:
+            running = [e.attained for e in self._entries.values() if e.attained > 0]
+            self._table = GittinsTable.fit(self._lengths, censored=running)
+        self._guard_tokens = int(np.quantile(self._lengths, self.config.guard_quantile))
 
     def _rank(self, entry: _Entry) -> float:
         """Lower is sooner: the level, or minus the Gittins index at the level's start."""

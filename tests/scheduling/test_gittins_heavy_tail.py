@@ -60,3 +60,12 @@ def test_heavy_workload_is_bursty_and_unreachable_cv_is_refused() -> None:
         synthesize_heavy_sample(HeavyTailStats("pareto", 9.0, seed=1, max_output=400), n=200)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_length_sample("pareto-cv9")  # type: ignore[arg-type]
+
+
+def test_running_requests_count_as_censored_lengths() -> None:
+    """Two finished at 2 tokens, two still running past 9: the tail is not forgotten."""
+    finished_only = GittinsTable.fit([2, 2])
+    censored = GittinsTable.fit([2, 2], censored=[9, 9])
+    assert finished_only(0) == pytest.approx(0.5)  # surely done after 2 tokens
+    assert censored(0) == pytest.approx(0.5 * 1 / 2)  # half of them are long: half the index
+    assert len(censored.index) == 10  # the censored mass sits one past the longest running one

@@ -8,7 +8,7 @@ from elastic_llm.scheduling import BatchLimits, IterationOutcome
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig
 from tests.scheduling.fakes import FakeRequest, run
 
-NO_GUARD = dict(min_guard_s=1e6, max_guard_s=1e6, learn_lengths=False)
+NO_GUARD = dict(min_guard_s=1e6, max_guard_s=1e6, use_gittins=False)
 
 
 def _decode(scheduler: GuardedLAS, ids: list[str], now: float, duration: float = 0.1) -> None:
@@ -70,7 +70,7 @@ def test_one_iteration_displaces_at_most_the_configured_share_of_the_batch() -> 
 
 def test_starvation_bound_a_served_request_runs_again_within_the_guard() -> None:
     """A long request, then a newcomer every iteration forever: the guard lets it back in."""
-    config = LASConfig(min_guard_s=0.5, max_guard_s=2.0, guard_slowdown=0.2, learn_lengths=False)
+    config = LASConfig(min_guard_s=0.5, max_guard_s=2.0, guard_slowdown=0.2, use_gittins=False)
     scheduler = GuardedLAS(config)
     limits = BatchLimits(max_batch_size=1)
     step_s = 0.1
@@ -88,7 +88,7 @@ def test_starvation_bound_a_served_request_runs_again_within_the_guard() -> None
 
 
 def test_newcomers_go_ahead_of_guarded_requests_but_only_in_half_the_batch() -> None:
-    scheduler = GuardedLAS(LASConfig(min_guard_s=0.1, max_guard_s=0.1, learn_lengths=False))
+    scheduler = GuardedLAS(LASConfig(min_guard_s=0.1, max_guard_s=0.1, use_gittins=False))
     limits = BatchLimits(max_batch_size=2)
     for rid in ("old1", "old2"):
         scheduler.add_request(rid, 1, 0.0)
@@ -112,8 +112,9 @@ def test_learned_lengths_of_equal_size_run_a_started_request_to_completion() -> 
     lengths = [8] * 100
     limits = BatchLimits(max_batch_size=1)
     for learned, expected in ((True, "a"), (False, "b")):
-        config = LASConfig(learn_lengths=learned, min_guard_s=1e6, max_guard_s=1e6)
-        scheduler = GuardedLAS(config, lengths=lengths if learned else ())
+        config = LASConfig(use_gittins=learned, min_guard_s=1e6, max_guard_s=1e6,
+                           prior_lengths=tuple(lengths))
+        scheduler = GuardedLAS(config)
         scheduler.add_request("a", 1, 0.0)
         for t in range(3):
             _ran(scheduler, float(t), limits)
@@ -125,7 +126,7 @@ def test_learned_lengths_of_equal_size_run_a_started_request_to_completion() -> 
 
 
 def test_the_guard_follows_the_online_mean_completion_time() -> None:
-    config = LASConfig(guard_factor=2.0, min_guard_s=0.5, max_guard_s=50.0, learn_lengths=False)
+    config = LASConfig(guard_factor=2.0, min_guard_s=0.5, max_guard_s=50.0, use_gittins=False)
     scheduler = GuardedLAS(config)
     assert scheduler.guard_s() == 50.0  # nothing finished yet: the largest guard
     scheduler.add_request("a", 1, 0.0)
