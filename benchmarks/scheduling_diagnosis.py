@@ -37,6 +37,8 @@ from elastic_llm.scheduling import (  # noqa: E402
     make_scheduler,
     make_workload,
 )
+from elastic_llm.scheduling.las import LASConfig  # noqa: E402
+from elastic_llm.scheduling.workloads import load_length_sample  # noqa: E402
 from elastic_llm.sim import simulate  # noqa: E402
 
 PREFILL = LinearPrefillPredictor(0.053, 0.00292)
@@ -126,7 +128,7 @@ def workload(args: argparse.Namespace, seed: int, limits: BatchLimits) -> list[W
     return [WorkloadItem(a.arrival_s, p, o) for a, (p, o) in zip(arrivals, rows)]
 
 
-def build(name: str, step: float, alpha_s: float) -> RequestScheduler:
+def build(name: str, step: float, alpha_s: float, dataset: str) -> RequestScheduler:
     if name == "fcfs":
         return FCFS()
     config = MLFQConfig(base_quantum_s=step, starvation_alpha_s=alpha_s)
@@ -134,7 +136,10 @@ def build(name: str, step: float, alpha_s: float) -> RequestScheduler:
         return SkipJoinMLFQ(config, PREFILL)
     if name == "mlfq":
         return make_scheduler("mlfq", config)
-    return make_scheduler(name)  # policies that need no tuning here
+    if name == "las-guard":  # its Gittins prior: the bundled sample at the benchmark's scale
+        prior = tuple(max(4, round(o * LENGTH_SCALE)) for _, o in load_length_sample(dataset))  # type: ignore[arg-type]
+        return make_scheduler(name, las=LASConfig(prior_lengths=prior, learn_online=False))
+    return make_scheduler(name)
 
 
 def diagnose(name: str, args: argparse.Namespace, fcfs_mean: float) -> Diagnosis:
@@ -145,7 +150,7 @@ def diagnose(name: str, args: argparse.Namespace, fcfs_mean: float) -> Diagnosis
     recorders = []
     for seed in range(args.seeds):
         items = workload(args, seed, limits)
-        recorder = Recorder(build(name, step, alpha_s))
+        recorder = Recorder(build(name, step, alpha_s, args.dataset))
         timings = simulate(recorder, items, DEFAULT_TIME_MODEL, limits)
         recorders.append(recorder)
         jcts += [t.completion_time_s for t in timings]
@@ -185,7 +190,7 @@ def main() -> None:
     parser.add_argument("--alpha-steps", type=float, default=200.0)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--policies", default="fcfs,skip-join")
+    parser.add_argument("--policies", default="fcfs,skip-join,mlfq,las-guard")
     parser.add_argument("--output")
     args = parser.parse_args()
     if args.batch < 1 or args.requests < 1 or args.seeds < 1 or not 0 < args.load < 1:

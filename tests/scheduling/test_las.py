@@ -154,3 +154,22 @@ def test_duplicate_ids_are_refused_and_unknown_removals_ignored() -> None:
         scheduler.add_request("a", 3, 0.0)
     scheduler.remove_request("zzz")
     assert "a" in scheduler and len(scheduler) == 1
+
+
+def test_with_a_rising_hazard_prior_and_no_newcomer_rule_it_is_exactly_fcfs() -> None:
+    """ShareGPT-shaped lengths (near exponential, index rising after the first tokens): the Gittins
+    order never preempts a started request, so every completion time equals FCFS's."""
+    from elastic_llm.scheduling import FCFS, WorkloadItem, make_workload
+    from elastic_llm.scheduling.workloads import load_length_sample
+    from elastic_llm.sim import IterationTimeModel, simulate
+
+    prior = tuple(max(4, round(o * 0.15)) for _, o in load_length_sample("sharegpt"))
+    items = [WorkloadItem(i.arrival_s, max(4, round(i.prompt_tokens * 0.15)), max(4, round(i.output_tokens * 0.15)))
+             for i in make_workload(120, 6.0, "sharegpt", cv=4.0, seed=3)]
+    model, limits = IterationTimeModel(0.05, 0.009, 0.0029), BatchLimits(max_batch_size=4, max_batch_tokens=512)
+    config = LASConfig(prior_lengths=prior, learn_online=False, newcomers_first=False,
+                       min_guard_s=1e6, max_guard_s=1e6)
+    fcfs = simulate(FCFS(), items, model, limits)
+    las = simulate(GuardedLAS(config), items, model, limits)
+    assert max(t.time_to_first_token_s for t in fcfs) > 5.0, "queues must form"
+    assert [t.finish_s for t in las] == pytest.approx([t.finish_s for t in fcfs])
