@@ -4,9 +4,10 @@ For each setting (dataset, batch, arrival CV, load): the same requests (lengths 
 sample x `--length-scale`, outputs capped at `--max-output`, Gamma arrivals at `load` x the
 simulated capacity) are run
 
-1. through the simulator (`elastic_llm.sim.simulate`) with an iteration-time model fitted in this
-   run to the live engine (prefill over length at batch 1, decode at the full batch), and
-2. on the live engine (SmolLM2-135M-Instruct, fp32, `--threads` torch threads) in real time,
+1. on the live engine (SmolLM2-135M-Instruct, fp32, `--threads` torch threads) in real time, the
+   arrival rate set from a quick calibration (prefill over length, decode at the full batch), and
+2. through the simulator (`elastic_llm.sim.simulate`) on the same arrivals, with an iteration-time
+   model fitted (non-negative least squares) to every iteration the two live runs executed,
 
 each under FCFS and under "las-guard" (Gittins prior: the same scaled, capped sample). Reported:
 mean and P99 JCT and P99 TTFT ratios (FCFS / las-guard for mean and TTFT, las-guard / FCFS for P99),
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.optimize
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,9 +41,11 @@ from elastic_llm.model.loader import LoadedModel, load_model  # noqa: E402
 from elastic_llm.scheduling import (  # noqa: E402
     FCFS,
     BatchLimits,
+    IterationOutcome,
     LASConfig,
     LinearPrefillPredictor,
     RequestScheduler,
+    SchedulerOutput,
     WorkloadItem,
     make_scheduler,
     make_workload,
@@ -70,6 +74,9 @@ class SettingResult:
     live: Ratios
     same_tokens_as_fcfs: bool
     live_wall_s: float
+    #: per policy, simulated and live: iterations, preemptions, tokens computed, makespan (s)
+    counters: dict[str, dict[str, float]]
+    refitted_time_model: dict[str, float]  #: the simulator's model, fitted to the live iterations
 
 
 def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeModel:
@@ -98,6 +105,48 @@ def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeMode
     per_request = max(0.0, (step - batch * prefill.per_token_s - prefill.intercept_s) / max(1, batch - 1))
     fixed = max(0.0, prefill.intercept_s - per_request)
     return IterationTimeModel(fixed, per_request, prefill.per_token_s)
+
+
+class IterationRecorder(RequestScheduler):
+    """Delegates to `inner`; records (batch size, tokens, seconds) of every live iteration."""
+
+    def __init__(self, inner: RequestScheduler) -> None:
+        self.inner = inner
+        self.iterations: list[tuple[int, int, float]] = []
+        self._shape = (0, 0)
+
+    def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
+        self.inner.add_request(request_id, num_tokens_to_compute, now)
+
+    def remove_request(self, request_id: str) -> None:
+        self.inner.remove_request(request_id)
+
+    def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
+        decision = self.inner.schedule(now, limits)
+        self._shape = (len(decision.scheduled), decision.num_tokens)
+        return decision
+
+    def update(self, outcome: IterationOutcome) -> None:
+        if self._shape[0]:
+            self.iterations.append((*self._shape, outcome.duration))
+        self.inner.update(outcome)
+
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        self.inner.skip_cached(request_id, num_tokens)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def fit_to_iterations(iterations: list[tuple[int, int, float]]) -> IterationTimeModel:
+    """Least squares `seconds = fixed + per_request * batch + per_token * tokens`, terms >= 0."""
+    data = np.asarray(iterations, dtype=float)
+    design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    terms = scipy.optimize.nnls(design, data[:, 2])[0]
+    return IterationTimeModel(*(float(t) for t in terms))
 
 
 def scaled(dataset: str, args: argparse.Namespace) -> tuple[int, ...]:
@@ -129,10 +178,7 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
     rate = load * capacity(rows, time_model, limits)
     arrivals = make_workload(args.requests, rate, dataset, cv=cv, seed=args.seed)  # type: ignore[arg-type]
     items = [WorkloadItem(a.arrival_s, p, o) for a, (p, o) in zip(arrivals, rows)]
-    simulated = {}
-    for name, scheduler in policies(dataset, args).items():
-        timings = simulate(scheduler, items, time_model, limits)
-        simulated[name] = ([t.completion_time_s for t in timings], [t.time_to_first_token_s for t in timings])
+    counters: dict[str, dict[str, float]] = {}
     generator = torch.Generator().manual_seed(args.seed)
     requests = []
     for i, item in enumerate(items):
@@ -140,6 +186,7 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
         requests.append(TimedRequest(f"q{i}", item.arrival_s, tuple(prompt),
                                      SamplingParams(max_new_tokens=item.output_tokens, ignore_eos=True)))
     live, tokens = {}, {}
+    observed: list[tuple[int, int, float]] = []
     started = time.perf_counter()
     for name, scheduler in policies(dataset, args).items():
         deadline = time.perf_counter() + args.limit_s
@@ -148,13 +195,33 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
             if time.perf_counter() > deadline:  # noqa: B023
                 raise TimeoutError(f"live run over --limit-s {args.limit_s} s ({done}/{total} done)")
 
-        timings = replay(lambda clock, s=scheduler: LLMEngine(model, scheduler=s, limits=limits, clock=clock),
-                         requests, on_progress)
+        engines: list[LLMEngine] = []
+        recorder = IterationRecorder(scheduler)
+
+        def make_engine(clock: ReplayClock, s: RequestScheduler = recorder) -> LLMEngine:
+            engines.append(LLMEngine(model, scheduler=s, limits=limits, clock=clock))  # noqa: B023
+            return engines[-1]  # noqa: B023
+
+        timings = replay(make_engine, requests, on_progress)
+        stats = engines[0].stats()
+        counters[f"live {name}"] = {"iterations": stats.iterations, "preemptions": stats.preemptions,
+                                    "tokens_computed": stats.tokens_computed,
+                                    "makespan_s": max(t.finish_s for t in timings)}
+        observed += recorder.iterations
+    refit = fit_to_iterations(observed)
+    print(f"  {spec}: iteration-time model refitted to {len(observed)} live iterations: {refit}", flush=True)
+    simulated = {}
+    for name, scheduler in policies(dataset, args).items():
+        sim_timings = simulate(scheduler, items, refit, limits)
+        simulated[name] = ([t.completion_time_s for t in sim_timings], [t.time_to_first_token_s for t in sim_timings])
+        counters[f"sim {name}"] = {"preemptions": sum(t.preemptions for t in sim_timings),
+                                   "makespan_s": max(t.finish_s for t in sim_timings)}
         live[name] = ([t.completion_time_s for t in timings], [t.time_to_first_token_s for t in timings])
         tokens[name] = {t.request_id: t.token_ids for t in timings}
         print(f"  {spec} {name}: live JCT mean {np.mean(live[name][0]):.2f} s", flush=True)
     return SettingResult(dataset, batch, cv, load, rate, ratios(simulated), ratios(live),
-                         tokens["fcfs"] == tokens["las-guard"], time.perf_counter() - started)
+                         tokens["fcfs"] == tokens["las-guard"], time.perf_counter() - started, counters,
+                         asdict(refit))
 
 
 def main() -> None:
@@ -186,7 +253,8 @@ def main() -> None:
         result = run_setting(model, time_model, spec, args)
         results.append(result)
         print(f"{spec}: simulated {asdict(result.simulated)}\n    live {asdict(result.live)}\n"
-              f"    same tokens {result.same_tokens_as_fcfs}, live wall {result.live_wall_s:.0f} s", flush=True)
+              f"    same tokens {result.same_tokens_as_fcfs}, live wall {result.live_wall_s:.0f} s\n"
+              f"    counters {result.counters}", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "time_model": asdict(time_model),
                                                  "results": [asdict(r) for r in results]}, indent=1),
