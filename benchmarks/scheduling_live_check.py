@@ -208,6 +208,9 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
                                     "tokens_computed": stats.tokens_computed,
                                     "makespan_s": max(t.finish_s for t in timings)}
         observed += recorder.iterations
+        live[name] = ([t.completion_time_s for t in timings], [t.time_to_first_token_s for t in timings])
+        tokens[name] = {t.request_id: t.token_ids for t in timings}
+        print(f"  {spec} {name}: live JCT mean {np.mean(live[name][0]):.2f} s", flush=True)
     refit = fit_to_iterations(observed)
     print(f"  {spec}: iteration-time model refitted to {len(observed)} live iterations: {refit}", flush=True)
     simulated = {}
@@ -216,9 +219,6 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
         simulated[name] = ([t.completion_time_s for t in sim_timings], [t.time_to_first_token_s for t in sim_timings])
         counters[f"sim {name}"] = {"preemptions": sum(t.preemptions for t in sim_timings),
                                    "makespan_s": max(t.finish_s for t in sim_timings)}
-        live[name] = ([t.completion_time_s for t in timings], [t.time_to_first_token_s for t in timings])
-        tokens[name] = {t.request_id: t.token_ids for t in timings}
-        print(f"  {spec} {name}: live JCT mean {np.mean(live[name][0]):.2f} s", flush=True)
     return SettingResult(dataset, batch, cv, load, rate, ratios(simulated), ratios(live),
                          tokens["fcfs"] == tokens["las-guard"], time.perf_counter() - started, counters,
                          asdict(refit))
