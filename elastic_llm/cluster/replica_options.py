@@ -15,6 +15,7 @@ from elastic_llm.scheduling import (
     SCHEDULER_NAMES,
     BatchLimits,
     LinearPrefillPredictor,
+    LASConfig,
     MLFQConfig,
     RequestScheduler,
     ResidencyConfig,
@@ -32,7 +33,7 @@ class ReplicaOptions:
     model: str  #: embedded model name or checkpoint directory
     max_batch_size: int = 16  #: requests per iteration
     max_batch_tokens: int = 1024  #: tokens per iteration
-    #: request policy, one of `SCHEDULER_NAMES` ("fcfs", "mlfq", "skip-join"), built by
+    #: request policy, one of `SCHEDULER_NAMES` ("fcfs", "mlfq", "skip-join", "las-guard"), built by
     #: `elastic_llm.scheduling.make_scheduler`
     scheduler: SchedulerName = "fcfs"
     threads: int = 1  #: torch threads in this worker process
@@ -53,6 +54,8 @@ class ReplicaOptions:
     mlfq: MLFQConfig | None = None
     #: skip-join's prefill-time predictor (None: `scheduling.DEFAULT_PREFILL_PREDICTOR`)
     prefill_predictor: LinearPrefillPredictor | None = None
+    #: settings of "las-guard" (None: `LASConfig()`); refused with any other scheduler
+    las: LASConfig | None = None
     #: device KV budget with proactive swap to host or drop-and-recompute (FastServe); needs an
     #: MLFQ scheduler and a whole-model replica. None: every request's KV stays on the device
     kv_residency: ResidencyConfig | None = None
@@ -95,7 +98,7 @@ class ReplicaOptions:
 
     def build_scheduler(self) -> RequestScheduler:
         """A fresh scheduler of these options (each engine gets its own)."""
-        return make_scheduler(self.scheduler, self.mlfq, self.prefill_predictor)
+        return make_scheduler(self.scheduler, self.mlfq, self.prefill_predictor, self.las)
 
     @property
     def auto_parallel(self) -> bool:

@@ -16,6 +16,8 @@ from elastic_llm.scheduling.factory import (
     scheduler_name,
 )
 from elastic_llm.scheduling.fcfs import FCFS
+from elastic_llm.scheduling.gittins import GittinsTable
+from elastic_llm.scheduling.las import GuardedLAS, LASConfig, LASEntryState
 from elastic_llm.scheduling.mlfq import MLFQConfig, QueueEntryState, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 from elastic_llm.scheduling.residency import (
@@ -33,6 +35,10 @@ __all__ = [
     "SCHEDULER_NAMES",
     "BatchLimits",
     "FCFS",
+    "GittinsTable",
+    "GuardedLAS",
+    "LASConfig",
+    "LASEntryState",
     "IterationOutcome",
     "KVResidencyPolicy",
     "LinearPrefillPredictor",

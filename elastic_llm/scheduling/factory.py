@@ -6,7 +6,11 @@ build it here, so a name means the same policy everywhere:
 - "fcfs": `FCFS`, run to completion in arrival order (never preempts);
 - "mlfq": `SkipJoinMLFQ` with `skip_join=False`, every request joins level 0;
 - "skip-join": `SkipJoinMLFQ` with `skip_join=True` (FastServe), a request joins the level whose
-  quantum covers its predicted prefill time.
+  quantum covers its predicted prefill time;
+- "las-guard": `GuardedLAS`, least attained service counted in sampled tokens, FIFO within a
+  level, hysteresis against bursts, and an age guard (a multiple of the online mean completion
+  time) that serves old requests first: the policy that wins on bursty heavy-tailed load
+  (docs/benchmarks.md, issue 20).
 
 Only the MLFQ names can drive a KV residency policy (they estimate next scheduled times).
 """
@@ -18,10 +22,11 @@ from typing import Literal, cast, get_args
 
 from elastic_llm.scheduling.base import RequestScheduler
 from elastic_llm.scheduling.fcfs import FCFS
+from elastic_llm.scheduling.las import GuardedLAS, LASConfig
 from elastic_llm.scheduling.mlfq import MLFQConfig, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 
-SchedulerName = Literal["fcfs", "mlfq", "skip-join"]
+SchedulerName = Literal["fcfs", "mlfq", "skip-join", "las-guard"]
 
 #: Every scheduler name `make_scheduler` accepts.
 SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
@@ -41,15 +46,23 @@ def check_scheduler_name(name: str) -> SchedulerName:
 
 
 def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
-                   predict_prefill_s: PrefillPredictor | None = None) -> RequestScheduler:
+                   predict_prefill_s: PrefillPredictor | None = None,
+                   las: LASConfig | None = None) -> RequestScheduler:
     """A fresh scheduler of policy `name` (one of `SCHEDULER_NAMES`).
 
     `mlfq`: MLFQ settings for "mlfq" and "skip-join" (None: `MLFQConfig()`); its `skip_join`
     flag is set by the name. `predict_prefill_s`: skip-join's prefill-time predictor (None:
     `DEFAULT_PREFILL_PREDICTOR`). Raises ValueError for an unknown name or a setting the named
     policy would ignore (MLFQ settings for "fcfs", a predictor for anything but "skip-join").
+    `las`: settings of "las-guard" (None: `LASConfig()`), refused by every other name.
     """
     name = check_scheduler_name(name)
+    if las is not None and name != "las-guard":
+        raise ValueError(f"scheduler {name!r} takes no LAS settings (only 'las-guard' does)")
+    if name == "las-guard":
+        if mlfq is not None or predict_prefill_s is not None:
+            raise ValueError("scheduler 'las-guard' takes no MLFQ settings or prefill predictor")
+        return GuardedLAS(las)
     if name == "fcfs":
         if mlfq is not None:
             raise ValueError("scheduler 'fcfs' takes no MLFQ settings (mlfq=...)")
@@ -72,4 +85,6 @@ def scheduler_name(scheduler: RequestScheduler) -> str:
         return "skip-join" if scheduler.config.skip_join else "mlfq"
     if isinstance(scheduler, FCFS):
         return "fcfs"
+    if isinstance(scheduler, GuardedLAS):
+        return "las-guard"
     return type(scheduler).__name__

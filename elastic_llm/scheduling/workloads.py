@@ -25,7 +25,12 @@ from typing import Literal
 
 import numpy as np
 
+from elastic_llm.scheduling.heavy_tail import HEAVY_STATS, HeavyDataset
+
 Dataset = Literal["sharegpt", "alpaca"]
+#: Every bundled length sample: the two dataset-shaped ones and the heavy-tailed ones.
+AnyDataset = Dataset | HeavyDataset
+DATASETS: tuple[str, ...] = ("sharegpt", "alpaca", *HEAVY_STATS)
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,12 @@ def format_length_sample(dataset: Dataset, pairs: np.ndarray) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_length_sample(dataset: Dataset) -> tuple[tuple[int, int], ...]:
-    """The bundled (prompt_tokens, output_tokens) pairs for `dataset` ("sharegpt" or "alpaca")."""
-    if dataset not in LENGTH_STATS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(LENGTH_STATS)}")
-    path = resources.files("elastic_llm.scheduling").joinpath("data", f"{dataset}_like.csv")
+def load_length_sample(dataset: AnyDataset) -> tuple[tuple[int, int], ...]:
+    """The bundled (prompt_tokens, output_tokens) pairs for `dataset` (one of `DATASETS`)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    filename = f"{dataset}_like.csv" if dataset in LENGTH_STATS else f"{dataset}.csv"
+    path = resources.files("elastic_llm.scheduling").joinpath("data", filename)
     text = path.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line and not line.startswith("#")]
     pairs = (row.split(",") for row in rows[1:])  # rows[0] is the column header
@@ -131,7 +137,7 @@ def load_length_sample(dataset: Dataset) -> tuple[tuple[int, int], ...]:
 def make_workload(
     n: int,
     rate_per_s: float,
-    dataset: Dataset = "sharegpt",
+    dataset: AnyDataset = "sharegpt",
     *,
     cv: float = 1.0,
     seed: int = 0,

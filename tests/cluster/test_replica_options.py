@@ -10,7 +10,14 @@ from elastic_llm.control.messages import LoopCounters, ReplicaCommit, Scheduling
 from elastic_llm.cluster.errors import ClusterConfigError
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.control.fleet import LoopStats
-from elastic_llm.scheduling import LinearPrefillPredictor, MLFQConfig, ResidencyConfig, SkipJoinMLFQ
+from elastic_llm.scheduling import (
+    GuardedLAS,
+    LASConfig,
+    LinearPrefillPredictor,
+    MLFQConfig,
+    ResidencyConfig,
+    SkipJoinMLFQ,
+)
 
 SWAP = ResidencyConfig(device_budget_bytes=2**20, mode="swap")
 
@@ -30,8 +37,17 @@ def test_skip_join_with_a_kv_budget_builds_and_pickles() -> None:
     assert isinstance(scheduler, SkipJoinMLFQ) and not scheduler.config.skip_join
 
 
+def test_las_guard_builds_with_its_settings_and_pickles() -> None:
+    options = ReplicaOptions(model="m", scheduler="las-guard", las=LASConfig(prior_lengths=(4, 8, 16)))
+    scheduler = options.build_scheduler()
+    assert isinstance(scheduler, GuardedLAS) and scheduler.config.prior_lengths == (4, 8, 16)
+    assert pickle.loads(pickle.dumps(options)) == options
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join'"),
+    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard'"),
+    ({"scheduler": "skip-join", "las": LASConfig()}, "takes no LAS settings"),
+    ({"scheduler": "las-guard", "kv_residency": SWAP}, r"kv_residency with scheduler='las-guard'"),
     ({"scheduler": "fcfs", "kv_residency": SWAP},
      r"kv_residency with scheduler='fcfs'.*estimates next scheduled.*\['mlfq', 'skip-join'\]"),
     ({"scheduler": "skip-join", "kv_residency": SWAP, "parallel": (1, 2)}, "whole-model replica"),

@@ -15,6 +15,8 @@ from elastic_llm.engine.local_executor import LocalExecutor
 from elastic_llm.scheduling import (
     FCFS,
     BatchLimits,
+    GuardedLAS,
+    LASConfig,
     LinearPrefillPredictor,
     MLFQConfig,
     RequestScheduler,
@@ -101,6 +103,9 @@ POLICIES: dict[str, Callable[[], tuple[RequestScheduler, str | None]]] = {
     "skip-join": lambda: (_mlfq(skip_join=True), None),
     "skip-join+swap": lambda: (_mlfq(skip_join=True), "swap"),
     "skip-join+recompute": lambda: (_mlfq(skip_join=True), "recompute"),
+    # las-guard with a length prior: Gittins order, newcomers first, guard after 0.05 s
+    "las-guard": lambda: (GuardedLAS(LASConfig(prior_lengths=tuple(range(4, 30)) * 4, min_guard_s=0.05,
+                                               max_guard_s=0.05)), None),
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from elastic_llm.scheduling.las import GuardedLAS, LASConfig
+
 from elastic_llm.scheduling import (
     DEFAULT_PREFILL_PREDICTOR,
     FCFS,
@@ -18,7 +20,8 @@ from elastic_llm.scheduling import (
 
 
 def test_names_build_their_policies_and_read_back() -> None:
-    assert SCHEDULER_NAMES == ("fcfs", "mlfq", "skip-join")
+    assert SCHEDULER_NAMES == ("fcfs", "mlfq", "skip-join", "las-guard")
+    assert isinstance(make_scheduler("las-guard"), GuardedLAS)
     assert isinstance(make_scheduler("fcfs"), FCFS)
     plain, skip = make_scheduler("mlfq"), make_scheduler("skip-join")
     assert isinstance(plain, SkipJoinMLFQ) and plain.config.skip_join is False
@@ -53,7 +56,9 @@ def test_skip_join_without_a_predictor_uses_the_measured_default() -> None:
 
 
 @pytest.mark.parametrize(("name", "kwargs", "match"), [
-    ("skipjoin", {}, "choose one of 'fcfs', 'mlfq', 'skip-join'"),
+    ("skipjoin", {}, "choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard'"),
+    ("skip-join", {"las": LASConfig()}, "takes no LAS settings"),
+    ("las-guard", {"mlfq": MLFQConfig()}, "takes no MLFQ settings"),
     ("fcfs", {"mlfq": MLFQConfig()}, "takes no MLFQ settings"),
     ("fcfs", {"predict_prefill_s": DEFAULT_PREFILL_PREDICTOR}, "takes no prefill predictor"),
     ("mlfq", {"predict_prefill_s": DEFAULT_PREFILL_PREDICTOR}, "takes no prefill predictor"),

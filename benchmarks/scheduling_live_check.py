@@ -1,0 +1,265 @@
+"""Does the live engine confirm the simulator's las-guard / FCFS ratios? Two settings, run once.
+
+For each setting (dataset, batch, arrival CV, load): the same requests (lengths from the bundled
+sample x `--length-scale`, outputs capped at `--max-output`, Gamma arrivals at `load` x the
+simulated capacity) are run
+
+1. on the live engine (SmolLM2-135M-Instruct, fp32, `--threads` torch threads) in real time, the
+   arrival rate set from a quick calibration (prefill over length, decode at the full batch), and
+2. through the simulator (`elastic_llm.sim.simulate`) on the same arrivals, with an iteration-time
+   model fitted (non-negative least squares) to every iteration the two live runs executed,
+
+each under FCFS and under "las-guard" (Gittins prior: the same scaled, capped sample). Reported:
+mean and P99 JCT and P99 TTFT ratios (FCFS / las-guard for mean and TTFT, las-guard / FCFS for P99),
+simulated next to live, and whether las-guard produced FCFS's greedy tokens.
+
+Run:  .venv/bin/python benchmarks/scheduling_live_check.py [--settings "lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9"]
+          [--requests 36] [--length-scale 0.15] [--max-output 160] [--threads 1] [--output r.json]
+Bounded: `--requests` requests per run, four runs per setting, each run also stopped by `--limit-s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.optimize
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scheduling_sweep import capacity  # noqa: E402
+
+from elastic_llm import LLMEngine, SamplingParams  # noqa: E402
+from elastic_llm.engine.replay import ReplayClock, TimedRequest, replay  # noqa: E402
+from elastic_llm.model.loader import LoadedModel, load_model  # noqa: E402
+from elastic_llm.scheduling import (  # noqa: E402
+    FCFS,
+    BatchLimits,
+    IterationOutcome,
+    LASConfig,
+    LinearPrefillPredictor,
+    RequestScheduler,
+    SchedulerOutput,
+    WorkloadItem,
+    make_scheduler,
+    make_workload,
+)
+from elastic_llm.scheduling.workloads import DATASETS, load_length_sample  # noqa: E402
+from elastic_llm.sim import IterationTimeModel, simulate  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Ratios:
+    mean_gain: float  #: FCFS mean JCT / las-guard's
+    p99_ratio: float  #: las-guard P99 JCT / FCFS's
+    ttft_p99_gain: float  #: FCFS P99 TTFT / las-guard's
+    fcfs_mean_s: float
+    las_mean_s: float
+
+
+@dataclass(frozen=True)
+class SettingResult:
+    dataset: str
+    batch: int
+    arrival_cv: float
+    load: float
+    rate_req_s: float
+    simulated: Ratios
+    live: Ratios
+    same_tokens_as_fcfs: bool
+    live_wall_s: float
+    #: per policy, simulated and live: iterations, preemptions, tokens computed, makespan (s)
+    counters: dict[str, dict[str, float]]
+    refitted_time_model: dict[str, float]  #: the simulator's model, fitted to the live iterations
+
+
+def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeModel:
+    """Prefill over length at batch 1 and decode at the full batch, measured on the live engine."""
+    engine = LLMEngine(model, limits=limits)
+    engine.generate([[101, 102, 103]], SamplingParams(max_new_tokens=2))
+    samples = []
+    for length in (16, 64, 128):
+        runs = []
+        for _ in range(2):
+            started = time.perf_counter()
+            engine.generate([list(range(100, 100 + length))], SamplingParams(max_new_tokens=1))
+            runs.append(time.perf_counter() - started)
+        samples.append((length, min(runs)))
+    prefill = LinearPrefillPredictor.fit(samples)
+    for i in range(limits.max_batch_size):
+        engine.add_request(f"d{i}", [100 + i] * 24, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    engine.step()
+    steps = []
+    while engine.has_unfinished():
+        started = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - started)
+    batch = limits.max_batch_size
+    step = statistics.median(steps)
+    per_request = max(0.0, (step - batch * prefill.per_token_s - prefill.intercept_s) / max(1, batch - 1))
+    fixed = max(0.0, prefill.intercept_s - per_request)
+    return IterationTimeModel(fixed, per_request, prefill.per_token_s)
+
+
+class IterationRecorder(RequestScheduler):
+    """Delegates to `inner`; records (batch size, tokens, seconds) of every live iteration."""
+
+    def __init__(self, inner: RequestScheduler) -> None:
+        self.inner = inner
+        self.iterations: list[tuple[int, int, float]] = []
+        self._shape = (0, 0)
+
+    def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
+        self.inner.add_request(request_id, num_tokens_to_compute, now)
+
+    def remove_request(self, request_id: str) -> None:
+        self.inner.remove_request(request_id)
+
+    def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
+        decision = self.inner.schedule(now, limits)
+        self._shape = (len(decision.scheduled), decision.num_tokens)
+        return decision
+
+    def update(self, outcome: IterationOutcome) -> None:
+        if self._shape[0]:
+            self.iterations.append((*self._shape, outcome.duration))
+        self.inner.update(outcome)
+
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        self.inner.skip_cached(request_id, num_tokens)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def fit_to_iterations(iterations: list[tuple[int, int, float]]) -> IterationTimeModel:
+    """Least squares `seconds = fixed + per_request * batch + per_token * tokens`, terms >= 0."""
+    data = np.asarray(iterations, dtype=float)
+    design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    terms = scipy.optimize.nnls(design, data[:, 2])[0]
+    return IterationTimeModel(*(float(t) for t in terms))
+
+
+def scaled(dataset: str, args: argparse.Namespace) -> tuple[int, ...]:
+    """The dataset's output lengths as this benchmark runs them (the Gittins prior)."""
+    return tuple(min(args.max_output, max(4, round(o * args.length_scale)))
+                 for _, o in load_length_sample(dataset))  # type: ignore[arg-type]
+
+
+def policies(dataset: str, args: argparse.Namespace) -> dict[str, RequestScheduler]:
+    config = LASConfig(prior_lengths=scaled(dataset, args), learn_online=False)
+    return {"fcfs": FCFS(), "las-guard": make_scheduler("las-guard", las=config)}
+
+
+def ratios(results: dict[str, tuple[list[float], list[float]]]) -> Ratios:
+    (fj, ft), (lj, lt) = results["fcfs"], results["las-guard"]
+    return Ratios(float(np.mean(fj) / np.mean(lj)), float(np.percentile(lj, 99) / np.percentile(fj, 99)),
+                  float(np.percentile(ft, 99) / max(np.percentile(lt, 99), 1e-9)),
+                  float(np.mean(fj)), float(np.mean(lj)))
+
+
+def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
+                args: argparse.Namespace) -> SettingResult:
+    dataset, batch_s, cv_s, load_s = spec.split(",")
+    batch, cv, load = int(batch_s), float(cv_s), float(load_s)
+    limits = BatchLimits(max_batch_size=batch, max_batch_tokens=512)
+    base = make_workload(args.requests, 1.0, dataset, seed=args.seed)  # type: ignore[arg-type]
+    rows = [(max(4, round(i.prompt_tokens * args.length_scale)),
+             min(args.max_output, max(4, round(i.output_tokens * args.length_scale)))) for i in base]
+    rate = load * capacity(rows, time_model, limits)
+    arrivals = make_workload(args.requests, rate, dataset, cv=cv, seed=args.seed)  # type: ignore[arg-type]
+    items = [WorkloadItem(a.arrival_s, p, o) for a, (p, o) in zip(arrivals, rows)]
+    counters: dict[str, dict[str, float]] = {}
+    generator = torch.Generator().manual_seed(args.seed)
+    requests = []
+    for i, item in enumerate(items):
+        prompt = torch.randint(100, model.spec.vocab_size, (item.prompt_tokens,), generator=generator).tolist()
+        requests.append(TimedRequest(f"q{i}", item.arrival_s, tuple(prompt),
+                                     SamplingParams(max_new_tokens=item.output_tokens, ignore_eos=True)))
+    live, tokens = {}, {}
+    observed: list[tuple[int, int, float]] = []
+    started = time.perf_counter()
+    for name, scheduler in policies(dataset, args).items():
+        deadline = time.perf_counter() + args.limit_s
+
+        def on_progress(done: int, total: int) -> None:
+            if time.perf_counter() > deadline:  # noqa: B023
+                raise TimeoutError(f"live run over --limit-s {args.limit_s} s ({done}/{total} done)")
+
+        engines: list[LLMEngine] = []
+        recorder = IterationRecorder(scheduler)
+
+        def make_engine(clock: ReplayClock, s: RequestScheduler = recorder) -> LLMEngine:
+            engines.append(LLMEngine(model, scheduler=s, limits=limits, clock=clock))  # noqa: B023
+            return engines[-1]  # noqa: B023
+
+        timings = replay(make_engine, requests, on_progress)
+        stats = engines[0].stats()
+        counters[f"live {name}"] = {"iterations": stats.iterations, "preemptions": stats.preemptions,
+                                    "tokens_computed": stats.tokens_computed,
+                                    "makespan_s": max(t.finish_s for t in timings)}
+        observed += recorder.iterations
+        live[name] = ([t.completion_time_s for t in timings], [t.time_to_first_token_s for t in timings])
+        tokens[name] = {t.request_id: t.token_ids for t in timings}
+        print(f"  {spec} {name}: live JCT mean {np.mean(live[name][0]):.2f} s", flush=True)
+    refit = fit_to_iterations(observed)
+    print(f"  {spec}: iteration-time model refitted to {len(observed)} live iterations: {refit}", flush=True)
+    simulated = {}
+    for name, scheduler in policies(dataset, args).items():
+        sim_timings = simulate(scheduler, items, refit, limits)
+        simulated[name] = ([t.completion_time_s for t in sim_timings], [t.time_to_first_token_s for t in sim_timings])
+        counters[f"sim {name}"] = {"preemptions": sum(t.preemptions for t in sim_timings),
+                                   "makespan_s": max(t.finish_s for t in sim_timings)}
+    return SettingResult(dataset, batch, cv, load, rate, ratios(simulated), ratios(live),
+                         tokens["fcfs"] == tokens["las-guard"], time.perf_counter() - started, counters,
+                         asdict(refit))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", default="lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9",
+                        help="DATASET,BATCH,ARRIVAL_CV,LOAD;...")
+    parser.add_argument("--requests", type=int, default=36)
+    parser.add_argument("--length-scale", type=float, default=0.15)
+    parser.add_argument("--max-output", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-s", type=float, default=600.0, help="stop a live run after this long")
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    specs = [s for s in args.settings.split(";") if s]
+    for spec in specs:
+        parts = spec.split(",")
+        if len(parts) != 4 or parts[0] not in DATASETS:
+            parser.error(f"bad setting {spec!r}: DATASET,BATCH,ARRIVAL_CV,LOAD with DATASET in {DATASETS}")
+    if args.requests < 1 or args.max_output < 4 or not args.length_scale > 0:
+        parser.error("need --requests >= 1, --max-output >= 4, --length-scale > 0")
+    torch.set_num_threads(args.threads)
+    model = load_model()
+    limits = BatchLimits(max_batch_size=max(int(s.split(",")[1]) for s in specs), max_batch_tokens=512)
+    time_model = fit_time_model(model, limits)
+    print(f"time model fitted here: {time_model}", flush=True)
+    results = []
+    for spec in specs:
+        result = run_setting(model, time_model, spec, args)
+        results.append(result)
+        print(f"{spec}: simulated {asdict(result.simulated)}\n    live {asdict(result.live)}\n"
+              f"    same tokens {result.same_tokens_as_fcfs}, live wall {result.live_wall_s:.0f} s\n"
+              f"    counters {result.counters}", flush=True)
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "time_model": asdict(time_model),
+                                                 "results": [asdict(r) for r in results]}, indent=1),
+                                     encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
