@@ -33,6 +33,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                      help="LocalCluster workers as threads of this process (small models, tests)")
     cmd.add_argument("--policy", choices=POLICIES, default="spotserve", help="controller policy")
     cmd.add_argument("--max-batch-size", type=int, default=16, help="requests per replica iteration")
+    cmd.add_argument("--min-step-seconds", type=float, default=0.0,
+                     help="pace replica iterations to at least this long (emulates a slower instance)")
     cmd.add_argument("--api-key", default=None, help=f"required bearer key (default: ${API_KEY_ENV})")
     cmd.add_argument("--max-body-bytes", type=int, default=512 * 1024, help="largest request body (413 above)")
     cmd.add_argument("--max-pending", type=int, default=64,
@@ -60,6 +62,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cluster = ClusterOptions(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                                  local_workers=args.workers, local_processes=not args.in_process,
                                  model=args.model, policy=args.policy, max_batch_size=args.max_batch_size,
+                                 min_step_seconds=args.min_step_seconds,
                                  replicas_timeout_s=args.replicas_timeout)
     except ElasticLLMError as exc:
         parser.error(str(exc))

@@ -109,6 +109,7 @@ class ClusterOptions:
     model: str = "smollm2-135m-instruct"  #: embedded model name or checkpoint directory
     policy: str = "spotserve"  #: controller policy
     max_batch_size: int = 16  #: requests per replica iteration
+    min_step_seconds: float = 0.0  #: pace replica iterations to at least this long (emulation)
     replicas_timeout_s: float = 600.0  #: how long to wait for the first ready replica
 
     def __post_init__(self) -> None:
@@ -136,7 +137,8 @@ def serve(cluster: ClusterOptions, settings: GatewaySettings, host: str, port: i
           log_level: str = "info") -> None:
     """``elastic-llm serve``: register the controller, wait for a replica, serve until stopped."""
     with dask_client(cluster) as client:
-        replica = ReplicaOptions(model=cluster.model, max_batch_size=cluster.max_batch_size)
+        replica = ReplicaOptions(model=cluster.model, max_batch_size=cluster.max_batch_size,
+                                 min_step_seconds=cluster.min_step_seconds)
         llm = ServingClient(client, model=cluster.model, policy=cluster.policy, replica=replica, chat=True)
         try:
             server = GatewayServer(llm, settings, host, port, log_level)
