@@ -33,6 +33,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                      help="LocalCluster workers as threads of this process (small models, tests)")
     cmd.add_argument("--policy", choices=POLICIES, default="spotserve", help="controller policy")
     cmd.add_argument("--max-batch-size", type=int, default=16, help="requests per replica iteration")
+    cmd.add_argument("--metadata-watcher", choices=("aws", "gcp", "azure"), default=None,
+                     help="every worker (also those that join later) polls this cloud's metadata "
+                          "service for its preemption notice")
     cmd.add_argument("--min-step-seconds", type=float, default=0.0,
                      help="pace replica iterations to at least this long (emulates a slower instance)")
     cmd.add_argument("--api-key", default=None, help=f"required bearer key (default: ${API_KEY_ENV})")
@@ -63,6 +66,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                  local_workers=args.workers, local_processes=not args.in_process,
                                  model=args.model, policy=args.policy, max_batch_size=args.max_batch_size,
                                  min_step_seconds=args.min_step_seconds,
+                                 metadata_provider=args.metadata_watcher,
                                  replicas_timeout_s=args.replicas_timeout)
     except ElasticLLMError as exc:
         parser.error(str(exc))

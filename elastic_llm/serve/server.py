@@ -111,6 +111,9 @@ class ClusterOptions:
     max_batch_size: int = 16  #: requests per replica iteration
     min_step_seconds: float = 0.0  #: pace replica iterations to at least this long (emulation)
     replicas_timeout_s: float = 600.0  #: how long to wait for the first ready replica
+    #: cloud whose metadata service every worker (present and future) polls for preemption
+    #: notices: "aws" | "gcp" | "azure"; None: no watcher
+    metadata_provider: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler and self.scheduler_file:
@@ -140,6 +143,10 @@ def serve(cluster: ClusterOptions, settings: GatewaySettings, host: str, port: i
         replica = ReplicaOptions(model=cluster.model, max_batch_size=cluster.max_batch_size,
                                  min_step_seconds=cluster.min_step_seconds)
         llm = ServingClient(client, model=cluster.model, policy=cluster.policy, replica=replica, chat=True)
+        if cluster.metadata_provider is not None:
+            from elastic_llm.cluster.metadata import MetadataWatcher
+
+            client.register_plugin(MetadataWatcher(cluster.metadata_provider))  # type: ignore[arg-type]
         try:
             server = GatewayServer(llm, settings, host, port, log_level)
             print(f"[elastic-llm] waiting for a replica of {cluster.model} ...", file=sys.stderr, flush=True)
