@@ -370,4 +370,7 @@ class ServingClient:
         else:
             tracking.future.set_exception(RequestFailedError(event.error))
         if tracking.on_event is not None:
-            tracking.on_event(event)
+            try:
+                tracking.on_event(event)
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the poller
+                logger.exception("on_event listener of %s failed", event.request_id)

@@ -76,7 +76,11 @@ def create_app(llm: ServingClient, settings: GatewaySettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = await asyncio.to_thread(llm.status)
+        try:
+            status = await asyncio.to_thread(llm.status)
+        except Exception as exc:  # noqa: BLE001 - the scheduler is unreachable: not healthy
+            return JSONResponse(error_for_status(503, f"the cluster is unreachable: {exc}").to_json(),
+                                status_code=503)
         ready = sum(r["state"] == "ready" for r in status["replicas"])
         verdict = "draining" if state.draining else ("ok" if ready else "no replica ready")
         return JSONResponse({"status": verdict, "replicas_ready": ready, "pending": state.admission.pending,
@@ -133,8 +137,13 @@ async def _generate(request: Request, state: GatewayState, schema: type[BaseMode
 
         events = stream_events(generation, prepared, settings.model_name, settings.disconnect_poll_s,
                                metrics, first)
-        return EventSourceResponse(events, ping=15, sep="\n",
-                                   background=None, headers={"Cache-Control": "no-cache"})
+        async def client_gone(message: object) -> None:  # also before the first event was sent
+            if not generation.finished:
+                generation.abandon()
+                metrics.disconnects.inc()
+
+        return EventSourceResponse(events, ping=15, sep="\n", headers={"Cache-Control": "no-cache"},
+                                   client_close_handler_callable=client_gone)
     try:
         result = await whole_response(generation, prepared, settings.model_name, request.is_disconnected,
                                       settings.disconnect_poll_s, metrics)
@@ -200,6 +209,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
         return JSONResponse(error_for_status(exc.status_code, message).to_json(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_for_status(500, f"internal error: {type(exc).__name__}").to_json(),
+                            status_code=500)
 
     @app.exception_handler(RequestFailedError)
     async def failed(request: Request, exc: RequestFailedError) -> JSONResponse:

@@ -93,7 +93,8 @@ class Generation:
     def _submit_all(self) -> None:
         for spec in self.specs:
             def deliver(event: ClientEvent, index: int = spec.index) -> None:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
+                if not self._loop.is_closed():  # a server that stopped wants no more events
+                    self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
 
             try:
                 self._futures[spec.index] = self._llm.submit_with_events(
