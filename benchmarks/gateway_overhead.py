@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
-import statistics
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -175,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("concurrency in [1, 256], tokens in [1, 512], rounds in [1, 5]")
 
     report: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, no GPU",
-                              "args": vars(args), "levels": {}, "churn": None}
+                              "args": vars(args), "levels": {}, "churn": None,
+                              "load_average_at_start": os.getloadavg()}
     with LocalCluster(n_workers=0, processes=True, threads_per_worker=1, dashboard_address=None,
                       host="127.0.0.1") as cluster, Client(cluster) as client:
         emulator = SpotEmulator(cluster, SpotTrace("bench", 0.0, ()), grace_s=4.0)
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry = {mode: summarize([s for samples, _ in phases for s in samples],
                                      sum(wall for _, wall in phases), reference) for mode, phases in runs.items()}
             entry["gateway_over_client_throughput"] = entry["gateway"]["tokens_per_s"] / entry["client"]["tokens_per_s"]
+            entry["rounds_tokens_per_s"] = {mode: [sum(s.tokens for s in samples) / wall for samples, wall in phases]
+                                            for mode, phases in runs.items()}
             report["levels"][level] = entry
             print(json.dumps({level: entry}, indent=1), flush=True)
         if not args.no_churn:
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(json.dumps({"churn": report["churn"]}, indent=1), flush=True)
         server.stop(timeout=60)
         llm.close()
+    report["load_average_at_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(report, out, indent=1)
