@@ -77,3 +77,14 @@ def test_schema_is_strict_and_unsupported_fields_are_named() -> None:
                                                  "tools": [{"type": "function"}]})
     assert unsupported_fields(chat) == "tools"
     assert unsupported_fields(CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]})) is None
+
+
+@pytest.mark.parametrize("argv", [["--max-pending", "0"], ["--port", "70000"], ["--drain-timeout", "-1"],
+                                  ["--policy", "best"], ["--scheduler", "a", "--scheduler-file", "b"],
+                                  ["--max-body-bytes", "x"]])
+def test_serve_cli_exits_2_on_bad_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from elastic_llm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *argv])
+    assert exited.value.code == 2 and "error" in capsys.readouterr().err
