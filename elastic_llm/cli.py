@@ -163,11 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd.add_argument("--seed", type=int, default=None)
         cmd.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     _add_profile_parser(sub)
+    from elastic_llm.serve.cli import add_serve_parser, run_serve
+
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "profile":
             _profile(args)
             return 0
+        if args.command == "serve":
+            return run_serve(args, parser)
         from elastic_llm.sampling import SamplingParams
 
         SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from elastic_llm.cluster.notices import NoticeBoard, send_preemption_notice
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.control.requests import ClientEvent
 from elastic_llm.cluster.serialization import TensorSerializerPlugin
+from elastic_llm.cluster.text_deltas import TextDeltas
 from elastic_llm.errors import ElasticLLMError, InvalidRequestError
 from elastic_llm.model.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from elastic_llm.model.spec import ModelSpec
@@ -66,7 +67,8 @@ class _Tracking:
     submitted: float
     tokens: list[int]
     first_token: float | None = None
-    stream: queue.Queue[ClientEvent] | None = None
+    #: called from the poller thread with each of the request's events, after the future is set
+    on_event: Callable[[ClientEvent], None] | None = None
 
 
 class ServingFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -162,29 +164,33 @@ class ServingClient:
         Validates and sends at the call, like `submit` (bad input raises here, not when the
         iterator is first advanced)."""
         events: queue.Queue[ClientEvent] = queue.Queue()
-        future = self._submit_many([prompt], chat, [None], sampling, stream=events)[0]
-        stops = SamplingParams.coerce(sampling or None).stop
-        return self._follow(future, events, max((len(s) for s in stops), default=1) - 1)
+        future = self._submit_many([prompt], chat, [None], sampling, on_event=events.put)[0]
+        return self._follow(future, events, TextDeltas(self.tokenizer, SamplingParams.coerce(sampling or None).stop))
 
-    def _follow(self, future: ServingFuture, events: queue.Queue[ClientEvent], holdback: int) -> Iterator[str]:
-        """The pieces of `stream`, holding back `holdback` characters that may start a stop string."""
-        tokens: list[int] = []
-        sent = ""
+    def submit_with_events(self, prompt: Prompt, on_event: Callable[[ClientEvent], None], *,
+                           chat: bool | None = None, **sampling: Any) -> ServingFuture:
+        """`submit`, and also call `on_event(event)` with each of the request's `ClientEvent`s
+        (tokens as they are committed, then "finished" or "failed", after the future is set).
+
+        `on_event` runs on this client's poller thread: it must return at once (hand the event
+        to a queue or an event loop). Token events may repeat tokens already sent (a request
+        recomputed after its worker was lost re-commits from `event.start`); `TextDeltas`
+        turns them into text pieces in which each token appears once.
+        """
+        return self._submit_many([prompt], chat, [None], sampling, on_event=on_event)[0]
+
+    def _follow(self, future: ServingFuture, events: queue.Queue[ClientEvent], deltas: TextDeltas) -> Iterator[str]:
+        """The pieces of `stream`."""
         while True:
             event = events.get()
             if event.kind == "tokens":
-                tokens[event.start:] = event.token_ids
-                text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
-                ready = text[: max(len(sent), len(text) - holdback)]
-                if ready.endswith("\ufffd") or not ready.startswith(sent):
-                    continue
-                if len(ready) > len(sent):
-                    yield ready[len(sent):]
-                    sent = ready
+                piece = deltas.add(event)
+                if piece:
+                    yield piece
             else:
-                final = future.result()
-                if final.text.startswith(sent) and len(final.text) > len(sent):
-                    yield final.text[len(sent):]
+                piece = deltas.finish(future.result().text)
+                if piece:
+                    yield piece
                 return
 
     @staticmethod
@@ -287,7 +293,8 @@ class ServingClient:
         return batch
 
     def _submit_many(self, prompts: list[object], chat: object, ids: list[object],
-                     sampling: dict[str, Any], stream: queue.Queue[ClientEvent] | None = None) -> list[ServingFuture]:
+                     sampling: dict[str, Any],
+                     on_event: Callable[[ClientEvent], None] | None = None) -> list[ServingFuture]:
         """All or nothing: the whole batch is validated, then tracked and sent in one message;
         if any prompt is bad, or the controller refuses, nothing stays tracked here."""
         batch = self._prepare(prompts, chat, ids, sampling)
@@ -300,7 +307,7 @@ class ServingClient:
             if taken:
                 raise InvalidRequestError(f"request id {taken[0]!r} is already in use")
             for future, (request_id, prompt_ids, _) in zip(futures, batch, strict=True):
-                self._tracking[request_id] = _Tracking(future, prompt_ids, now, [], stream=stream)
+                self._tracking[request_id] = _Tracking(future, prompt_ids, now, [], on_event=on_event)
         messages = [{"request_id": request_id, "prompt_token_ids": list(prompt_ids), "params": asdict(params)}
                     for request_id, prompt_ids, params in batch]
         try:
@@ -362,5 +369,8 @@ class ServingClient:
                 FinishReason(event.finish_reason), tracking.submitted, tracking.first_token, now))
         else:
             tracking.future.set_exception(RequestFailedError(event.error))
-        if tracking.stream is not None:
-            tracking.stream.put(event)
+        if tracking.on_event is not None:
+            try:
+                tracking.on_event(event)
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the poller
+                logger.exception("on_event listener of %s failed", event.request_id)

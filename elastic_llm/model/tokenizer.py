@@ -79,29 +79,38 @@ class Tokenizer:
 
     def chat_prompt(self, user_message: str, system: str | None = None) -> str:
         """Text of a one-turn chat prompt ending where the assistant's answer starts."""
+        return self.chat_messages_prompt(_one_turn(user_message, system))
+
+    def chat_messages_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+        """Text of a chat of `messages` ((role, content) pairs: "system", "user", "assistant"),
+        ending where the assistant's next answer starts. Without a template: the contents joined
+        by blank lines."""
         if self._template is None:
-            return user_message
-        messages = [{"role": "user", "content": user_message}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
+            return "\n\n".join(content for _, content in messages)
+        turns = [{"role": role, "content": content} for role, content in messages]
         specials = {k: _content(self._config.get(k)) for k in ("bos_token", "eos_token")}
-        return self._template.render(messages=messages, add_generation_prompt=True, **specials)
+        return self._template.render(messages=turns, add_generation_prompt=True, **specials)
 
     def chat_prompt_ids(self, user_message: str, system: str | None = None) -> list[int]:
-        """Token ids of `chat_prompt`: the template's markers as special tokens, the messages'
-        text as plain text (a marker typed in a message stays text).
+        """Token ids of `chat_prompt` (see `chat_messages_ids`)."""
+        return self.chat_messages_ids(_one_turn(user_message, system))
+
+    def chat_messages_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of `chat_messages_prompt`: the template's markers as special tokens, the
+        messages' text as plain text (a marker typed in a message stays text).
 
         The template is rendered with a placeholder for each message, so the messages' spans are
         known exactly; each message is inserted verbatim where the template puts it.
         """
         if self._template is None:
-            return self.encode(user_message)
-        holders = [f"\x00{uuid.uuid4().hex}\x00" for _ in range(2)]
-        contents = {holders[0]: user_message, holders[1]: system or ""}
-        template = self.chat_prompt(holders[0], holders[1] if system is not None else None)
+            return self.encode(self.chat_messages_prompt(messages))
+        holders = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
+        contents = {holder: content for holder, (_, content) in zip(holders, messages, strict=True)}
+        template = self.chat_messages_prompt([(role, holder) for holder, (role, _) in
+                                              zip(holders, messages, strict=True)])
         ids: list[int] = []
         text = ""
-        for piece in re.split("(" + "|".join(holders) + ")", template):
+        for piece in re.split("(" + "|".join(holders) + ")", template) if holders else [template]:
             if piece in contents:
                 text += contents[piece]
                 continue
@@ -124,6 +133,11 @@ class Tokenizer:
             parts += [template_text[start:match.start()], self._specials[match.group()]]
             start = match.end()
         return [*parts, template_text[start:]]
+
+
+def _one_turn(user_message: str, system: str | None) -> list[tuple[str, str]]:
+    """The (role, content) messages of a one-turn chat."""
+    return ([("system", system)] if system is not None else []) + [("user", user_message)]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -192,3 +192,14 @@ def test_watcher_retries_until_a_notice_board_exists() -> None:
         client.register_plugin(NoticeBoard())
         [notice] = wait_for(lambda: NoticeBoard.of(cluster.scheduler).history())
         assert notice.source == "azure"
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_joins_later_gets_the_watcher() -> None:
+    with FakeMetadataServer("gcp") as server, local_cluster(1) as (cluster, client):
+        client.register_plugin(MetadataWatcher("gcp", base_url=server.url, poll_interval_s=0.05))
+        cluster.scale(2)  # a worker joins after the plugin was registered (as `serve --metadata-watcher` does)
+        client.wait_for_workers(2, timeout=30)
+        wait_for(lambda: all(client.run(lambda dask_worker: MetadataWatcher.name in dask_worker.plugins).values()))
+        watching = client.run(lambda dask_worker: dask_worker.plugins[MetadataWatcher.name]._task is not None)
+        assert list(watching.values()) == [True, True]
