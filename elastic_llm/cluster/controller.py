@@ -23,7 +23,7 @@ from typing import Any
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from elastic_llm.cluster import metrics
+from elastic_llm.cluster import dashboard_page, metrics
 from elastic_llm.cluster.contracts import PreemptionNotice
 from elastic_llm.cluster.cost import CostLedger
 from elastic_llm.cluster.enactor import Enactor
@@ -159,6 +159,10 @@ class ElasticController(SchedulerPlugin):
             await self.close()
             raise
         self.enactor = Enactor(self._client, self.replica_options, self._report, self._notify)
+        try:  # the fleet page on the Dask dashboard: a view, never a reason not to serve
+            dashboard_page.add_to_dashboard(scheduler)
+        except Exception:  # noqa: BLE001
+            logger.exception("elastic_llm: could not add the %s page to the dashboard", dashboard_page.ROUTE)
         for address, info in fleet_info(scheduler).items():
             self._join(address, info)
         self._ticker = asyncio.ensure_future(self._tick())
