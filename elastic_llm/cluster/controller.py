@@ -297,6 +297,7 @@ class ElasticController(SchedulerPlugin):
                           "on_demand_only_usd_per_1k_tokens": report.on_demand_only_usd_per_1k_tokens,
                           "savings_vs_on_demand": report.savings_vs_on_demand}
         status["cost"]["unknown_usd"] = report.unknown_usd
+        status["window"] = self.history.latest()  # the newest windowed sample (latency, tokens/s)
         status["capacity_requests"] = list(self.enactor.capacity_requests) if self.enactor else []
         if history_since is not None:
             status["history"] = self.history.to_dict(history_since)

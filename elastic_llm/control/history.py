@@ -241,6 +241,10 @@ class FleetHistory:
         self.events_seen += 1
 
     # ------------------------------------------------------------------ reading
+    def latest(self) -> dict[str, Any] | None:
+        """The newest sample as plain data (None before the first)."""
+        return asdict(self.samples[-1]) if self.samples else None
+
     def to_dict(self, since: int = 0) -> dict[str, Any]:
         """Plain data for the wire: samples after the first `since` ever taken (all that are
         kept when `since` is older than the buffer), every kept event and instance life, and
