@@ -39,6 +39,7 @@ from elastic_llm.errors import ElasticLLMError, InvalidRequestError
 from elastic_llm.model.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.tokenizer import Tokenizer
+from elastic_llm.progress import progress
 from elastic_llm.request import Completion, FinishReason
 from elastic_llm.sampling import (
     SamplingParams,
