@@ -89,17 +89,14 @@ class Browser:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return dict(message.get("result", {}))
 
-    def screenshot(self, url: str, path: Path, settle_s: float) -> None:
-        """Open `url`, let it render for `settle_s` seconds, save the whole page as a PNG."""
+    def screenshot(self, url: str, path: Path, settle_s: float, height: int) -> None:
+        """Open `url` in a `WIDTH` x `height` window (Streamlit scrolls inside its own container,
+        so the window must be as tall as the page), let it render `settle_s` s, save a PNG."""
         self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=900, deviceScaleFactor=1, mobile=False)
-        self.call("Page.navigate", url=url)
-        time.sleep(settle_s)
-        size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-        height = int(min(max(size["height"], 900), 6000))
         self.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=height, deviceScaleFactor=1,
                   mobile=False)
-        time.sleep(1.0)
+        self.call("Page.navigate", url=url)
+        time.sleep(settle_s)
         shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         path.write_bytes(base64.b64decode(shot["data"]))
         print(f"saved {path} ({WIDTH} x {height} px) from {url}", flush=True)
@@ -178,8 +175,8 @@ def _screenshots(cluster: LocalCluster, out: Path, settle_s: float) -> None:
     try:
         _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60)
         browser = Browser(shutil.which("chromium") or "chromium")
-        browser.screenshot(f"{dashboard}/fleet", out / "dask_fleet_page.png", settle_s)
-        browser.screenshot(f"http://127.0.0.1:{port}/", out / "streamlit_monitor.png", settle_s)
+        browser.screenshot(f"{dashboard}/fleet", out / "dask_fleet_page.png", settle_s, height=900)
+        browser.screenshot(f"http://127.0.0.1:{port}/", out / "streamlit_monitor.png", settle_s, height=2700)
     finally:
         if browser is not None:
             browser.close()

@@ -72,21 +72,20 @@ def _status(address: str) -> dict[str, Any]:
 def _cards(status: dict[str, Any], samples: pd.DataFrame) -> None:
     """Two rows of four short cards (they fit 1280 px)."""
     cost = status["cost"]
-    last = samples.iloc[-1] if not samples.empty else None
-    p99 = None if last is None or pd.isna(last["latency_p99_s"]) else float(last["latency_p99_s"])
-    held = [w for w in status["workers"]]
+    p99 = charts.latest_value(samples, "latency_p99_s")
+    held = status["workers"]
     spot = sum(1 for w in held if w["market"] == "spot")
     first = st.columns(4)
     first[0].metric("queued / running", f"{status['queued']} / {status['running']}")
     first[1].metric("finished", status["finished"])
-    first[2].metric("P99 latency, last window", "-" if p99 is None else f"{p99:.2f} s")
+    first[2].metric("P99 latency, latest window", "-" if p99 is None else f"{p99:.2f} s")
     first[3].metric("instances (spot)", f"{len(held)} ({spot})")
     second = st.columns(4)
     total = cost["spot_usd"] + cost["on_demand_usd"] + cost.get("unknown_usd", 0.0)
-    second[0].metric("cost so far", f"${total:.4f}", charts.saving_words(cost), delta_color="off")
-    second[1].metric("notices", len(status["notices"]))
-    second[2].metric("tokens recomputed", status["tokens_recomputed"])
-    second[3].metric("KV migrated", f"{status['kv_bytes_migrated'] / 2**20:.1f} MiB")
+    second[0].metric("cost so far", f"${total:.4f}")
+    second[1].metric("saved vs on-demand only", charts.saving_words(cost))
+    second[2].metric("notices", len(status["notices"]))
+    second[3].metric("tokens recomputed", status["tokens_recomputed"])
 
 
 def _pictures(history: dict[str, Any], now: float) -> None:
@@ -115,7 +114,7 @@ def _pictures(history: dict[str, Any], now: float) -> None:
     st.dataframe(charts.events_frame(history), use_container_width=True, hide_index=True)
 
 
-st.set_page_config(page_title="elastic_llm", layout="wide")
+st.set_page_config(page_title="elastic_llm", layout="wide", initial_sidebar_state="collapsed")
 st.title("elastic_llm: serving on spot instances")
 address = st.sidebar.text_input("Dask scheduler", _scheduler_address())
 
@@ -140,7 +139,8 @@ def live() -> None:
         st.subheader("shape changes (P, M) of sharded replicas")
         st.dataframe(pd.DataFrame(status["reshards"]), use_container_width=True)
     st.caption(f"updated {charts.when(now):%H:%M:%S} {charts.TIME_ZONE} (every time on this page is "
-               f"{charts.TIME_ZONE}) - controller overhead {status['controller_overhead']:.2%} of step time")
+               f"{charts.TIME_ZONE}) - KV migrated {status['kv_bytes_migrated'] / 2**20:.1f} MiB - controller "
+               f"overhead {status['controller_overhead']:.2%} of step time")
 
 
 live()

@@ -30,6 +30,24 @@ def _time_axis(title: str = f"time ({TIME_ZONE})") -> alt.X:
     return alt.X("time:T", title=title, scale=alt.Scale(type="utc"), axis=alt.Axis(format="%H:%M:%S"))
 
 
+#: Names of the sampled figures in legends.
+FIGURE_NAMES = {"latency_p50_s": "latency P50", "latency_p99_s": "latency P99", "ttft_p99_s": "TTFT P99",
+                "tokens_per_s": "tokens/s", "queued": "queued", "running": "running"}
+
+
+def short_address(address: str) -> str:
+    """A worker address without its scheme ("tcp://127.0.0.1:4001" -> "127.0.0.1:4001")."""
+    return address.split("://", 1)[-1]
+
+
+def latest_value(samples: pd.DataFrame, column: str) -> float | None:
+    """The newest non-empty value of a windowed figure (None when every window was empty)."""
+    if samples.empty or column not in samples:
+        return None
+    values = samples[column].dropna()
+    return None if values.empty else float(values.iloc[-1])
+
+
 def samples_frame(history: dict[str, Any]) -> pd.DataFrame:
     """One row per sample (windowed latency, throughput, queue, D, cost), time in `TIME_ZONE`."""
     frame = pd.DataFrame(history.get("samples", []))
@@ -42,7 +60,7 @@ def instances_frame(history: dict[str, Any], now: float) -> pd.DataFrame:
     """One row per instance ever seen: market, price, joined / noticed / left, how it ended."""
     rows = []
     for life in history.get("instances", []):
-        rows.append({"instance": life["worker"], "market": life["market"], "$/h": life["price_per_hour"],
+        rows.append({"instance": short_address(life["worker"]), "market": life["market"], "$/h": life["price_per_hour"],
                      "state": life["state"], "joined": when(life["joined_at"]), "notice": when(life["noticed_at"]),
                      "deadline": when(life["deadline"]), "left": when(life["left_at"]),
                      "until": when(life["left_at"] if life["left_at"] is not None else now)})
@@ -69,6 +87,7 @@ def latency_chart(samples: pd.DataFrame, marks: pd.DataFrame) -> alt.LayerChart:
     """Windowed P50 / P99 latency and P99 TTFT, with a rule at every notice and loss."""
     long = samples.melt(id_vars="time", value_vars=["latency_p50_s", "latency_p99_s", "ttft_p99_s"],
                         var_name="figure", value_name="seconds").dropna()
+    long["figure"] = long["figure"].map(FIGURE_NAMES)
     lines = alt.Chart(long).mark_line(point=True).encode(
         _time_axis(), alt.Y("seconds:Q", title="seconds"), alt.Color("figure:N", title=None),
         tooltip=[alt.Tooltip("time:T", format="%H:%M:%S"), "figure:N", alt.Tooltip("seconds:Q", format=".2f")])
@@ -83,6 +102,7 @@ def latency_chart(samples: pd.DataFrame, marks: pd.DataFrame) -> alt.LayerChart:
 def load_chart(samples: pd.DataFrame) -> alt.Chart:
     """Throughput (tokens/s), queued and running requests."""
     long = samples.melt(id_vars="time", value_vars=["tokens_per_s", "queued", "running"], var_name="figure")
+    long["figure"] = long["figure"].map(FIGURE_NAMES)
     return alt.Chart(long).mark_line().encode(_time_axis(), alt.Y("value:Q", title="tokens/s, requests"),
                                               alt.Color("figure:N", title=None)).properties(height=_HEIGHT)
 
@@ -92,7 +112,8 @@ def timeline_chart(instances: pd.DataFrame) -> alt.LayerChart:
     colour = alt.Color("market:N", scale=alt.Scale(domain=list(MARKET_COLOURS), range=list(MARKET_COLOURS.values())))
     x = alt.X("joined:T", title=f"time ({TIME_ZONE})", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%H:%M:%S"))
     bars = alt.Chart(instances).mark_bar(height=14).encode(
-        x, x2="until:T", y=alt.Y("instance:N", sort=None, title=None), color=colour,
+        x, x2="until:T", y=alt.Y("instance:N", sort=None, title=None,
+                                 axis=alt.Axis(labelLimit=200, labelOverlap=False)), color=colour,
         tooltip=["instance", "market", "$/h", "state", alt.Tooltip("joined:T", format="%H:%M:%S"),
                  alt.Tooltip("left:T", format="%H:%M:%S")])
     notices = alt.Chart(instances.dropna(subset=["notice"])).mark_point(shape="triangle-down", size=120,
@@ -125,4 +146,4 @@ def saving_words(cost: dict[str, Any]) -> str:
     total = cost["spot_usd"] + cost["on_demand_usd"] + cost.get("unknown_usd", 0.0)
     if cost["on_demand_only_usd"] <= 0:
         return "no instance time yet"
-    return f"{1 - total / cost['on_demand_only_usd']:.0%} vs on-demand"
+    return f"{1 - total / cost['on_demand_only_usd']:.0%}"

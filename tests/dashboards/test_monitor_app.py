@@ -109,6 +109,7 @@ def test_a_preemption_shows_on_the_timeline_the_latency_chart_and_the_tables(
     labels = {m.label: m.value for m in at.metric}
     assert labels["notices"] == "1" and labels["instances (spot)"] == "1 (1)"
     assert labels["cost so far"].startswith("$") and labels["finished"] == "4"
+    assert labels["saved vs on-demand only"].endswith("%")
     instances = at.dataframe[0].value
     assert sorted(instances["market"]) == ["spot", "spot"]
     assert sorted(instances["state"]) == ["preempted", "up"]
