@@ -72,6 +72,7 @@ def events_frame(history: dict[str, Any]) -> pd.DataFrame:
     """The history's events, newest first."""
     frame = pd.DataFrame(history.get("events", []), columns=["time", "kind", "subject", "detail"])
     frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+    frame["subject"] = frame["subject"].map(short_address)
     return frame.iloc[::-1].reset_index(drop=True)
 
 

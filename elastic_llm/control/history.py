@@ -205,7 +205,8 @@ class FleetHistory:
                 self._event(now, "joined", address, f"{worker.market} at ${worker.price_per_hour:.4g}/h")
             if worker.health is WorkerHealth.LEAVING and life.noticed_at is None:
                 life = replace(life, noticed_at=now, deadline=worker.deadline)
-                self._event(now, "notice", address, f"preemption at {worker.deadline}")
+                grace = "" if worker.deadline is None else f" in {max(0.0, worker.deadline - now):.0f} s"
+                self._event(now, "notice", address, f"preemption{grace}")
             self.instances[address] = replace(life, state=worker.health.value)
         for address, life in list(self.instances.items()):
             if life.left_at is None and address not in fleet.workers:
@@ -223,9 +224,10 @@ class FleetHistory:
     def _notices_and_reshards(self, fleet: FleetState, now: float) -> None:
         notices = _new_items(fleet.notices, self._seen.last_notice)
         for notice in notices:
+            moved, recomputed = getattr(notice, "migrated", 0), getattr(notice, "recomputed", 0)
             self._event(now, "migration", getattr(notice, "worker", ""),
-                        f"{getattr(notice, 'migrated', 0)} requests moved with their KV, "
-                        f"{getattr(notice, 'recomputed', 0)} recompute")
+                        f"{moved} request{'' if moved == 1 else 's'} moved with their KV, "
+                        f"{recomputed} recompute{'s' if recomputed == 1 else ''}")
         if notices:
             self._seen.last_notice = notices[-1]
         reshards = _new_items(fleet.reshards, self._seen.last_reshard)

@@ -57,6 +57,7 @@ def test_instances_stay_on_the_timeline_after_a_notice_and_a_death() -> None:
     kinds = [(e.kind, e.subject) for e in history.events if e.subject in "abc"]
     assert kinds[:3] == [("joined", "a"), ("joined", "b"), ("joined", "c")]
     assert ("notice", "a") in kinds and ("preempted", "a") in kinds and ("lost", "b") in kinds
+    assert [e.detail for e in history.events if e.kind == "notice"] == ["preemption in 29 s"]
     configurations = [e.detail for e in history.events if e.kind == "configuration"]
     assert configurations[0].startswith("D=3") and configurations[-1] == "D=1: 1 x (P=1, M=1)"
 
