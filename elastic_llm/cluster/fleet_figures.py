@@ -143,9 +143,10 @@ def _summary(samples: list[dict[str, Any]], lives: list[dict[str, Any]]) -> str:
     held = [life for life in lives if life["left_at"] is None]
     markets = {m: sum(1 for life in held if life["market"] == m) for m in MARKET_COLOURS}
     saving = 1 - last["cost_usd"] / last["on_demand_only_usd"] if last["on_demand_only_usd"] else 0.0
-    p99 = "-" if last["latency_p99_s"] is None else f"{last['latency_p99_s']:.2f} s"
+    latest = next((s["latency_p99_s"] for s in reversed(samples) if s["latency_p99_s"] is not None), None)
+    p99 = "-" if latest is None else f"{latest:.2f} s"
     return (f"<b>elastic_llm</b>: {len(held)} instances ({markets['spot']} spot, {markets['on-demand']} "
             f"on-demand, {markets['unknown']} unknown); D={last['replicas']} ({last['configuration']}); "
-            f"latency P99 (last window) {p99}; {last['tokens_per_s']:.1f} tokens/s; "
+            f"latency P99 (latest window with finishes) {p99}; {last['tokens_per_s']:.1f} tokens/s; "
             f"queued {last['queued']}, running {last['running']}; cost ${last['cost_usd']:.4f} vs "
             f"${last['on_demand_only_usd']:.4f} on-demand only ({saving:.0%} saved)")
