@@ -22,6 +22,7 @@ from elastic_llm.sampling import SamplingParams
 if TYPE_CHECKING:
     from elastic_llm.engine import LLMEngine, RequestState
     from elastic_llm.model.loader import load_model
+    from elastic_llm.planning.config import ParallelConfig
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ _LAZY = {
     "LLMEngine": "elastic_llm.engine",
     "RequestState": "elastic_llm.engine",
     "load_model": "elastic_llm.model.loader",
+    "ParallelConfig": "elastic_llm.planning.config",
 }
 
 
@@ -42,6 +44,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Completion", "ElasticLLMError", "FinishReason", "InvalidRequestError", "LLMEngine",
-    "ModelLoadError", "PromptTooLongError", "RequestOutput", "RequestState", "SamplingParams",
+    "ModelLoadError", "ParallelConfig", "PromptTooLongError", "RequestOutput", "RequestState", "SamplingParams",
     "UnknownRequestError", "UnsupportedModelError", "load_model",
 ]

@@ -66,7 +66,7 @@ def _stream(engine, prompts: Sequence[str], max_new_tokens: int, temperature: fl
         engine.pop_completion(request_id)
     elapsed = time.perf_counter() - started
     print(f"\n[elastic-llm] {tokens} tokens in {elapsed:.1f} s ({tokens / elapsed:.1f} tokens/s, "
-          f"{len(prompts)} requests batched together)", file=sys.stderr)
+          f"{len(prompts)} request{'s' if len(prompts) != 1 else ''} batched together)", file=sys.stderr)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

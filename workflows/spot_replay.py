@@ -19,6 +19,7 @@ import platform
 from dataclasses import asdict
 
 from elastic_llm.control.policies import POLICY_NAMES
+from elastic_llm.errors import ElasticLLMError
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.spot_replay import PolicyReport, ReplayConfig, run_policy
 from elastic_llm.model.checkpoint import DEFAULT_MODEL
@@ -39,6 +40,27 @@ def table(reports: list[PolicyReport]) -> str:
         row = asdict(report)
         lines.append("  ".join(fmt.format(row[name]) for name, fmt in COLUMNS))
     return "\n".join(lines)
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ReplayConfig:
+    """The replay's settings, checked before any cluster starts (bad ones: exit 2 with a message)."""
+    try:
+        parallel = "auto" if args.parallel == "auto" else tuple(int(x) for x in args.parallel.split(","))
+    except ValueError:
+        parser.error(f'--parallel must be "auto" or "P,M" (two integers), not {args.parallel!r}')
+    try:
+        replica = ReplicaOptions(model=args.model, max_batch_size=args.max_batch,
+                                 checkpoint_bandwidth=args.checkpoint_bandwidth,
+                                 parallel=parallel,  # type: ignore[arg-type]
+                                 memory_budget_bytes=args.memory_budget)
+        config = ReplayConfig(model=args.model, trace=args.trace, max_instances=args.max_instances,
+                              time_scale=args.time_scale, grace_s=args.grace, requests=args.requests,
+                              rate_per_s=args.rate, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              replica=replica, profile=args.profile)
+        config.check()
+    except (ElasticLLMError, ValueError) as exc:
+        parser.error(str(exc))
+    return config
 
 
 def main() -> None:
@@ -67,14 +89,7 @@ def main() -> None:
     unknown = [p for p in args.policies.split(",") if p not in POLICY_NAMES]
     if unknown:
         parser.error(f"unknown policy {unknown[0]!r}: choose from {', '.join(POLICY_NAMES)}")
-    parallel = "auto" if args.parallel == "auto" else tuple(int(x) for x in args.parallel.split(","))
-    replica = ReplicaOptions(model=args.model, max_batch_size=args.max_batch,
-                             checkpoint_bandwidth=args.checkpoint_bandwidth, parallel=parallel,  # type: ignore[arg-type]
-                             memory_budget_bytes=args.memory_budget)
-    config = ReplayConfig(model=args.model, trace=args.trace, max_instances=args.max_instances,
-                          time_scale=args.time_scale, grace_s=args.grace, requests=args.requests,
-                          rate_per_s=args.rate, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                          replica=replica, profile=args.profile)
+    config = _config(args, parser)
     print(f"machine: {platform.machine()}, python {platform.python_version()}; config: {config}", flush=True)
     reports = [run_policy(policy, config, on_progress=lambda line: print(line, flush=True))
                for policy in args.policies.split(",")]

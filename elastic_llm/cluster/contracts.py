@@ -15,7 +15,8 @@ from elastic_llm.cluster.errors import ClusterConfigError
 if TYPE_CHECKING:
     from elastic_llm.planning.config import Worker
 
-Market = Literal["spot", "on-demand"]
+#: "unknown": a worker that carries no instance metadata (billed at a configured default price).
+Market = Literal["spot", "on-demand", "unknown"]
 
 #: The markets an instance can be bought on.
 MARKETS: tuple[Market, ...] = get_args(Market)

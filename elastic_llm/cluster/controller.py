@@ -23,7 +23,7 @@ from typing import Any
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from elastic_llm.cluster import metrics
+from elastic_llm.cluster import dashboard_page, metrics
 from elastic_llm.cluster.contracts import PreemptionNotice
 from elastic_llm.cluster.cost import CostLedger
 from elastic_llm.cluster.enactor import Enactor
@@ -32,6 +32,7 @@ from elastic_llm.cluster.notices import NoticeBoard
 from elastic_llm.cluster.replica_actor import COMMIT_OP, ReplicaOptions
 from elastic_llm.control import FleetConfig, FleetPolicy, FleetState, policy_by_name
 from elastic_llm.control import events as ev
+from elastic_llm.control.history import FleetHistory
 from elastic_llm.control.messages import ReplicaCommit
 from elastic_llm.control.policies import POLICY_NAMES
 from elastic_llm.planning.measured import MeasuredProfile
@@ -68,6 +69,9 @@ class ElasticController(SchedulerPlugin):
         load_check_s: seconds between checks of the arrival rate (adaptive shapes).
         vocab_size, max_context: the model's, to check submitted requests against (None: only
             their types and signs are checked).
+        unknown_price_per_hour: what a worker without instance metadata (market "unknown") is
+            billed per hour; None: `on_demand_price_per_hour` (never $0, which would flatter spot).
+        history: the fleet's history over time (None: one sample per second, the last hour).
         fleet_settings: further `FleetConfig` fields (e.g. client_reconnect_s, max_finished_records).
     """
 
@@ -77,7 +81,9 @@ class ElasticController(SchedulerPlugin):
                  migration_margin_s: float = 2.0, kv_bandwidth: float = 2e8,
                  prefill_seconds_per_token: float = 2e-3, on_demand_price_per_hour: float = 3.912,
                  profile: str | os.PathLike[str] | InstanceProfile | None = None, load_check_s: float = 5.0,
-                 vocab_size: int | None = None, max_context: int | None = None, **fleet_settings: Any) -> None:
+                 vocab_size: int | None = None, max_context: int | None = None,
+                 unknown_price_per_hour: float | None = None, history: FleetHistory | None = None,
+                 **fleet_settings: Any) -> None:
         fleet_policy = policy_by_name(policy)
         self.model = model
         self.policy = fleet_policy.name
@@ -94,6 +100,8 @@ class ElasticController(SchedulerPlugin):
         self.table = self.fleet.table  #: the request table (committed tokens: the source of truth)
         self.ledger = CostLedger()
         self.on_demand_price = on_demand_price_per_hour
+        self.unknown_price = on_demand_price_per_hour if unknown_price_per_hour is None else unknown_price_per_hour
+        self.history = history or FleetHistory()  #: samples and events since the start (bounded)
         self.enactor: Enactor | None = None
         self._client: Client | None = None
         self._client_events: dict[str, asyncio.Event] = {}
@@ -116,8 +124,15 @@ class ElasticController(SchedulerPlugin):
             await asyncio.sleep(TICK_S)
             try:
                 self.apply(ev.Tick())
+                self._observe()
             except Exception:  # noqa: BLE001 - the next tick tries again
                 logger.exception("elastic_llm: tick failed")
+
+    def _observe(self) -> None:
+        """Feed the history what changed (and a sample once its interval has passed)."""
+        now = time.time()
+        report = self.ledger.report(now, on_demand_price_per_hour=self.on_demand_price)
+        self.history.observe(self.fleet, now, report.total_usd, report.on_demand_only_usd)
 
     # ------------------------------------------------------------------ plugin hooks
     async def start(self, scheduler: Any) -> None:
@@ -146,6 +161,10 @@ class ElasticController(SchedulerPlugin):
             await self.close()
             raise
         self.enactor = Enactor(self._client, self.replica_options, self._report, self._notify)
+        try:  # the fleet page on the Dask dashboard: a view, never a reason not to serve
+            dashboard_page.add_to_dashboard(scheduler)
+        except Exception:  # noqa: BLE001
+            logger.exception("elastic_llm: could not add the %s page to the dashboard", dashboard_page.ROUTE)
         for address, info in fleet_info(scheduler).items():
             self._join(address, info)
         self._ticker = asyncio.ensure_future(self._tick())
@@ -170,8 +189,9 @@ class ElasticController(SchedulerPlugin):
         self._join(worker, instance_info(scheduler.workers[worker]))
 
     def _join(self, address: str, info: Any) -> None:
-        self.ledger.join(address, info.market, info.price_per_hour, time.time())
-        self.apply(ev.WorkerJoined(address, info.market, info.price_per_hour, info.memory_bytes))
+        price = self.unknown_price if info.market == "unknown" else info.price_per_hour
+        self.ledger.join(address, info.market, price, time.time())
+        self.apply(ev.WorkerJoined(address, info.market, price, info.memory_bytes))
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         """A worker left (with or without notice)."""
@@ -267,8 +287,9 @@ class ElasticController(SchedulerPlugin):
         if client in self.fleet.disconnected_clients:  # it reconnected: its requests carry on
             self.apply(ev.ClientBack(client))
 
-    def status(self) -> dict[str, Any]:
-        """Deployment, per-replica load, queue, latency, counters and cost."""
+    def status(self, history_since: int | None = None) -> dict[str, Any]:
+        """Deployment, per-replica load, queue, latency, counters and cost; with `history_since`
+        (a cursor: 0 for everything kept) also ``"history"``, `FleetHistory.to_dict(history_since)`."""
         now = time.time()
         status = self.fleet.status(now)
         report = self.ledger.report(now, on_demand_price_per_hour=self.on_demand_price,
@@ -280,7 +301,11 @@ class ElasticController(SchedulerPlugin):
                           "usd_per_1k_tokens": report.usd_per_1k_tokens,
                           "on_demand_only_usd_per_1k_tokens": report.on_demand_only_usd_per_1k_tokens,
                           "savings_vs_on_demand": report.savings_vs_on_demand}
+        status["cost"]["unknown_usd"] = report.unknown_usd
+        status["window"] = self.history.latest()  # the newest windowed sample (latency, tokens/s)
         status["capacity_requests"] = list(self.enactor.capacity_requests) if self.enactor else []
+        if history_since is not None:
+            status["history"] = self.history.to_dict(history_since)
         return status
 
     def _checked(self, client: str, item: Any) -> ev.RequestSubmitted:

@@ -23,7 +23,7 @@ class InstanceSpan:
     """One instance held from ``joined_at`` to ``left_at`` (seconds, any common clock)."""
 
     instance_id: str  #: the instance
-    market: Market  #: "spot" or "on-demand"
+    market: Market  #: "spot", "on-demand" or "unknown"
     price_per_hour: float  #: USD per hour
     joined_at: float  #: when it joined the fleet
     left_at: float  #: when it left (or the end of the accounting window)
@@ -59,16 +59,18 @@ class CostReport:
     tokens: int  #: tokens served in the window (0 when unknown)
     on_demand_price_per_hour: float  #: the price the counterfactual charges
     on_demand_only_usd: float  #: every instance-second at the on-demand price
+    unknown_instance_seconds: float = 0.0  #: instance-seconds of workers without metadata
+    unknown_usd: float = 0.0  #: what they cost at the price the controller assumed for them
 
     @property
     def total_usd(self) -> float:
         """Spot plus on-demand."""
-        return self.spot_usd + self.on_demand_usd
+        return self.spot_usd + self.on_demand_usd + self.unknown_usd
 
     @property
     def instance_seconds(self) -> float:
         """All instance-seconds."""
-        return self.spot_instance_seconds + self.on_demand_instance_seconds
+        return self.spot_instance_seconds + self.on_demand_instance_seconds + self.unknown_instance_seconds
 
     @property
     def usd_per_1k_tokens(self) -> float | None:
@@ -98,6 +100,7 @@ def cost_report(spans: Iterable[InstanceSpan], *, on_demand_price_per_hour: floa
     spans = tuple(spans)
     spot = [s for s in spans if s.market == "spot"]
     on_demand = [s for s in spans if s.market == "on-demand"]
+    unknown = [s for s in spans if s.market == "unknown"]
     seconds = sum(s.seconds for s in spans)
     return CostReport(
         spans=spans,
@@ -108,6 +111,8 @@ def cost_report(spans: Iterable[InstanceSpan], *, on_demand_price_per_hour: floa
         tokens=tokens,
         on_demand_price_per_hour=on_demand_price_per_hour,
         on_demand_only_usd=seconds * on_demand_price_per_hour / SECONDS_PER_HOUR,
+        unknown_instance_seconds=sum(s.seconds for s in unknown),
+        unknown_usd=sum(s.cost_usd for s in unknown),
     )
 
 

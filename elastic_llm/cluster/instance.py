@@ -8,8 +8,9 @@ the worker registers, so the scheduler, and every `SchedulerPlugin.add_worker` h
 from the first moment. A CLI worker gets the same through ``dask worker --preload
 elastic_llm.cluster.instance`` with ``ELASTIC_LLM_*`` environment variables (`dask_setup`).
 
-A worker without metadata (a plain `LocalCluster` worker) reads as an on-demand instance named
-after the worker, costing nothing, whose memory budget is its Dask memory limit.
+A worker without metadata (a plain `LocalCluster` worker) reads as an instance of market
+"unknown" named after the worker, whose memory budget is its Dask memory limit; the controller
+bills it at its ``unknown_price_per_hour`` (by default the on-demand price), never at $0.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class InstanceMetadata(WorkerPlugin):
 
 
 def _default_info(name: object, memory_limit: int | None) -> InstanceInfo:
-    return InstanceInfo(instance_id=str(name), memory_bytes=memory_limit or UNBOUNDED_MEMORY)
+    return InstanceInfo(instance_id=str(name), market="unknown", memory_bytes=memory_limit or UNBOUNDED_MEMORY)
 
 
 def instance_info(ws: WorkerState) -> InstanceInfo:

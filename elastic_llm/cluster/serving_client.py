@@ -40,6 +40,7 @@ from elastic_llm.errors import ElasticLLMError, InvalidRequestError
 from elastic_llm.model.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.model.tokenizer import Tokenizer
+from elastic_llm.progress import progress
 from elastic_llm.request import Completion, FinishReason
 from elastic_llm.sampling import (
     SamplingParams,
@@ -214,12 +215,22 @@ class ServingClient:
             return len(self._tracking)
 
     def wait_for_replicas(self, count: int = 1, timeout: float = 600.0) -> None:
-        """Block until at least `count` replicas are ready to serve (raises TimeoutError)."""
+        """Block until at least `count` replicas are ready to serve (raises TimeoutError); a wait
+        of more than a few seconds logs how many are ready and starting every 10 s."""
         deadline = time.monotonic() + timeout
-        while sum(r["state"] == "ready" for r in self.status()["replicas"]) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{count} replica(s) not ready within {timeout:.0f} s")
-            time.sleep(0.2)
+        states: list[str] = [r["state"] for r in self.status()["replicas"]]
+        if states.count("ready") >= count:
+            return
+
+        def so_far() -> str:
+            return f"{states.count('ready')} ready, {states.count('starting')} starting"
+
+        with progress(logger, f"waiting for {count} replica(s) to load the model", after_s=3.0, detail=so_far):
+            while states.count("ready") < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{count} replica(s) not ready within {timeout:.0f} s ({so_far()})")
+                time.sleep(0.2)
+                states = [r["state"] for r in self.status()["replicas"]]
 
     def preempt(self, worker: str, grace_s: float = 30.0) -> str:
         """Announce that `worker` will be preempted `grace_s` seconds from now (API-call notice);

@@ -20,6 +20,7 @@ from distributed import Client, LocalCluster
 from elastic_llm.cluster.emulator import SpotEmulator
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.serving_client import ServingClient, ServingFuture
+from elastic_llm.cluster.errors import ClusterConfigError
 from elastic_llm.cluster.traces import SpotTrace, load_trace
 from elastic_llm.model.checkpoint import DEFAULT_MODEL
 from elastic_llm.scheduling.workloads import make_workload
@@ -52,6 +53,15 @@ class ReplayConfig:
     replica: ReplicaOptions = field(default_factory=lambda: ReplicaOptions(model=DEFAULT_MODEL))
     #: profile the planning core chooses sharded shapes with (`ReplicaOptions.parallel="auto"`)
     profile: str | None = None
+
+    def check(self) -> None:
+        """Raise `ClusterConfigError` naming the first bad setting (before any cluster starts):
+        counts and rates out of range, an unknown trace, a cap the trace cannot be held to."""
+        if self.requests < 1 or self.max_new_tokens < 1 or self.max_instances < 1:
+            raise ClusterConfigError("requests, max_new_tokens and max_instances must be >= 1")
+        if not (self.rate_per_s > 0 and self.time_scale > 0 and self.grace_s >= 0):
+            raise ClusterConfigError("rate and time scale must be > 0, grace >= 0")
+        load_trace(self.trace).capped(self.max_instances)
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ def run_policy(policy: str, config: ReplayConfig,
         latency_p99_s=float(np.percentile(latencies, 99)), latency_mean_s=float(np.mean(latencies)),
         throughput_tok_s=tokens / makespan, requests_recomputed=status["requests_restarted"],
         tokens_recomputed=status["tokens_recomputed"], kv_bytes_migrated=status["kv_bytes_migrated"],
-        cost_usd=(cost["spot_usd"] + cost["on_demand_usd"]) * config.time_scale,
+        cost_usd=(cost["spot_usd"] + cost["on_demand_usd"] + cost["unknown_usd"]) * config.time_scale,
         usd_per_1k_tokens=_scaled(cost["usd_per_1k_tokens"], config.time_scale),
         on_demand_usd_per_1k_tokens=_scaled(cost["on_demand_only_usd_per_1k_tokens"], config.time_scale),
         controller_overhead=status["controller_overhead"], wall_s=makespan,

@@ -141,7 +141,8 @@ class LLMEngine:
         validate_prompt_ids(state.prompt_token_ids, self.spec.vocab_size, self.spec.max_position_embeddings)
         arrival = state.arrival_time if state.arrival_time is not None else self.clock()
         request = self._new_request(state.request_id, state.prompt_token_ids, state.params, arrival)
-        request.restore_output(state.output_token_ids)
+        first = state.first_token_time if state.arrival_time is not None else None  # same clock only
+        request.restore_output(state.output_token_ids, first)
         if state.kv is not None:
             self._check_kv(state.kv, request.num_tokens)
             self.executor.import_kv(request.request_id, state.kv)

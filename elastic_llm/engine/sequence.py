@@ -24,6 +24,8 @@ class RequestState:
     params: SamplingParams  #: sampling settings, seed fixed
     kv: KVState | None = None  #: cached keys/values of the first `kv.length` tokens, if kept
     arrival_time: float | None = None  #: when the request first arrived (engine clock of origin)
+    #: when its first token was sampled (engine clock of origin; None: none yet, or not known)
+    first_token_time: float | None = None
 
 
 class EngineRequest:
@@ -40,6 +42,7 @@ class EngineRequest:
         self.prefill_deferred = False  #: it once waited a pass for a prefix another prompt computed
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None
+        self._first_token_unknown = False  # resumed with output whose first token time was not sent
         self.finish_reason: FinishReason | None = None
         self._stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)
         self._max_context = max_context
@@ -62,7 +65,7 @@ class EngineRequest:
 
     def append(self, token: int, now: float) -> RequestOutput:
         """Commit a sampled token; decide whether the request is finished."""
-        if self.first_token_time is None:
+        if self.first_token_time is None and not self._first_token_unknown:
             self.first_token_time = now
         self.output_ids.append(token)
         if token in self._stop_ids:
@@ -89,11 +92,13 @@ class EngineRequest:
         new, self._sent = text[self._sent:], len(text)
         return new
 
-    def restore_output(self, output_ids: Sequence[int]) -> None:
-        """Adopt tokens committed elsewhere; their text counts as already delivered."""
+    def restore_output(self, output_ids: Sequence[int], first_token_time: float | None = None) -> None:
+        """Adopt tokens committed elsewhere; their text counts as already delivered. Its first
+        token came at `first_token_time` (None: not known, and then it stays unknown rather than
+        reading as a time to first token of 0 or as the first token sampled here)."""
         self.output_ids = list(output_ids)
-        if self.output_ids:
-            self.first_token_time = self.arrival_time
+        self.first_token_time = first_token_time
+        self._first_token_unknown = bool(self.output_ids) and first_token_time is None
         if self._decode is not None:
             self._text = self._decode(self.output_ids)
             self._sent = len(self._text)
@@ -111,4 +116,4 @@ class EngineRequest:
     def export(self, kv: KVState | None) -> RequestState:
         """Cut the request out as plain data, with `kv` (its cache) if given."""
         return RequestState(self.request_id, self.prompt_ids, tuple(self.output_ids), self.params,
-                            kv, self.arrival_time)
+                            kv, self.arrival_time, self.first_token_time)

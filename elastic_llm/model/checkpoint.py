@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from elastic_llm.errors import ModelLoadError
+from elastic_llm.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ def _convert_cached(gguf_path: Path, name: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
             return target
-        log.warning("converting %s to safetensors (once; cached in %s)", gguf_path.name, target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            _convert_gguf(gguf_path, staging)
+            with progress(log, f"converting {gguf_path.name} to safetensors (once; cached in {target})"):
+                _convert_gguf(gguf_path, staging)
             for file in staging.iterdir():
                 file.chmod(0o644)
             staging.chmod(0o755)

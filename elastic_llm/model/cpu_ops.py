@@ -44,6 +44,7 @@ from types import ModuleType
 import torch
 
 from elastic_llm.model.checkpoint import cache_dir
+from elastic_llm.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,8 @@ def _load_or_build() -> ModuleType:
             return _import(name, library)
         from torch.utils.cpp_extension import load
 
-        log.warning("building fused CPU kernels (once per machine, about 30 s) in %s", directory)
-        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        with progress(log, f"building fused CPU kernels (once per machine, about 30 s) in {directory}"), \
+                tempfile.TemporaryDirectory(dir=directory) as scratch:
             module = load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=list(FLAGS),
                           extra_ldflags=["-fopenmp"], build_directory=scratch, verbose=False)
             os.replace(Path(scratch) / library.name, library)

@@ -62,3 +62,11 @@ def test_pure_modules_import_neither_dask_nor_torch() -> None:
             "print(sorted(m for m in ('distributed', 'dask', 'torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_workers_without_metadata_are_billed_as_unknown_not_free() -> None:
+    report = cost_report([InstanceSpan("s1", "spot", 1.8, 0.0, 3600.0),
+                          InstanceSpan("u1", "unknown", 3.6, 0.0, 3600.0)], on_demand_price_per_hour=3.6)
+    assert report.unknown_usd == pytest.approx(3.6) and report.unknown_instance_seconds == 3600.0
+    assert report.total_usd == pytest.approx(5.4)
+    assert report.savings_vs_on_demand == pytest.approx(0.25)  # not 75%: the unknown one is not free

@@ -79,10 +79,10 @@ def test_scheduler_sees_metadata_from_registration_on() -> None:
                               name=SPOT.instance_id) as tagged, \
                     Worker(scheduler.address, nthreads=1, memory_limit=2**30, name="plain") as plain:
                 assert seen.seen[tagged.address] == SPOT
-                assert seen.seen[plain.address] == InstanceInfo("plain", memory_bytes=2**30)
+                assert seen.seen[plain.address] == InstanceInfo("plain", "unknown", memory_bytes=2**30)
                 assert fleet_info(scheduler) == seen.seen
                 assert local_instance_info(tagged) == SPOT
-                assert local_instance_info(plain) == InstanceInfo("plain", memory_bytes=2**30)
+                assert local_instance_info(plain) == InstanceInfo("plain", "unknown", memory_bytes=2**30)
                 assert EXTRA_KEY not in scheduler.workers[plain.address].extra
 
     asyncio.run(main())
@@ -108,6 +108,6 @@ def test_plain_local_cluster_workers_get_defaults() -> None:
     with local_cluster(1, memory_limit="1GiB") as (cluster, client):
         [(address, info)] = get_fleet_info(client).items()
         name = cluster.scheduler.workers[address].name
-        assert info == InstanceInfo(str(name), "on-demand", 0.0, 2**30)
+        assert info == InstanceInfo(str(name), "unknown", 0.0, 2**30)  # billed by the controller's default
     assert InstanceInfo("x").memory_bytes == UNBOUNDED_MEMORY
     assert dask_setup  # the preload entry point exists

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -199,3 +200,29 @@ def test_default_limits_prefill_in_chunks_on_a_cpu(tiny_checkpoint: Callable[[st
     assert engine.limits == BatchLimits(max_batch_tokens=LLMEngine.CPU_BATCH_TOKENS)
     mine = BatchLimits(max_batch_size=4, max_batch_tokens=4096)
     assert LLMEngine(engine.model, limits=mine).limits == mine
+
+
+def test_a_resumed_request_keeps_its_time_to_first_token(engine_factory: Callable[..., LLMEngine]) -> None:
+    clock = iter(float(t) for t in range(100, 10_000))
+    source = engine_factory(clock=lambda: next(clock))
+    source.add_request("a", [5, 6, 7], GREEDY)
+    source.step()
+    state = source.export_request("a")
+    assert state.arrival_time is not None and state.first_token_time is not None
+    assert state.first_token_time > state.arrival_time  # a real time to first token, not 0
+    target = engine_factory()
+    target.resume_request(state)
+    done = _finish(target, "a")
+    assert (done.arrival_time, done.first_token_time) == (state.arrival_time, state.first_token_time)
+    # committed elsewhere with no times known: the first token time stays unknown, never 0
+    from dataclasses import replace
+
+    unknown = engine_factory()
+    unknown.resume_request(replace(state, arrival_time=None, first_token_time=None, kv=None))
+    assert _finish(unknown, "a").first_token_time is None
+
+
+def _finish(engine: LLMEngine, request_id: str) -> Any:
+    while engine.has_unfinished():
+        engine.step()
+    return engine.pop_completion(request_id)

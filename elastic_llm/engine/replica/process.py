@@ -13,11 +13,13 @@ import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import time
 import traceback
 import weakref
 from collections.abc import Sequence
 from multiprocessing.context import BaseContext
+from pathlib import Path
 from typing import Any
 
 from elastic_llm.engine.replica.errors import ReplicaTimeoutError, ReplicaWorkerError
@@ -96,6 +98,30 @@ class WorkerProcess:
         self.conn.close()
 
 
+def unguarded_main_script() -> str | None:
+    """The running script's path when it has no ``if __name__ == "__main__":`` guard (None when it
+    has one, or the program is not a script: a REPL, ``python -m``, a notebook)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    try:
+        source = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return None if "__main__" in source else path
+
+
+def died_message(worker: WorkerProcess, what: str) -> str:
+    """Why a worker process died, with the likeliest cause when the script lacks a main guard."""
+    message = f"worker {worker.name} died during {what!r} ({worker.exit_text()})"
+    script = unguarded_main_script()
+    if script is not None and worker.process.exitcode == 1:
+        message += (f"; {script} has no `if __name__ == \"__main__\":` guard: every worker process "
+                    f"imports the script again (multiprocessing's forkserver/spawn), so it must create "
+                    f"the engine under that guard")
+    return message
+
+
 def collect(workers: Sequence[WorkerProcess], what: str, timeout_s: float) -> list[Any]:
     """One reply from each worker, in order. Raises `ReplicaWorkerError` as soon as a worker fails
     or dies, `ReplicaTimeoutError` when the deadline passes first."""
@@ -115,14 +141,12 @@ def collect(workers: Sequence[WorkerProcess], what: str, timeout_s: float) -> li
                 continue
             if handle is not worker.conn and not worker.conn.poll():
                 worker.process.join(1.0)
-                raise ReplicaWorkerError(f"worker {worker.name} died during {what!r} "
-                                         f"({worker.exit_text()})")
+                raise ReplicaWorkerError(died_message(worker, what))
             try:
                 reply: Reply = worker.conn.recv()
             except (EOFError, OSError):
                 worker.process.join(1.0)
-                raise ReplicaWorkerError(f"worker {worker.name} died during {what!r} "
-                                         f"({worker.exit_text()})") from None
+                raise ReplicaWorkerError(died_message(worker, what)) from None
             if not reply.ok:
                 raise ReplicaWorkerError(f"worker {worker.name} failed in {what!r}:\n{reply.error}")
             values[worker.name] = from_wire(reply.value)
