@@ -138,8 +138,14 @@ def live() -> None:
     if status.get("reshards"):
         st.subheader("shape changes (P, M) of sharded replicas")
         st.dataframe(pd.DataFrame(status["reshards"]), use_container_width=True)
+    if status.get("load_replans"):
+        st.subheader("plans made again because the arrival rate moved (requests/s)")
+        replans = pd.DataFrame(status["load_replans"])
+        replans["time"] = pd.to_datetime(replans["time"], unit="s", utc=True)  # UTC, as every time here
+        st.dataframe(replans, use_container_width=True)
     st.caption(f"updated {charts.when(now):%H:%M:%S} {charts.TIME_ZONE} (every time on this page is "
-               f"{charts.TIME_ZONE}) - KV migrated {status['kv_bytes_migrated'] / 2**20:.1f} MiB - controller "
+               f"{charts.TIME_ZONE}) - KV migrated {status['kv_bytes_migrated'] / 2**20:.1f} MiB - prefix tokens "
+               f"reused {status.get('prefix_tokens_reused', 0)} - controller "
                f"overhead {status['controller_overhead']:.2%} of step time")
 
 

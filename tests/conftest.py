@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +84,15 @@ def smollm2() -> Any:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """Streamlit's `AppTest` leaves the page as ``sys.modules["__main__"]``; every process spawned
+    later (Dask's worker processes) would then re-run the page and fail to start."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
