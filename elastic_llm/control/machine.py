@@ -168,14 +168,12 @@ class FleetState:
                 self.emit(ins.CancelRequests(replica_id, tuple(ids)))
 
     def _on_ClientGone(self, event: ev.ClientGone) -> None:
-        """The client's requests carry on for `client_reconnect_s` (a reconnect loses nothing),
-        then are aborted; its event log (with the aborts) is kept for `client_log_ttl_s`."""
+        """Its requests run on for `client_reconnect_s`, then are aborted (log kept `client_log_ttl_s`)."""
         self.client_disconnects += 1
         self._disconnected.setdefault(event.client, self._now)
 
     def _on_ClientBack(self, event: ev.ClientBack) -> None:
-        if self._disconnected.pop(event.client, None) is None:
-            self._gone.pop(event.client, None)  # back after its aborts: its log lives on
+        self._disconnected.pop(event.client, None), self._gone.pop(event.client, None)  # back: all carry on
 
     @property
     def disconnected_clients(self) -> frozenset[str]:
@@ -186,8 +184,8 @@ class FleetState:
         for client, since in list(self._disconnected.items()):
             if self._now - since >= self.config.client_reconnect_s:
                 del self._disconnected[client]
-                ids = tuple(r.request_id for r in self.table.unfinished() if r.client == client)
-                self._on_RequestsCancelled(ev.RequestsCancelled(ids))
+                self._on_RequestsCancelled(ev.RequestsCancelled(
+                    tuple(r.request_id for r in self.table.unfinished() if r.client == client)))
                 self._gone[client] = self._now
         for client, since in list(self._gone.items()):
             if self._now - since >= self.config.client_log_ttl_s:
