@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,27 @@ class RequestScheduler(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Number of requests held (waiting or running)."""
+
+
+class PendingEntry(Protocol):
+    """A scheduler's record of one request: the tokens it still computes before it samples."""
+
+    pending: int
+
+
+class PendingTokensScheduler(RequestScheduler):
+    """A scheduler whose requests live in `_entries` (request id -> a `PendingEntry`): the
+    lookups and the prefix-cache skip every policy shares."""
+
+    _entries: Mapping[str, PendingEntry]
+
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.pending = max(1, entry.pending - num_tokens)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from elastic_llm.scheduling.base import (
     BatchLimits,
     IterationOutcome,
-    RequestScheduler,
+    PendingTokensScheduler,
     ScheduledWork,
     SchedulerOutput,
 )
@@ -19,7 +19,7 @@ class _Entry:
     pending: int  # tokens still to compute before the request can sample; 0 = decoding
 
 
-class FCFS(RequestScheduler):
+class FCFS(PendingTokensScheduler):
     """Requests join the batch in arrival order and keep their place until they leave.
 
     Each iteration admits requests oldest first while `max_batch_size` and `max_batch_tokens`
@@ -54,13 +54,3 @@ class FCFS(RequestScheduler):
             if entry is not None:
                 entry.pending = max(0, entry.pending - tokens)
 
-    def skip_cached(self, request_id: str, num_tokens: int) -> None:
-        entry = self._entries.get(request_id)
-        if entry is not None:
-            entry.pending = max(1, entry.pending - num_tokens)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)

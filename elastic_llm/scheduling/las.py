@@ -43,7 +43,7 @@ import numpy as np
 from elastic_llm.scheduling.base import (
     BatchLimits,
     IterationOutcome,
-    RequestScheduler,
+    PendingTokensScheduler,
     ScheduledWork,
     SchedulerOutput,
 )
@@ -118,7 +118,7 @@ class _Entry:
     guarded: bool = False
 
 
-class GuardedLAS(RequestScheduler):
+class GuardedLAS(PendingTokensScheduler):
     """Token-level preemptive least-attained-service scheduler with an adaptive age guard."""
 
     def __init__(self, config: LASConfig | None = None) -> None:
@@ -198,17 +198,6 @@ class GuardedLAS(RequestScheduler):
                 ran.add(request_id)
         self._last_ran = frozenset(ran)
 
-    def skip_cached(self, request_id: str, num_tokens: int) -> None:
-        """Cached prefix KV shortened the request's prefill; its service is unchanged."""
-        entry = self._entries.get(request_id)
-        if entry is not None:
-            entry.pending = max(1, entry.pending - num_tokens)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     # ---- extensions ---------------------------------------------------------------------------
     def mark_kv_dropped(self, request_id: str, num_tokens_to_compute: int) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from elastic_llm.scheduling.base import (
     BatchLimits,
     IterationOutcome,
-    RequestScheduler,
+    PendingTokensScheduler,
     ScheduledWork,
     SchedulerOutput,
 )
@@ -102,7 +102,7 @@ class _Entry:
     boosted: bool = False  # promoted by starvation prevention and not run since
 
 
-class SkipJoinMLFQ(RequestScheduler):
+class SkipJoinMLFQ(PendingTokensScheduler):
     """Token-level preemptive scheduler: skip-join MLFQ, or plain MLFQ with `skip_join=False`.
 
     `predict_prefill_s(prompt_tokens) -> seconds` places new requests (required for skip-join,
@@ -180,17 +180,6 @@ class SkipJoinMLFQ(RequestScheduler):
         self._last_ran = frozenset(ran)
         self._incumbents = frozenset(ran - demoted)
 
-    def skip_cached(self, request_id: str, num_tokens: int) -> None:
-        """Cached prefix KV shortened the request's prefill; its level and service are kept."""
-        entry = self._entries.get(request_id)
-        if entry is not None:
-            entry.pending = max(1, entry.pending - num_tokens)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     # ---- extensions ---------------------------------------------------------------------------
     def mark_kv_dropped(self, request_id: str, num_tokens_to_compute: int) -> None:
