@@ -33,7 +33,7 @@ import scipy.optimize
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scheduling_sweep import capacity  # noqa: E402
+from scheduling_sweep import capacity, fit_prefill  # noqa: E402
 
 from elastic_llm import LLMEngine, SamplingParams  # noqa: E402
 from elastic_llm.engine.replay import ReplayClock, TimedRequest, replay  # noqa: E402
@@ -43,7 +43,6 @@ from elastic_llm.scheduling import (  # noqa: E402
     BatchLimits,
     IterationOutcome,
     LASConfig,
-    LinearPrefillPredictor,
     RequestScheduler,
     SchedulerOutput,
     WorkloadItem,
@@ -83,15 +82,7 @@ def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeMode
     """Prefill over length at batch 1 and decode at the full batch, measured on the live engine."""
     engine = LLMEngine(model, limits=limits)
     engine.generate([[101, 102, 103]], SamplingParams(max_new_tokens=2))
-    samples = []
-    for length in (16, 64, 128):
-        runs = []
-        for _ in range(2):
-            started = time.perf_counter()
-            engine.generate([list(range(100, 100 + length))], SamplingParams(max_new_tokens=1))
-            runs.append(time.perf_counter() - started)
-        samples.append((length, min(runs)))
-    prefill = LinearPrefillPredictor.fit(samples)
+    prefill = fit_prefill(engine, (16, 64, 128), repeats=2)
     for i in range(limits.max_batch_size):
         engine.add_request(f"d{i}", [100 + i] * 24, SamplingParams(max_new_tokens=16, ignore_eos=True))
     engine.step()

@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,21 @@ class SweepRow:
     oracle_p99_ratio: float
 
 
+def fit_prefill(engine: Any, lengths: tuple[int, ...], repeats: int) -> LinearPrefillPredictor:
+    """A linear fit of one prompt's prefill time over its length (the fastest of `repeats` each)."""
+    from elastic_llm import SamplingParams
+
+    samples = []
+    for length in lengths:
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            engine.generate([list(range(100, 100 + length))], SamplingParams(max_new_tokens=1))
+            runs.append(time.perf_counter() - started)
+        samples.append((length, min(runs)))
+    return LinearPrefillPredictor.fit(samples)
+
+
 def calibrate() -> tuple[IterationTimeModel, LinearPrefillPredictor]:
     """Fit the iteration-time model to the live engine: decode at batch 1 and 8, prefill over length."""
     import torch
@@ -82,15 +98,7 @@ def calibrate() -> tuple[IterationTimeModel, LinearPrefillPredictor]:
         return statistics.median(steps)
 
     one, eight = decode_step(1), decode_step(8)
-    samples = []
-    for length in (16, 64, 128, 256):
-        runs = []
-        for _ in range(3):
-            started = time.perf_counter()
-            engine.generate([list(range(100, 100 + length))], SamplingParams(max_new_tokens=1))
-            runs.append(time.perf_counter() - started)
-        samples.append((length, min(runs)))
-    prefill = LinearPrefillPredictor.fit(samples)
+    prefill = fit_prefill(engine, (16, 64, 128, 256), repeats=3)
     per_token = prefill.per_token_s
     per_request = max(0.0, (eight - one) / 7 - per_token)
     fixed = max(0.0, one - per_request - per_token)
