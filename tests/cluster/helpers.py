@@ -29,6 +29,25 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
         time.sleep(interval)
 
 
+def results_or_report(llm: Any, futures: list[Any], timeout: float, context: Callable[[], Any] = lambda: None) -> list[Any]:
+    """Every future's result within `timeout` seconds in all; when one is late, fail with what the
+    controller reports (replicas, queue, operations, notices) and `context()`, so a hang seen once
+    (in CI, say) says where it was."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for index, future in enumerate(futures):
+        try:
+            results.append(future.result(timeout=max(0.1, deadline - time.monotonic())))
+        except TimeoutError:
+            status = llm.status()
+            keys = ("replicas", "queued", "running", "finished", "failed", "open_operations", "notices",
+                    "commits_refused", "tokens_recomputed", "requests_restarted")
+            report = {key: status.get(key) for key in keys}
+            raise AssertionError(f"{len(futures) - index} of {len(futures)} requests unfinished after "
+                                 f"{timeout} s; controller: {report}; context: {context()}") from None
+    return results
+
+
 @contextmanager
 def local_cluster(n_workers: int = 1, *, processes: bool = False,
                   **kwargs: Any) -> Iterator[tuple[LocalCluster, Client]]:

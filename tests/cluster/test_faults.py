@@ -16,7 +16,7 @@ from elastic_llm.cluster.serving_client import ServingClient
 from elastic_llm.cluster.traces import SpotTrace
 from elastic_llm.request import FinishReason
 
-from .helpers import local_cluster, wait_for
+from .helpers import local_cluster, results_or_report, wait_for
 from .test_serving import NEW_TOKENS, _prompts, _reference
 
 
@@ -54,7 +54,7 @@ def test_a_source_killed_mid_pull_loses_and_duplicates_nothing(
             # a notice, then SIGKILL at its deadline: b's pull from a hangs until a is gone
             preempting = threading.Thread(target=emulator.preempt, args=("a",), kwargs={"notice": True})
             preempting.start()
-            results = [f.result(timeout=120) for f in futures]
+            results = results_or_report(llm, futures, 120, lambda: emulator.records)
             done_at = time.time()
             preempting.join(timeout=60)
 
@@ -92,6 +92,6 @@ def test_a_client_whose_connection_drops_and_comes_back_loses_nothing(
         wait_for(lambda: llm.status()["client_disconnects"] >= 1, timeout=15)
         wait_for(lambda: client.status == "running" and client.id in scheduler.clients, timeout=30)
         wait_for(lambda: llm.status()["clients_reconnecting"] == 0, timeout=15)  # its polls go on
-        results = [f.result(timeout=60) for f in futures]
+        results = results_or_report(llm, futures, 60)
         assert {r.finish_reason for r in results} == {FinishReason.LENGTH}  # none aborted
         assert [r.token_ids for r in results] == _reference(checkpoint, prompts)
