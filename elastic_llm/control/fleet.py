@@ -62,6 +62,7 @@ class ReplicaRecord:
     kv_bytes_per_token: int = 0  #: reported once ready
     weights: str = ""  #: "checkpoint" or "peer", once ready
     noticed: bool = False  #: its leader got a notice: it is being evacuated or replaced
+    successor_of: str | None = None  #: the noticed replica this one replaces, until it builds
     busy: int | None = None  #: the operation changing its shape or workers now (one at a time)
     reserved: tuple[str, ...] = ()  #: free workers that operation is about to add to it
     #: notices of its shard workers that arrived while `busy`: (worker, deadline), handled after

@@ -138,13 +138,7 @@ class FleetState:
         if worker is None:
             return
         worker.health, worker.deadline = WorkerHealth.LEAVING, event.deadline
-        for replica in list(self.replicas.values()):
-            if replica.state in (ReplicaState.LOST, ReplicaState.STOPPING) or replica.noticed:
-                continue
-            if replica.leader == event.address:
-                sharded.leader_noticed(self, replica, event.deadline)
-            elif event.address in replica.shards:
-                sharded.shard_noticed(self, replica, event.address, event.deadline)
+        sharded.worker_noticed(self, event.address, event.deadline)
 
     # ------------------------------------------------------------------ requests
     def _on_RequestSubmitted(self, event: ev.RequestSubmitted) -> None:

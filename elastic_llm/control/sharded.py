@@ -154,6 +154,43 @@ def shard_noticed(fleet: FleetState, replica: ReplicaRecord, leaving: str, deadl
     _reshard(fleet, replica, shape, chosen, notice=(leaving, deadline, fleet.now))
 
 
+def worker_noticed(fleet: FleetState, address: str, deadline: float) -> None:
+    """`address` got a notice (it is marked leaving already): what it does to each replica on it."""
+    for replica in list(fleet.replicas.values()):
+        if replica.state in (ReplicaState.LOST, ReplicaState.STOPPING) or replica.noticed:
+            continue
+        if replica.successor_of is not None and address in replica.workers:
+            successor_noticed(fleet, replica)
+        elif replica.leader == address:
+            leader_noticed(fleet, replica, deadline)
+        elif address in replica.shards:
+            shard_noticed(fleet, replica, address, deadline)
+
+
+def successor_noticed(fleet: FleetState, successor: ReplicaRecord) -> None:
+    """A worker of a successor that has not built yet got a notice (an instance's other workers
+    are noticed one by one after its leader): the successor cannot stand. Before the hand-over
+    it is dropped and its source's notice planned again, without the leaving workers (so no
+    chain of successors forms on workers the source still holds); once the hand-over is under
+    way it is lost, and the requests it was given resume elsewhere."""
+    source = fleet.replicas.get(successor.successor_of or "")
+    evacuation = next((e for e in fleet.evacuations if e.successor == successor.replica_id), None)
+    start = next((o for o in fleet.ops.involving(successor.replica_id) if o.kind == "start"), None)
+    why = "a worker of the successor got a notice"
+    if source is None or (evacuation is None and start is None):  # handing over, or its source is gone
+        fleet.lose(successor, why)
+        return
+    if evacuation is not None:
+        fleet.evacuations.remove(evacuation)
+        deadline, received = evacuation.deadline, evacuation.received
+    else:
+        assert start is not None
+        fleet.ops.close(start.op)  # dropped, not failed: it is no start failure
+        deadline, received = start.context["deadline"], start.context["received"]
+    fleet.lose(successor, why)
+    _leader_notice_now(fleet, source, deadline, received)
+
+
 def leader_noticed(fleet: FleetState, replica: ReplicaRecord, deadline: float) -> None:
     """The leader of `replica` (whole-model or sharded) got a notice."""
     replica.noticed = True
@@ -163,22 +200,25 @@ def leader_noticed(fleet: FleetState, replica: ReplicaRecord, deadline: float) -
     _leader_notice_now(fleet, replica, deadline)
 
 
-def _leader_notice_now(fleet: FleetState, replica: ReplicaRecord, deadline: float) -> None:
+def _leader_notice_now(fleet: FleetState, replica: ReplicaRecord, deadline: float,
+                       received: float | None = None) -> None:
     replica.state = ReplicaState.DRAINING
+    received = fleet.now if received is None else received
     if not replica.sharded or fleet.policy.leader_notice == "evacuate":
-        evacuating.evacuate(fleet, replica, deadline, fleet.now, replica.leader)
+        evacuating.evacuate(fleet, replica, deadline, received, replica.leader)
         return
     pool = [w for w in replica.shards if w != replica.leader and fleet.usable(w)]
     pool += [w for w in fleet.free_workers() if w not in pool]
     shape = (fleet.shapes.shape_after_loss(replica.parallel, len(pool), fleet.memory_budget(), fleet.arrival_rate(),
                                            favour_current=False) if pool else None)
     if shape is None:
-        evacuating.evacuate(fleet, replica, deadline, fleet.now, replica.leader)
+        evacuating.evacuate(fleet, replica, deadline, received, replica.leader)
         return
     chosen = tuple(pool[: shape[0] * shape[1]])
     # another live replica may send the weights (this one is DRAINING: stopped before the build)
-    fleet.new_replica(chosen[0], chosen, shape, _weights_from(fleet), build=False,
-                      successor_of=replica.replica_id, deadline=deadline, received=fleet.now)
+    successor = fleet.new_replica(chosen[0], chosen, shape, _weights_from(fleet), build=False,
+                                  successor_of=replica.replica_id, deadline=deadline, received=received)
+    successor.successor_of = replica.replica_id
 
 
 def hand_over(fleet: FleetState, source: ReplicaRecord, evacuation: Evacuation) -> None:
@@ -249,6 +289,7 @@ def retired(fleet: FleetState, operation: Operation, why: str | None = None) -> 
 def build_successor(fleet: FleetState, successor: ReplicaRecord, source: str,
                     move: dict[str, Any] | None) -> None:
     """The successor of `source` (which is gone) builds its engine."""
+    successor.successor_of = None  # its own replica from now on: a notice is a leader's or a shard's
     build = fleet.open_op("build", successor.replica_id, fleet.config.start_timeout_s,
                          context={"handover_of": source, "move": move})
     fleet.emit(ins.BuildReplica(build.op, successor.replica_id, build.deadline))

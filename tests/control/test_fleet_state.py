@@ -382,6 +382,35 @@ def test_a_noticed_leader_hands_every_request_with_its_kv_to_a_successor() -> No
     assert all(h.fleet.table.get(f"q{i}").restarts == 0 for i in range(3))
 
 
+@pytest.mark.parametrize("created", [False, True])
+def test_a_successor_whose_worker_is_noticed_before_it_builds_is_dropped_and_planned_again(created: bool) -> None:
+    """An instance's workers are noticed one by one, the leader first: the successor made on the
+    leader's sibling is dropped when the sibling's notice comes, and the source plans its notice
+    again without the leaving workers (no chain of successors on workers the source holds)."""
+    h = _sharded("spotserve", "abcde")  # replicas (a, b) and (c, d); e is free
+    old = h.replica_on("a")
+    h.send(ev.WorkerNoticed("a", h.now + 20.0))
+    first = h.last(ins.StartReplica)
+    assert set(first.shards) == {"b", "e"} and not first.build
+    if created:
+        h.send(ev.ReplicaCreated(first.op))
+    before = len(h.out)
+    h.send(ev.WorkerNoticed("b", h.now + 20.0))  # a's sibling on the same instance
+    assert first.replica_id not in h.fleet.replicas
+    assert ins.StopReplica(first.replica_id) in h.out[before:]
+    assert not h.of(ins.RestartWorkers, before)  # a dropped successor is no broken start
+    assert not [s for s in h.of(ins.StartReplica, before) if {"a", "b"} & set(s.shards)]
+    held = [w for r in h.fleet.replicas.values() if r.replica_id != old for w in r.workers]
+    assert len(held) == len(set(held))  # every worker in one replica at most (besides the source)
+    second = h.last(ins.StartReplica)  # planned again: on the one free worker left
+    assert second.replica_id != first.replica_id and second.shards == ("e",) and not second.build
+    h.send(ev.ReplicaCreated(second.op))
+    h.tick(h.last(ins.WakeAt).time)
+    hand_over = h.last(ins.HandOver)
+    assert hand_over.source == old and hand_over.successor == second.replica_id
+    assert set(hand_over.request_ids) == {"q0", "q1", "q2"}
+
+
 def test_a_killed_shard_worker_loses_the_replica_and_fences_its_other_workers() -> None:
     h = _sharded("spotserve", "abcd")
     (old,) = [r for r in h.fleet.replicas.values() if "b" in r.shards]

@@ -132,12 +132,11 @@ def test_paper_replay_refuses_bad_options_with_exit_2(tmp_path: Path) -> None:
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="control bug: a noticed leader's successor chain double-books workers")
 def test_noticing_a_replica_leader_before_its_sibling_workers_keeps_workers_exclusive() -> None:
     """One instance = 4 workers, noticed one event at a time. Leader first, `FleetState` makes a
     successor on the leader's siblings (noticed next), and the last successor of the chain is
-    built on workers the original replica still holds (found by the simulator; the enactor now
-    notices leaders last)."""
+    built on workers the original replica still holds (found by the simulator). Now a successor
+    whose worker is noticed before it builds is dropped and its source's notice planned again."""
     from elastic_llm.control import FleetConfig, FleetState
     from elastic_llm.control import events as ev
     from elastic_llm.sim import FleetSimulator, PaperSetting
