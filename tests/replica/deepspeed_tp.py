@@ -2,7 +2,9 @@
 
 Writes ``<out>/rank<r>.pt``: the shape of every parameter after AutoTP, and the logits of each
 prompt. DeepSpeed on CPU needs accelerator "cpu", backend gloo and ``LOCAL_SIZE`` = world size
-(otherwise its shm all-reduce segfaults); its shm op is JIT-built with ninja/g++ on first use.
+(otherwise its shm all-reduce segfaults). Its shm all-reduce op is not used: it is JIT-built with
+ninja/g++ on first use (a minute or more on a fresh machine), and without it DeepSpeed all-reduces
+through the gloo process group. What is compared is AutoTP's layout and outputs, not the transport.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ def main() -> None:
     os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(args.rank),
                       LOCAL_SIZE=str(args.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port),
                       DS_ACCELERATOR="cpu")
+    import importlib
+
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
+    # gloo all-reduce, no JIT build of the shm op (`deepspeed.comm.torch` as an attribute is torch)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, attn_implementation="eager").eval()
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": args.world},

@@ -44,7 +44,7 @@ def deepspeed_tp2(uneven_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
                                "--rank", str(r), "--world", "2", "--port", str(port), "--out", str(out),
                                "--prompts", prompts], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:  # the first run JIT-builds DeepSpeed's shm op (ninja + g++, about a minute)
+    try:  # importing DeepSpeed and transformers in two processes: 10-40 s here
         logs = [p.communicate(timeout=240)[0] for p in ranks]
     finally:
         for p in ranks:
