@@ -303,7 +303,7 @@ def test_the_optimizer_chooses_the_shape_and_reshapes_it_as_workers_leave_and_jo
 def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, model: LoadedModel) -> None:
     """With a profile slow enough that throughput matters, the optimizer picks one (1, 4) replica
     for an idle fleet of 4 workers and four (1, 1) replicas at 0.5 requests/s or more. A burst of
-    40 requests (0.67/s over the last minute) makes the controller plan again: the (1, 4) replica
+    20 requests (0.67/s over a 30 s rate window) makes the controller plan again: the (1, 4) replica
     shrinks to (1, 1) with its KV, three more are placed, and every answer is the single engine's."""
     import dataclasses
 
@@ -319,19 +319,19 @@ def test_a_sustained_load_change_replans_the_fleet(uneven_checkpoint: Path, mode
     profile = AnalyticProfile("slow device", device, 1, fast, fast, 4)
     budget = 2_000_000
     planner = ShapePlanner(model_spec_of(str(uneven_checkpoint)), profile, batch_size=4)
-    idle, busy = planner.choose(4, budget, 0.0), planner.choose(4, budget, 40 / 60)
+    idle, busy = planner.choose(4, budget, 0.0), planner.choose(4, budget, 20 / 30)
     assert (idle.D, idle.P, idle.M) == (1, 1, 4) and (busy.D, busy.P, busy.M) == (4, 1, 1)
 
-    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]] * 10
-    want = [c.token_ids for c in LLMEngine(model).generate(prompts, SamplingParams(max_new_tokens=24,
+    prompts = [[17, 3, 250, 41, 9], [88, 1, 5, 300], [45, 6, 7], [9, 9, 100, 2, 31, 4]] * 5
+    want = [c.token_ids for c in LLMEngine(model).generate(prompts, SamplingParams(max_new_tokens=12,
                                                                                     ignore_eos=True))]
     with local_cluster(4, processes=True) as (_, client):
         options = ReplicaOptions(model=str(uneven_checkpoint), max_batch_size=4, parallel="auto",
                                  memory_budget_bytes=budget, min_step_seconds=0.05, shard_timeout_s=30.0)
         with ServingClient(client, model=str(uneven_checkpoint), replica=options, chat=False,
-                           profile=profile, load_check_s=0.5) as llm:
+                           profile=profile, load_check_s=0.5, rate_window_s=30.0) as llm:
             assert tuple(_the_ready_replica(llm, timeout=120)["parallel"]) == (1, 4)
-            futures = llm.map(prompts, max_new_tokens=24, ignore_eos=True)
+            futures = llm.map(prompts, max_new_tokens=12, ignore_eos=True)
             wait_for(lambda: sum(r["state"] == "ready" for r in llm.status()["replicas"]) == 4, timeout=120)
             results = [f.result(timeout=120) for f in futures]
             status = llm.status()
