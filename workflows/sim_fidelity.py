@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| policy | mean sim | mean live | ratio | P99 sim | P99 live | ratio | restarted sim/live |")
     print("|---|---|---|---|---|---|---|---|")
     for policy, report in reports.items():
-        fleet = FleetState(policy, FleetConfig(parallel=(1, 1), max_batch_size=settings.max_batch), profile=profile)
+        fleet = FleetState(policy, FleetConfig(parallel=(1, 1), max_batch_size=settings.max_batch,
+                                               max_events_per_client=0), profile=profile)
         clock = IterationClock(spec, profile, prompt_tokens=profile.input_len)
         result = FleetSimulator(fleet, spec, clock, settings).run(trace, arrivals)
         print(f"| {policy} | {result.latency_mean_s:.1f} | {report['latency_mean_s']:.1f} | "

@@ -32,7 +32,8 @@ class FleetConfig:
     #: nothing); then they are aborted
     client_reconnect_s: float = 30.0
     max_finished_records: int = 10_000  #: finished requests kept in full (older: in the totals)
-    max_events_per_client: int = 20_000  #: a client's event log (further behind: a "lost" event)
+    #: a client's event log (further behind: a "lost" event); 0 keeps none (nobody polls: the simulator)
+    max_events_per_client: int = 20_000
     #: consecutive failed replica starts after which broken workers are no longer restarted
     max_start_failures: int = 3
     #: the shape planner plans for at least this arrival rate (1/s): SpotServe's required throughput
@@ -51,8 +52,9 @@ class FleetConfig:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"FleetConfig.{name} must be a finite number >= 0, got {value!r}")
         for name in ("max_batch_size", "max_finished_records", "max_events_per_client"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"FleetConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+            least = 0 if name == "max_events_per_client" else 1  # 0: no event logs (a simulator)
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
+                raise ValueError(f"FleetConfig.{name} must be an integer >= {least}, got {getattr(self, name)!r}")
         if len(self.plan_workload) != 2 or min(self.plan_workload) < 1:
             raise ValueError(f"FleetConfig.plan_workload must be (prompt, output) >= 1, got {self.plan_workload!r}")
 

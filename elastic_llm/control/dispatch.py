@@ -19,10 +19,12 @@ if TYPE_CHECKING:
 def dispatch(fleet: FleetState) -> None:
     """Queued requests go to ready replicas: the least loaded by outstanding tokens, or one
     whose prefix cache holds the request's start when that saves more than it queues."""
-    ready = [r.replica_id for r in fleet.replicas.values() if r.state is ReplicaState.READY]
-    queued = fleet.table.queued()
-    if not ready or not queued:
+    if not fleet.table.has_queued():  # the common case (after every commit): nothing to do
         return
+    ready = [r.replica_id for r in fleet.replicas.values() if r.state is ReplicaState.READY]
+    if not ready:
+        return
+    queued = fleet.table.queued()
     load = {replica_id: outstanding(fleet, replica_id) for replica_id in ready}
     fleet.affinity.retain(fleet.replicas)
     batches: dict[str, list[RequestWork]] = {}

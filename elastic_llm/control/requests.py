@@ -150,7 +150,8 @@ class RequestTable:
             raise ValueError(f"request id {record.request_id!r} is already in use")
         self._records[record.request_id] = record
         self._by_owner[None][record.request_id] = record
-        self._events.setdefault(record.client, deque())
+        if self._max_events:
+            self._events.setdefault(record.client, deque())
         self.totals.accepted += 1
         self.arrivals.append(record.arrival)
 
@@ -163,6 +164,10 @@ class RequestTable:
     def count_unfinished(self, replica: str) -> int:
         """How many unfinished requests `replica` owns."""
         return len(self._by_owner.get(replica, {}))
+
+    def has_queued(self) -> bool:
+        """Whether any request waits for a replica (O(1))."""
+        return bool(self._by_owner[None])
 
     def queued(self) -> list[RequestRecord]:
         """Requests waiting for a replica, oldest first."""
@@ -213,7 +218,7 @@ class RequestTable:
             record.first_token_time = now
         record.committed.extend(fresh)
         self.totals.tokens_committed += len(fresh)
-        self._emit(record.client, ClientEvent(0, request_id, "tokens", known, tuple(fresh)))
+        self._emit(record.client, request_id, "tokens", start=known, token_ids=tuple(fresh))
         return True
 
     def finish(self, request_id: str, reason: str, text: str, now: float) -> bool:
@@ -231,7 +236,7 @@ class RequestTable:
             self.totals.ttft_sum_s += record.first_token_time - record.arrival
             self.totals.ttft_count += 1
             self.ttfts.append(record.first_token_time - record.arrival)
-        self._emit(record.client, ClientEvent(0, request_id, "finished", finish_reason=reason, text=text))
+        self._emit(record.client, request_id, "finished", finish_reason=reason, text=text)
         return True
 
     def fail(self, request_id: str, error: str, now: float) -> bool:
@@ -242,7 +247,7 @@ class RequestTable:
         record.status, record.error = RequestStatus.FAILED, error
         self._ended(record, now)
         self.totals.failed += 1
-        self._emit(record.client, ClientEvent(0, request_id, "failed", error=error))
+        self._emit(record.client, request_id, "failed", error=error)
         return True
 
     def events_since(self, client: str, cursor: int) -> list[ClientEvent]:
@@ -287,13 +292,12 @@ class RequestTable:
         while len(self._finished) > self._max_finished:
             self._records.pop(self._finished.popleft(), None)
 
-    def _emit(self, client: str, event: ClientEvent) -> None:
-        if client not in self._events:
+    def _emit(self, client: str, request_id: str, kind: str, **fields: Any) -> None:
+        log = self._events.get(client)
+        if log is None:  # gone, or no logs kept (max_events_per_client 0: nobody reads them)
             return
         seq = self._next_seq.get(client, 0)
         self._next_seq[client] = seq + 1
-        log = self._events[client]
-        log.append(ClientEvent(seq, event.request_id, event.kind, event.start, event.token_ids,
-                               event.finish_reason, event.text, event.error))
+        log.append(ClientEvent(seq, request_id, kind, **fields))
         if len(log) > self._max_events:
             log.popleft()

@@ -40,7 +40,8 @@ def simulate_fleet(policy: str | FleetPolicy, spec: ModelSpec, profile: Instance
     config = FleetConfig(parallel=setting.parallel, max_batch_size=settings.max_batch,
                          memory_budget_bytes=setting.memory_budget_bytes, required_rate=setting.required_rate,
                          plan_workload=(setting.prompt_tokens, setting.output_tokens),
-                         rate_window_s=60.0 if setting.measured_rate else 0.0)
+                         rate_window_s=60.0 if setting.measured_rate else 0.0,
+                         max_events_per_client=0)  # no client reads events: none are logged
     fleet = FleetState(policy, config, profile=profile)
     clock = IterationClock(spec, profile, prompt_tokens=setting.prompt_tokens)
     return FleetSimulator(fleet, spec, clock, settings).run(availability, arrivals)

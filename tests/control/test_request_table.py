@@ -83,3 +83,19 @@ def test_a_gap_is_refused_and_a_repeat_merges() -> None:
     assert not table.commit("q0", 3, [9], now=1.0)  # would leave a gap
     assert table.commit("q0", 0, [1, 2, 3], now=1.0)  # a resumed replica re-sends everything
     assert table.get("q0").committed == [1, 2, 3] and table.totals.tokens_committed == 3
+
+
+def test_a_table_for_the_simulator_keeps_no_event_log_and_the_config_refuses_negative_sizes() -> None:
+    from elastic_llm.control import FleetConfig
+
+    table = RequestTable(max_events_per_client=0)
+    table.add(_record(0))
+    table.assign("q0", "r")
+    assert table.commit("q0", 0, [4, 5], now=1.0) and table.finish("q0", "length", "", now=2.0)
+    assert table.events_since("c", 0) == [] and table.totals.tokens_finished == 2
+    assert not table.has_queued()
+    FleetConfig(max_events_per_client=0)
+    with pytest.raises(ValueError, match="max_events_per_client must be an integer >= 0"):
+        FleetConfig(max_events_per_client=-1)
+    with pytest.raises(ValueError, match="max_finished_records must be an integer >= 1"):
+        FleetConfig(max_finished_records=0)
