@@ -28,6 +28,9 @@ class FleetConfig:
     load_check_s: float = 5.0  #: period of the arrival-rate check (adaptive shapes only)
     default_step_seconds: float = 0.05  #: iteration time assumed before a replica reported one
     client_log_ttl_s: float = 300.0  #: a disconnected client's event log is kept this long
+    #: a ready replica with requests on it, silent (no commit, no answer) this long, is broken:
+    #: its workers are restarted and its requests resume elsewhere; 0 never judges
+    stall_timeout_s: float = 120.0
     #: a disconnected client's requests keep running this long (a reconnect within it loses
     #: nothing); then they are aborted
     client_reconnect_s: float = 30.0
@@ -46,7 +49,7 @@ class FleetConfig:
             raise ValueError(f"parallel must be (P, M) with P, M >= 1 or None, not {self.parallel!r}")
         for name in ("migration_margin_s", "kv_bandwidth", "prefill_seconds_per_token", "start_timeout_s",
                      "call_timeout_s", "transfer_slack_s", "reshard_timeout_s", "stop_timeout_s", "rate_window_s",
-                     "load_check_s", "default_step_seconds", "client_log_ttl_s", "client_reconnect_s",
+                     "load_check_s", "default_step_seconds", "client_log_ttl_s", "client_reconnect_s", "stall_timeout_s",
                      "required_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -59,6 +59,7 @@ class ReplicaRecord:
     epoch: int = 0  #: configuration epoch: +1 at every reshard
     created_at: float = 0.0  #: when the controller asked for it
     start_seconds: float | None = None  #: from creation to ready
+    heard_at: float = 0.0  #: its latest commit or answer to an operation (`control.liveness`)
     kv_bytes_per_token: int = 0  #: reported once ready
     weights: str = ""  #: "checkpoint" or "peer", once ready
     noticed: bool = False  #: its leader got a notice: it is being evacuated or replaced

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from elastic_llm.control import events as ev
-from elastic_llm.control import dispatch, evacuating, sharded
+from elastic_llm.control import dispatch, evacuating, liveness, sharded
 from elastic_llm.control import instructions as ins
 from elastic_llm.control.config import FleetConfig
 from elastic_llm.control.evacuation import Evacuation
@@ -95,6 +95,7 @@ class FleetState:
         """Apply one event at time `now`; the instructions to carry out, in order."""
         self._now, self._out = now, []
         handler: Callable[[Any], None] = getattr(self, f"_on_{type(event).__name__}")
+        liveness.heard_from(self, event)
         handler(event)
         self._advance()
         if self._touched:
@@ -404,8 +405,9 @@ class FleetState:
             evacuating.move_out(self, evacuation)
         self._check_load()
         self._forget_gone_clients()
+        liveness.check_stalls(self)
         dispatch.dispatch(self)
-        timers = [e.start_at for e in self.evacuations]
+        timers = [e.start_at for e in self.evacuations] + liveness.next_check(self)
         timers += [since + self.config.client_reconnect_s for since in self._disconnected.values()]
         if self._next_load_check is not None:
             timers.append(self._next_load_check)

@@ -47,6 +47,10 @@ class Operations:
         self._open[operation.op] = operation
         return operation
 
+    def get(self, op: int) -> Operation | None:
+        """The open operation `op` (None if it is not open)."""
+        return self._open.get(op)
+
     def close(self, op: int) -> Operation | None:
         """Close `op`; None if it is not open (already answered, failed or timed out)."""
         return self._open.pop(op, None)
