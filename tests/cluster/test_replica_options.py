@@ -45,7 +45,7 @@ def test_las_guard_builds_with_its_settings_and_pickles() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard'"),
+    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive'"),
     ({"scheduler": "skip-join", "las": LASConfig()}, "takes no LAS settings"),
     ({"scheduler": "las-guard", "kv_residency": SWAP}, r"kv_residency with scheduler='las-guard'"),
     ({"scheduler": "fcfs", "kv_residency": SWAP},
