@@ -50,7 +50,7 @@ class AdaptiveLASConfig(LASConfig):
 
     #: extra batch entries per iteration for first tokens, as a share of `max_batch_size` (rounded
     #: up, at least 1); 0: first tokens take a decode slot (las-guard's rule)
-    first_token_slots: float = 0.125
+    first_token_slots: float = 0.25
     first_token_wait_iterations: float = 0.0  #: a newcomer's first token goes early only after this wait
     young_guard_heavy: float = 6.0  #: `young_guard_factor` on heavy tails (CV >= `tail_cv_heavy`)
     tail_cv_light: float = 2.0  #: up to this length CV the young slack is `young_guard_factor`

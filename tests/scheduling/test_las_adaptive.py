@@ -57,7 +57,7 @@ def test_without_extra_slots_the_first_token_takes_a_decode_slot_as_in_las_guard
 
 def test_extra_slots_scale_with_the_batch() -> None:
     config = AdaptiveLASConfig()
-    assert [config.extra_slots(b) for b in (1, 4, 8, 9, 32)] == [1, 1, 1, 2, 4]
+    assert [config.extra_slots(b) for b in (1, 4, 8, 9, 32)] == [1, 1, 2, 3, 8]
     assert AdaptiveLASConfig(first_token_slots=0).extra_slots(32) == 0
 
 
