@@ -20,9 +20,11 @@ hysteresis, the guard with its starvation bound) and changes three things, each 
   slack of requests short of the `guard_quantile` length is `young_guard_factor` x the online
   mean JCT where the coefficient of variation of the known lengths (Kaplan-Meier: the prior,
   finished requests and the running ones censored) is at most `tail_cv_light`, and
-  `young_guard_heavy` x it from `tail_cv_heavy` up, linear in between. A heavier tail has a
-  longer mean residual life: its long requests can wait through bursts and still finish
-  within the P99 bound, a lighter one's cannot.
+  `young_guard_heavy` x it from `tail_cv_heavy` up, linear in between, but only while the
+  recent arrivals are bursty (CV of the last `arrival_window` gaps >= `bursty_arrival_cv`). A
+  heavier tail has a longer mean residual life: its long requests can wait through bursts and
+  still finish within the P99 bound, a lighter one's cannot; under smooth arrivals FCFS's P99 is
+  mostly service time and there is no burst wait to absorb the delay.
 
 The starvation bound is las-guard's: guarded requests keep at least half the regular batch and
 the guard never exceeds `max_guard_s` (+ `1 + guard_slowdown` x the request's own run time).
@@ -85,7 +87,8 @@ class AdaptiveLASConfig(LASConfig):
 
 
 class AdaptiveLAS(GuardedLAS):
-    """las-guard with first tokens in extra slots once a queue forms, and a tail-following guard."""
+    """las-guard with first tokens in extra batch slots (optionally only once a newcomer has waited)
+    and a guard slack that follows the measured length tail and arrival burstiness."""
 
     config: AdaptiveLASConfig
 
