@@ -1,4 +1,4 @@
-"""Does the live engine confirm the simulator's las-guard / FCFS ratios? Two settings, run once.
+"""Does the live engine confirm the simulator's las-guard (or las-adaptive) / FCFS ratios? Two settings, run once.
 
 For each setting (dataset, batch, arrival CV, load): the same requests (lengths from the bundled
 sample x `--length-scale`, outputs capped at `--max-output`, Gamma arrivals at `load` x the
@@ -9,12 +9,14 @@ simulated capacity) are run
 2. through the simulator (`elastic_llm.sim.simulate`) on the same arrivals, with an iteration-time
    model fitted (non-negative least squares) to every iteration the two live runs executed,
 
-each under FCFS and under "las-guard" (Gittins prior: the same scaled, capped sample). Reported:
+each under FCFS and under `--policy` ("las-guard" or "las-adaptive", its defaults; Gittins prior:
+the same scaled, capped sample; the result keys say "las" for either). Reported:
 mean and P99 JCT and P99 TTFT ratios (FCFS / las-guard for mean and TTFT, las-guard / FCFS for P99),
 simulated next to live, and whether las-guard produced FCFS's greedy tokens.
 
 Run:  .venv/bin/python benchmarks/scheduling_live_check.py [--settings "lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9"]
-          [--requests 36] [--length-scale 0.15] [--max-output 160] [--threads 1] [--output r.json]
+          [--policy las-guard|las-adaptive] [--requests 36] [--length-scale 0.15] [--max-output 160]
+          [--threads 1] [--output r.json]
 Bounded: `--requests` requests per run, four runs per setting, each run also stopped by `--limit-s`.
 """
 
@@ -148,7 +150,7 @@ def scaled(dataset: str, args: argparse.Namespace) -> tuple[int, ...]:
 
 def policies(dataset: str, args: argparse.Namespace) -> dict[str, RequestScheduler]:
     config = LASConfig(prior_lengths=scaled(dataset, args), learn_online=False)
-    return {"fcfs": FCFS(), "las-guard": make_scheduler("las-guard", las=config)}
+    return {"fcfs": FCFS(), "las-guard": make_scheduler(args.policy, las=config)}
 
 
 def ratios(results: dict[str, tuple[list[float], list[float]]]) -> Ratios:
@@ -219,6 +221,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9",
                         help="DATASET,BATCH,ARRIVAL_CV,LOAD;...")
+    parser.add_argument("--policy", default="las-guard", choices=("las-guard", "las-adaptive"),
+                        help="the policy run against FCFS (reported under the key 'las-guard')")
     parser.add_argument("--requests", type=int, default=36)
     parser.add_argument("--length-scale", type=float, default=0.15)
     parser.add_argument("--max-output", type=int, default=160)

@@ -33,7 +33,8 @@ class ReplicaOptions:
     model: str  #: embedded model name or checkpoint directory
     max_batch_size: int = 16  #: requests per iteration
     max_batch_tokens: int = 1024  #: tokens per iteration
-    #: request policy, one of `SCHEDULER_NAMES` ("fcfs", "mlfq", "skip-join", "las-guard"), built by
+    #: request policy, one of `SCHEDULER_NAMES` ("fcfs", "mlfq", "skip-join", "las-guard",
+    #: "las-adaptive"), built by
     #: `elastic_llm.scheduling.make_scheduler`
     scheduler: SchedulerName = "fcfs"
     threads: int = 1  #: torch threads in this worker process
@@ -54,7 +55,8 @@ class ReplicaOptions:
     mlfq: MLFQConfig | None = None
     #: skip-join's prefill-time predictor (None: `scheduling.DEFAULT_PREFILL_PREDICTOR`)
     prefill_predictor: LinearPrefillPredictor | None = None
-    #: settings of "las-guard" (None: `LASConfig()`); refused with any other scheduler
+    #: settings of "las-guard" (None: `LASConfig()`) or "las-adaptive" (an `AdaptiveLASConfig`;
+    #: None: its defaults); refused with any other scheduler
     las: LASConfig | None = None
     #: device KV budget with proactive swap to host or drop-and-recompute (FastServe); needs an
     #: MLFQ scheduler and a whole-model replica. None: every request's KV stays on the device

@@ -18,6 +18,7 @@ from elastic_llm.scheduling.factory import (
 from elastic_llm.scheduling.fcfs import FCFS
 from elastic_llm.scheduling.gittins import GittinsTable
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig, LASEntryState
+from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 from elastic_llm.scheduling.mlfq import MLFQConfig, QueueEntryState, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 from elastic_llm.scheduling.residency import (
@@ -31,6 +32,8 @@ from elastic_llm.scheduling.residency import (
 from elastic_llm.scheduling.workloads import WorkloadItem, make_workload
 
 __all__ = [
+    "AdaptiveLAS",
+    "AdaptiveLASConfig",
     "DEFAULT_PREFILL_PREDICTOR",
     "SCHEDULER_NAMES",
     "BatchLimits",

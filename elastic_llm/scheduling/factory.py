@@ -10,7 +10,10 @@ build it here, so a name means the same policy everywhere:
 - "las-guard": `GuardedLAS`, least attained service counted in sampled tokens, FIFO within a
   level, hysteresis against bursts, and an age guard (a multiple of the online mean completion
   time) that serves old requests first: the policy that wins on bursty heavy-tailed load
-  (docs/benchmarks.md, issue 20).
+  (docs/benchmarks.md, issue 20);
+- "las-adaptive": `AdaptiveLAS`, las-guard with first tokens in extra batch slots (no running
+  request displaced) and a guard whose slack follows the measured length tail and arrival
+  burstiness (docs/benchmarks.md, issue 20, second pass).
 
 Only the MLFQ names can drive a KV residency policy (they estimate next scheduled times).
 """
@@ -23,10 +26,11 @@ from typing import Literal, cast, get_args
 from elastic_llm.scheduling.base import RequestScheduler
 from elastic_llm.scheduling.fcfs import FCFS
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig
+from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 from elastic_llm.scheduling.mlfq import MLFQConfig, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 
-SchedulerName = Literal["fcfs", "mlfq", "skip-join", "las-guard"]
+SchedulerName = Literal["fcfs", "mlfq", "skip-join", "las-guard", "las-adaptive"]
 
 #: Every scheduler name `make_scheduler` accepts.
 SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
@@ -54,15 +58,23 @@ def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
     flag is set by the name. `predict_prefill_s`: skip-join's prefill-time predictor (None:
     `DEFAULT_PREFILL_PREDICTOR`). Raises ValueError for an unknown name or a setting the named
     policy would ignore (MLFQ settings for "fcfs", a predictor for anything but "skip-join").
-    `las`: settings of "las-guard" (None: `LASConfig()`), refused by every other name.
+    `las`: settings of "las-guard" (None: `LASConfig()`) or "las-adaptive" (None:
+    `AdaptiveLASConfig()`; a plain `LASConfig` keeps its fields and takes the adaptive rules'
+    defaults), refused by every other name; "las-guard" refuses an `AdaptiveLASConfig`.
     """
     name = check_scheduler_name(name)
-    if las is not None and name != "las-guard":
-        raise ValueError(f"scheduler {name!r} takes no LAS settings (only 'las-guard' does)")
-    if name == "las-guard":
+    if las is not None and name not in ("las-guard", "las-adaptive"):
+        raise ValueError(f"scheduler {name!r} takes no LAS settings (only 'las-guard' and 'las-adaptive' do)")
+    if name in ("las-guard", "las-adaptive"):
         if mlfq is not None or predict_prefill_s is not None:
-            raise ValueError("scheduler 'las-guard' takes no MLFQ settings or prefill predictor")
-        return GuardedLAS(las)
+            raise ValueError(f"scheduler {name!r} takes no MLFQ settings or prefill predictor")
+        if name == "las-guard":
+            if isinstance(las, AdaptiveLASConfig):
+                raise ValueError("scheduler 'las-guard' ignores the adaptive settings: use 'las-adaptive'")
+            return GuardedLAS(las)
+        if las is not None and not isinstance(las, AdaptiveLASConfig):
+            las = AdaptiveLASConfig(**{f.name: getattr(las, f.name) for f in dataclasses.fields(las)})
+        return AdaptiveLAS(las)
     if name == "fcfs":
         if mlfq is not None:
             raise ValueError("scheduler 'fcfs' takes no MLFQ settings (mlfq=...)")
@@ -85,6 +97,8 @@ def scheduler_name(scheduler: RequestScheduler) -> str:
         return "skip-join" if scheduler.config.skip_join else "mlfq"
     if isinstance(scheduler, FCFS):
         return "fcfs"
+    if isinstance(scheduler, AdaptiveLAS):
+        return "las-adaptive"
     if isinstance(scheduler, GuardedLAS):
         return "las-guard"
     return type(scheduler).__name__

@@ -77,3 +77,13 @@ def _kaplan_meier_pmf(lengths: Sequence[int], censored: Sequence[int]) -> np.nda
     pmf = np.clip(-np.diff(np.concatenate(([1.0], survival))), 0.0, None)
     pmf[longest] += survival[longest]  # mass not yet resolved: at the longest horizon
     return pmf
+
+
+def length_cv(lengths: Sequence[int], censored: Sequence[int] = ()) -> float:
+    """Coefficient of variation (std / mean) of the length distribution that `GittinsTable.fit`
+    estimates from finished `lengths` and running `censored` requests (Kaplan-Meier)."""
+    pmf = _kaplan_meier_pmf(lengths, censored)
+    support = np.arange(len(pmf), dtype=float)
+    mean = float(pmf @ support)
+    variance = float(pmf @ (support - mean) ** 2)
+    return float(np.sqrt(max(variance, 0.0)) / mean) if mean > 0 else 0.0

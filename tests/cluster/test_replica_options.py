@@ -44,8 +44,18 @@ def test_las_guard_builds_with_its_settings_and_pickles() -> None:
     assert pickle.loads(pickle.dumps(options)) == options
 
 
+def test_las_adaptive_builds_with_its_settings_and_pickles() -> None:
+    from elastic_llm.scheduling import AdaptiveLAS, AdaptiveLASConfig
+
+    las = AdaptiveLASConfig(prior_lengths=(4, 8, 16), first_token_slots=0.5)
+    options = ReplicaOptions(model="m", scheduler="las-adaptive", las=las)
+    scheduler = options.build_scheduler()
+    assert isinstance(scheduler, AdaptiveLAS) and scheduler.config == las
+    assert pickle.loads(pickle.dumps(options)) == options
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard'"),
+    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive'"),
     ({"scheduler": "skip-join", "las": LASConfig()}, "takes no LAS settings"),
     ({"scheduler": "las-guard", "kv_residency": SWAP}, r"kv_residency with scheduler='las-guard'"),
     ({"scheduler": "fcfs", "kv_residency": SWAP},

@@ -14,6 +14,8 @@ from elastic_llm.engine import EngineStats
 from elastic_llm.engine.local_executor import LocalExecutor
 from elastic_llm.scheduling import (
     FCFS,
+    AdaptiveLAS,
+    AdaptiveLASConfig,
     BatchLimits,
     GuardedLAS,
     LASConfig,
@@ -21,6 +23,7 @@ from elastic_llm.scheduling import (
     MLFQConfig,
     RequestScheduler,
     ResidencyConfig,
+    SchedulerOutput,
     SkipJoinMLFQ,
 )
 
@@ -98,6 +101,22 @@ def reference(model: object) -> Run:
     return _serve(model, FCFS(), None)
 
 
+class RecordingAdaptiveLAS(AdaptiveLAS):
+    """las-adaptive that remembers the largest batch it handed the engine."""
+
+    largest_batch = 0
+
+    def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
+        decision = super().schedule(now, limits)
+        self.largest_batch = max(self.largest_batch, len(decision.scheduled))
+        return decision
+
+
+#: a falling-hazard prior (half the outputs 1 token, a tenth 200): least attained service, so started
+#: requests are preempted, and first tokens run in one extra slot
+ADAPTIVE = AdaptiveLASConfig(prior_lengths=(1,) * 50 + (2,) * 20 + (8, 30, 200) * 10,
+                             first_token_slots=0.25, min_guard_s=0.05, max_guard_s=0.05)
+
 POLICIES: dict[str, Callable[[], tuple[RequestScheduler, str | None]]] = {
     "mlfq": lambda: (_mlfq(skip_join=False), None),
     "skip-join": lambda: (_mlfq(skip_join=True), None),
@@ -106,6 +125,7 @@ POLICIES: dict[str, Callable[[], tuple[RequestScheduler, str | None]]] = {
     # las-guard with a length prior: Gittins order, newcomers first, guard after 0.05 s
     "las-guard": lambda: (GuardedLAS(LASConfig(prior_lengths=tuple(range(4, 30)) * 4, min_guard_s=0.05,
                                                max_guard_s=0.05)), None),
+    "las-adaptive": lambda: (RecordingAdaptiveLAS(ADAPTIVE), None),
 }
 
 
@@ -115,6 +135,8 @@ def test_same_greedy_tokens_as_fcfs(model: object, reference: Run, policy: str) 
     run = _serve(model, scheduler, mode)
     assert run.outputs == reference.outputs
     assert run.stats.preemptions > 0, "the workload must make MLFQ preempt"
+    if isinstance(scheduler, RecordingAdaptiveLAS):  # first tokens ran beyond the batch limit
+        assert scheduler.largest_batch == LIMITS.max_batch_size + 1
     if mode == "swap":
         assert run.stats.bytes_swapped_out > 0 and run.stats.bytes_swapped_in > 0
         assert run.stats.tokens_dropped == 0

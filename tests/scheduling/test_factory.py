@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig
+from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 
 from elastic_llm.scheduling import (
     DEFAULT_PREFILL_PREDICTOR,
@@ -20,8 +21,10 @@ from elastic_llm.scheduling import (
 
 
 def test_names_build_their_policies_and_read_back() -> None:
-    assert SCHEDULER_NAMES == ("fcfs", "mlfq", "skip-join", "las-guard")
+    assert SCHEDULER_NAMES == ("fcfs", "mlfq", "skip-join", "las-guard", "las-adaptive")
     assert isinstance(make_scheduler("las-guard"), GuardedLAS)
+    assert not isinstance(make_scheduler("las-guard"), AdaptiveLAS)
+    assert isinstance(make_scheduler("las-adaptive"), AdaptiveLAS)
     assert isinstance(make_scheduler("fcfs"), FCFS)
     plain, skip = make_scheduler("mlfq"), make_scheduler("skip-join")
     assert isinstance(plain, SkipJoinMLFQ) and plain.config.skip_join is False
@@ -56,7 +59,9 @@ def test_skip_join_without_a_predictor_uses_the_measured_default() -> None:
 
 
 @pytest.mark.parametrize(("name", "kwargs", "match"), [
-    ("skipjoin", {}, "choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard'"),
+    ("skipjoin", {}, "choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive'"),
+    ("las-guard", {"las": AdaptiveLASConfig()}, "use 'las-adaptive'"),
+    ("las-adaptive", {"mlfq": MLFQConfig()}, "takes no MLFQ settings"),
     ("skip-join", {"las": LASConfig()}, "takes no LAS settings"),
     ("las-guard", {"mlfq": MLFQConfig()}, "takes no MLFQ settings"),
     ("fcfs", {"mlfq": MLFQConfig()}, "takes no MLFQ settings"),
@@ -66,3 +71,9 @@ def test_skip_join_without_a_predictor_uses_the_measured_default() -> None:
 def test_unknown_names_and_ignored_settings_are_refused(name: str, kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_scheduler(name, **kwargs)  # type: ignore[arg-type]
+
+
+def test_las_adaptive_keeps_the_fields_of_a_plain_las_config() -> None:
+    scheduler = make_scheduler("las-adaptive", las=LASConfig(prior_lengths=(4, 8), max_guard_s=7.0))
+    assert isinstance(scheduler, AdaptiveLAS)
+    assert scheduler.config == AdaptiveLASConfig(prior_lengths=(4, 8), max_guard_s=7.0)

@@ -1,0 +1,184 @@
+""""las-adaptive": las-guard whose first tokens and guard adapt to the queue and to the tail.
+
+Measured on issue 20's sweep (docs/benchmarks.md), las-guard pays for its time to first token on
+the mean: every newcomer's prefill and first token go ahead of every started request, in a
+decode slot of the batch. Where output lengths are close to exponential (ShareGPT-shaped) that
+work moved ahead is pure cost (6-9% of mean JCT). And its guard is one setting for every
+workload: loose enough for the 1.5x target on CV-3 tails, it breaks the P99 bound on Pareto CV 1.5.
+`AdaptiveLAS` keeps las-guard's order (Gittins index of attained tokens, FIFO within a level,
+hysteresis, the guard with its starvation bound) and changes three things, each a setting:
+
+- **First tokens in extra slots** (`first_token_slots`, a share of the batch): up to that many
+  requests yet to sample their first token, oldest first, run their prefill + first token *beyond* `max_batch_size`; no running
+  request is displaced and the iteration grows by the prefill's cost. The regular batch is
+  chosen as if there were no newcomer rule. (The engine and the simulator run any batch the
+  scheduler returns; the extra entries hold KV as any preempted request does.)
+- **First tokens only where a queue forms** (`first_token_wait_iterations`): a newcomer gets its
+  first token early only once it has waited that many mean iterations (`mean_iteration_s`);
+  before, it waits its turn as under FCFS, so a short queue costs nothing.
+- **A guard that follows the tail** (`young_guard_heavy`, `tail_cv_light`, `tail_cv_heavy`): the
+  slack of requests short of the `guard_quantile` length is `young_guard_factor` x the online
+  mean JCT where the coefficient of variation of the known lengths (Kaplan-Meier: the prior,
+  finished requests and the running ones censored) is at most `tail_cv_light`, and
+  `young_guard_heavy` x it from `tail_cv_heavy` up, linear in between, but only while the
+  recent arrivals are bursty (CV of the last `arrival_window` gaps >= `bursty_arrival_cv`). A
+  heavier tail has a longer mean residual life: its long requests can wait through bursts and
+  still finish within the P99 bound, a lighter one's cannot; under smooth arrivals FCFS's P99 is
+  mostly service time and there is no burst wait to absorb the delay.
+
+The starvation bound is las-guard's: guarded requests keep at least half the regular batch and
+the guard never exceeds `max_guard_s` (+ `1 + guard_slowdown` x the request's own run time).
+Extra first-token slots never take a guarded request's place.
+
+Pure: no clock (`now` is a parameter), no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from elastic_llm.scheduling.base import BatchLimits, SchedulerOutput
+from elastic_llm.scheduling.gittins import length_cv
+from elastic_llm.scheduling.las import GuardedLAS, LASConfig
+
+
+@dataclass(frozen=True)
+class AdaptiveLASConfig(LASConfig):
+    """Settings of `AdaptiveLAS`: las-guard's (`LASConfig`) plus the three adaptive rules."""
+
+    #: extra batch entries per iteration for first tokens, as a share of `max_batch_size` (rounded
+    #: up, at least 1); 0: first tokens take a decode slot (las-guard's rule)
+    first_token_slots: float = 0.25
+    first_token_wait_iterations: float = 0.0  #: a newcomer's first token goes early only after this wait
+    young_guard_heavy: float = 6.0  #: `young_guard_factor` on heavy tails (CV >= `tail_cv_heavy`)
+    tail_cv_light: float = 2.0  #: up to this length CV the young slack is `young_guard_factor`
+    tail_cv_heavy: float = 2.5  #: from this length CV the young slack is `young_guard_heavy`
+    bursty_arrival_cv: float = 2.0  #: the heavy-tail slack applies only while arrivals are this bursty
+    arrival_window: int = 200  #: recent arrivals whose gaps measure burstiness
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.first_token_slots < 0 or self.first_token_wait_iterations < 0:
+            raise ValueError("first_token_slots and first_token_wait_iterations must be >= 0")
+        if not self.young_guard_heavy > 0:
+            raise ValueError("young_guard_heavy must be > 0")
+        if not 0 <= self.tail_cv_light < self.tail_cv_heavy:
+            raise ValueError("need 0 <= tail_cv_light < tail_cv_heavy")
+        if self.bursty_arrival_cv < 0 or self.arrival_window < 3:
+            raise ValueError("bursty_arrival_cv must be >= 0 and arrival_window >= 3")
+
+    def extra_slots(self, max_batch_size: int) -> int:
+        """Extra first-token entries an iteration of `max_batch_size` requests may add."""
+        if self.first_token_slots == 0:
+            return 0
+        return max(1, math.ceil(self.first_token_slots * max_batch_size - 1e-9))
+
+    def young_factor(self, cv: float | None, arrival_cv: float | None = None) -> float:
+        """The young slack's multiple of the mean JCT for a length CV of `cv` and an arrival
+        (inter-arrival gap) CV of `arrival_cv` (None: unknown, which keeps `young_guard_factor`)."""
+        if cv is None or arrival_cv is None or arrival_cv < self.bursty_arrival_cv:
+            return self.young_guard_factor
+        share = min(1.0, max(0.0, (cv - self.tail_cv_light) / (self.tail_cv_heavy - self.tail_cv_light)))
+        return self.young_guard_factor + share * (self.young_guard_heavy - self.young_guard_factor)
+
+
+class AdaptiveLAS(GuardedLAS):
+    """las-guard with first tokens in extra batch slots (optionally only once a newcomer has waited)
+    and a guard slack that follows the measured length tail and arrival burstiness."""
+
+    config: AdaptiveLASConfig
+
+    def __init__(self, config: AdaptiveLASConfig | None = None) -> None:
+        self._tail_cv: float | None = None
+        self._due: frozenset[str] = frozenset()  # newcomers whose first token may go early
+        self._extra: frozenset[str] = frozenset()  # requests in extra slots at the last `schedule`
+        config = config or AdaptiveLASConfig()
+        self._arrivals: deque[float] = deque(maxlen=config.arrival_window)  # recent arrival times
+        self._arrival_cv: float | None = None  # CV of their gaps (None: too few yet)
+        self._arrived = 0  # arrivals seen
+        super().__init__(config)
+
+    def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
+        """las-guard's, and the arrival joins the burstiness window."""
+        super().add_request(request_id, num_tokens_to_compute, now)
+        self._arrivals.append(now)
+        self._arrived += 1
+        if len(self._arrivals) >= 3 and (self._arrived % 8 == 0 or self._arrived == 3):  # refit every 8
+            gaps = np.diff(np.asarray(self._arrivals))
+            mean = float(gaps.mean())
+            self._arrival_cv = float(gaps.std() / mean) if mean > 0 else None
+
+    # ---- RequestScheduler -------------------------------------------------------------------
+    def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
+        """The regular batch in las-guard's order, then first tokens of waiting newcomers in up
+        to `config.extra_slots(max_batch_size)` extra entries (oldest first)."""
+        wait = self.config.first_token_wait_iterations * self.mean_iteration_s()
+        self._due = frozenset(rid for rid, e in self._entries.items()
+                              if e.attained == 0 and now - e.arrival >= wait)
+        self._last_ran -= self._extra  # an extra slot is no incumbent's: nothing to shield or preempt
+        return super().schedule(now, limits)
+
+    # ---- extensions ---------------------------------------------------------------------------
+    def guard_s(self, young: bool = False) -> float:
+        """las-guard's slack, with the young factor set by the measured tail (`young_factor`)."""
+        config = self.config
+        if self._finished == 0:
+            return config.max_guard_s
+        factor = config.young_factor(self._tail_cv, self._arrival_cv) if young else config.guard_factor
+        guard = factor * self._total_jct_s / self._finished
+        return min(config.max_guard_s, max(config.min_guard_s, guard))
+
+    def arrival_cv(self) -> float | None:
+        """Coefficient of variation of the recent inter-arrival gaps (None: fewer than 3 arrivals)."""
+        return self._arrival_cv
+
+    def tail_cv(self) -> float | None:
+        """Coefficient of variation of the known output lengths at the last fit (None before)."""
+        return self._tail_cv
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _fit(self) -> None:
+        super()._fit()
+        running = [e.attained for e in self._entries.values() if e.attained > 0]
+        self._tail_cv = length_cv(self._lengths, censored=running)
+
+    def _early(self, request_id: str) -> bool:
+        """Whether the newcomer rule applies to `request_id` in this iteration's regular batch."""
+        return self.config.newcomers_first and request_id in self._due and self.config.first_token_slots == 0
+
+    def _key(self, request_id: str) -> tuple[int, float, float, int]:
+        entry = self._entries[request_id]
+        if entry.guarded:
+            return (-1, 0.0, entry.arrival, entry.seq)
+        if self._early(request_id):
+            return (-2, 0.0, entry.arrival, entry.seq)
+        return (0, self._rank(entry), entry.arrival, entry.seq)
+
+    def _displaces(self, newcomer: str, incumbent: str) -> bool:
+        new, old = self._entries[newcomer], self._entries[incumbent]
+        if new.guarded:
+            return not old.guarded or self._key(newcomer) < self._key(incumbent)
+        if self._early(newcomer) and old.attained > 0:
+            return True
+        if old.guarded:
+            return False
+        if self._table is not None:
+            return self._rank(new) < self._rank(old)
+        gap = self.config.level(old.attained) - self.config.level(new.attained)
+        return gap >= self.config.preempt_margin
+
+    def _choose(self, limits: BatchLimits) -> list[str]:
+        chosen = super()._choose(limits)
+        slots = self.config.extra_slots(limits.max_batch_size)
+        self._extra = frozenset()
+        if slots == 0 or not self.config.newcomers_first:
+            return chosen
+        taken = set(chosen)
+        waiting = sorted((rid for rid in self._due if rid not in taken),
+                         key=lambda rid: (self._entries[rid].arrival, self._entries[rid].seq))
+        self._extra = frozenset(waiting[:slots])
+        return chosen + waiting[:slots]
