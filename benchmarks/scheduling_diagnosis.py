@@ -37,6 +37,7 @@ from elastic_llm.scheduling import (  # noqa: E402
     make_scheduler,
     make_workload,
 )
+from elastic_llm.scheduling.base import DelegatingScheduler  # noqa: E402
 from elastic_llm.scheduling.las import LASConfig  # noqa: E402
 from elastic_llm.scheduling.workloads import load_length_sample  # noqa: E402
 from elastic_llm.sim import simulate  # noqa: E402
@@ -66,11 +67,11 @@ class Diagnosis:
     fcfs_mean_jct_s: float
 
 
-class Recorder(RequestScheduler):
+class Recorder(DelegatingScheduler):
     """Delegates every call to `inner`; notes arrivals, preemptions, levels and promotions."""
 
     def __init__(self, inner: RequestScheduler) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.arrived_since = 0
         self.bursts: list[tuple[int, int]] = []  # (arrivals since last batch, preempted)
         self.service: collections.Counter[int] = collections.Counter()
@@ -81,9 +82,6 @@ class Recorder(RequestScheduler):
     def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
         self.arrived_since += 1
         self.inner.add_request(request_id, num_tokens_to_compute, now)
-
-    def remove_request(self, request_id: str) -> None:
-        self.inner.remove_request(request_id)
 
     def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
         before = self._levels()
@@ -102,15 +100,6 @@ class Recorder(RequestScheduler):
             (self.service if rid in self._chosen else self.wait)[level] += outcome.duration
         self.batches.append((len(self._chosen), self._tokens, outcome.duration))
         self.inner.update(outcome)
-
-    def skip_cached(self, request_id: str, num_tokens: int) -> None:
-        self.inner.skip_cached(request_id, num_tokens)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self.inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
     def _levels(self) -> dict[str, int]:
         queue = getattr(self.inner, "queue", None)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +34,7 @@ import scipy.optimize
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scheduling_sweep import capacity, fit_prefill  # noqa: E402
+from scheduling_sweep import capacity, decode_step, fit_prefill  # noqa: E402
 
 from elastic_llm import LLMEngine, SamplingParams  # noqa: E402
 from elastic_llm.engine.replay import ReplayClock, TimedRequest, replay  # noqa: E402
@@ -51,6 +50,7 @@ from elastic_llm.scheduling import (  # noqa: E402
     make_scheduler,
     make_workload,
 )
+from elastic_llm.scheduling.base import DelegatingScheduler  # noqa: E402
 from elastic_llm.scheduling.workloads import DATASETS, load_length_sample  # noqa: E402
 from elastic_llm.sim import IterationTimeModel, simulate  # noqa: E402
 
@@ -85,34 +85,20 @@ def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeMode
     engine = LLMEngine(model, limits=limits)
     engine.generate([[101, 102, 103]], SamplingParams(max_new_tokens=2))
     prefill = fit_prefill(engine, (16, 64, 128), repeats=2)
-    for i in range(limits.max_batch_size):
-        engine.add_request(f"d{i}", [100 + i] * 24, SamplingParams(max_new_tokens=16, ignore_eos=True))
-    engine.step()
-    steps = []
-    while engine.has_unfinished():
-        started = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - started)
     batch = limits.max_batch_size
-    step = statistics.median(steps)
+    step = decode_step(engine, batch, new_tokens=16)
     per_request = max(0.0, (step - batch * prefill.per_token_s - prefill.intercept_s) / max(1, batch - 1))
     fixed = max(0.0, prefill.intercept_s - per_request)
     return IterationTimeModel(fixed, per_request, prefill.per_token_s)
 
 
-class IterationRecorder(RequestScheduler):
+class IterationRecorder(DelegatingScheduler):
     """Delegates to `inner`; records (batch size, tokens, seconds) of every live iteration."""
 
     def __init__(self, inner: RequestScheduler) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.iterations: list[tuple[int, int, float]] = []
         self._shape = (0, 0)
-
-    def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
-        self.inner.add_request(request_id, num_tokens_to_compute, now)
-
-    def remove_request(self, request_id: str) -> None:
-        self.inner.remove_request(request_id)
 
     def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
         decision = self.inner.schedule(now, limits)
@@ -123,15 +109,6 @@ class IterationRecorder(RequestScheduler):
         if self._shape[0]:
             self.iterations.append((*self._shape, outcome.duration))
         self.inner.update(outcome)
-
-    def skip_cached(self, request_id: str, num_tokens: int) -> None:
-        self.inner.skip_cached(request_id, num_tokens)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self.inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
 
 def fit_to_iterations(iterations: list[tuple[int, int, float]]) -> IterationTimeModel:

@@ -75,6 +75,21 @@ def fit_prefill(engine: Any, lengths: tuple[int, ...], repeats: int) -> LinearPr
     return LinearPrefillPredictor.fit(samples)
 
 
+def decode_step(engine: Any, batch: int, new_tokens: int = 12) -> float:
+    """Median seconds of one decode iteration of `batch` 24-token requests on the live `engine`."""
+    from elastic_llm import SamplingParams
+
+    for i in range(batch):
+        engine.add_request(f"c{batch}-{i}", [100 + i] * 24, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    engine.step()  # the prefill
+    steps = []
+    while engine.has_unfinished():
+        started = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - started)
+    return statistics.median(steps)
+
+
 def calibrate() -> tuple[IterationTimeModel, LinearPrefillPredictor]:
     """Fit the iteration-time model to the live engine: decode at batch 1 and 8, prefill over length."""
     import torch
@@ -86,18 +101,7 @@ def calibrate() -> tuple[IterationTimeModel, LinearPrefillPredictor]:
     engine = LLMEngine(load_model(), limits=BatchLimits(max_batch_size=8, max_batch_tokens=512))
     engine.generate([[101, 102, 103]], SamplingParams(max_new_tokens=2))
 
-    def decode_step(batch: int) -> float:
-        for i in range(batch):
-            engine.add_request(f"c{batch}-{i}", [100 + i] * 24, SamplingParams(max_new_tokens=12, ignore_eos=True))
-        engine.step()
-        steps = []
-        while engine.has_unfinished():
-            started = time.perf_counter()
-            engine.step()
-            steps.append(time.perf_counter() - started)
-        return statistics.median(steps)
-
-    one, eight = decode_step(1), decode_step(8)
+    one, eight = decode_step(engine, 1), decode_step(engine, 8)
     prefill = fit_prefill(engine, (16, 64, 128, 256), repeats=3)
     per_token = prefill.per_token_s
     per_request = max(0.0, (eight - one) / 7 - per_token)

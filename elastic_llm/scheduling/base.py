@@ -105,6 +105,34 @@ class RequestScheduler(ABC):
         """Number of requests held (waiting or running)."""
 
 
+class DelegatingScheduler(RequestScheduler):
+    """Passes every call to `inner` (instrumentation overrides what it watches, calling up)."""
+
+    def __init__(self, inner: RequestScheduler) -> None:
+        self.inner = inner
+
+    def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
+        self.inner.add_request(request_id, num_tokens_to_compute, now)
+
+    def remove_request(self, request_id: str) -> None:
+        self.inner.remove_request(request_id)
+
+    def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
+        return self.inner.schedule(now, limits)
+
+    def update(self, outcome: IterationOutcome) -> None:
+        self.inner.update(outcome)
+
+    def skip_cached(self, request_id: str, num_tokens: int) -> None:
+        self.inner.skip_cached(request_id, num_tokens)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 class PendingEntry(Protocol):
     """A scheduler's record of one request: the tokens it still computes before it samples."""
 

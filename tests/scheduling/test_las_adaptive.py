@@ -9,7 +9,7 @@ import pytest
 from elastic_llm.scheduling import BatchLimits, IterationOutcome
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 from elastic_llm.scheduling.workloads import load_length_sample
-from tests.scheduling.fakes import FakeRequest, run
+from tests.scheduling.test_las import flood_within_the_starvation_bound
 
 #: every output 8 tokens: the Gittins index rises with service, so by rank a started request keeps
 #: its slot (FCFS-like); only the first-token rule brings a newcomer in
@@ -104,20 +104,10 @@ def test_arrival_burstiness_is_measured_from_the_gaps() -> None:
 
 def test_starvation_bound_under_a_flood_of_newcomers_in_extra_slots() -> None:
     """A long request, then a newcomer every iteration forever: the guard lets it back in."""
-    config = AdaptiveLASConfig(min_guard_s=0.5, max_guard_s=2.0, guard_slowdown=0.2, use_gittins=False)
-    scheduler = AdaptiveLAS(config)
-    limits = BatchLimits(max_batch_size=1)
     step_s = 0.1
-    workload = [FakeRequest("long", 0.0, 1, 10_000)]
-    workload += [FakeRequest(f"n{i}", 0.5 + i * step_s, 1, 30) for i in range(400)]
-    requests = run(scheduler, workload, limits, step_s, horizon_s=30.0)
-    starts = requests["long"].ran_iterations
-    attained_by_05 = sum(1 for t in starts if t < 0.5)
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
-    bound = config.max_guard_s + (1 + config.guard_slowdown) * step_s * (attained_by_05 + len(starts)) + step_s
-    assert max(gaps) > 0.5, "the flood must actually hold the long request back"
-    assert max(gaps) <= bound
-    assert starts[-1] > 25.0, "it keeps getting service until the horizon"
+    requests = flood_within_the_starvation_bound(
+        AdaptiveLAS, AdaptiveLASConfig(min_guard_s=0.5, max_guard_s=2.0, guard_slowdown=0.2, use_gittins=False),
+        step_s)
     firsts = [r.first_token_s - r.arrival_s for r in requests.values()
               if r.first_token_s is not None and r.request_id != "long"]
     assert len(firsts) > 250 and max(firsts) <= 2 * step_s + 1e-9  # every first token in the next iteration
