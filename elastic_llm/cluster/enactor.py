@@ -27,6 +27,8 @@ from elastic_llm.engine.sequence import RequestState
 from elastic_llm.model.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+#: Seconds a fire-and-forget call (stop, cancel) to a replica may take before it is given up.
+QUIET_CALL_TIMEOUT_S = 60.0
 
 
 def model_spec_of(model: str) -> ModelSpec:
@@ -224,9 +226,11 @@ class Enactor:
 
     @staticmethod
     async def _quiet(awaitable: Awaitable[Any]) -> None:
-        """Fire and forget: a call to a replica whose worker is gone raises, and that is fine."""
+        """Fire and forget: a call to a replica whose worker is gone raises, and that is fine. It
+        may also never answer (Dask's actor future is never set when the call's connection breaks
+        and the actor's own future is cancelled): the wait is bounded, so no task is left behind."""
         with contextlib.suppress(Exception):
-            await awaitable
+            await asyncio.wait_for(awaitable, QUIET_CALL_TIMEOUT_S)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
