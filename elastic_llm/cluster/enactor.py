@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,10 @@ from elastic_llm.engine.sequence import RequestState
 from elastic_llm.model.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+#: The Dask event topic capacity requests are published on: an autoscaler subscribes with
+#: `client.subscribe_topic(CAPACITY_TOPIC, handler)`; each message is a dict with "instruction"
+#: ("AcquireCapacity": count, market; "ReleaseCapacity": worker).
+CAPACITY_TOPIC = "elastic-llm-capacity"
 #: Seconds a fire-and-forget call (stop, cancel) to a replica may take before it is given up.
 QUIET_CALL_TIMEOUT_S = 60.0
 
@@ -70,7 +75,8 @@ class Enactor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = float("inf")
-        self.capacity_requests: list[dict[str, Any]] = []  #: capacity asked for or given back
+        #: the latest capacity asked for or given back (also on the Dask event topic `CAPACITY_TOPIC`)
+        self.capacity_requests: deque[dict[str, Any]] = deque(maxlen=1000)
 
     def carry_out(self, instruction: ins.Instruction) -> None:
         """Start carrying out one instruction (returns at once)."""
@@ -90,8 +96,10 @@ class Enactor:
             case ins.RestartWorkers(workers=workers):
                 self._spawn(self._restart(workers))
             case ins.AcquireCapacity() | ins.ReleaseCapacity():
-                logger.info("elastic_llm: %s (no autoscaler is attached: recorded only)", instruction)
-                self.capacity_requests.append({"instruction": type(instruction).__name__, **vars(instruction)})
+                request = {"instruction": type(instruction).__name__, **vars(instruction)}
+                self.capacity_requests.append(request)
+                logger.info("elastic_llm: %s (published on the Dask event topic %r)", instruction, CAPACITY_TOPIC)
+                self._spawn(self._quiet(self.client.log_event(CAPACITY_TOPIC, request)))
             case _:
                 self._spawn(self._answer(instruction))
 

@@ -29,3 +29,28 @@ def test_a_call_that_never_answers_is_given_up_and_one_that_raises_is_ignored(
 
     waited = asyncio.run(asyncio.wait_for(scenario(), 5.0))
     assert 0.04 <= waited < 1.0
+
+
+def test_capacity_requests_are_published_on_a_dask_event_topic() -> None:
+    from distributed import Client, LocalCluster
+
+    from elastic_llm.control import instructions as ins
+
+    async def scenario() -> list[dict[str, object]]:
+        async with LocalCluster(n_workers=0, processes=False, asynchronous=True, dashboard_address=None) as cluster, \
+                Client(cluster, asynchronous=True) as client:
+            carrier = enactor.Enactor(client, None, report=lambda event: None, notify=lambda clients: None)  # type: ignore[arg-type]
+            carrier.carry_out(ins.AcquireCapacity(2, "on-demand"))
+            carrier.carry_out(ins.ReleaseCapacity("tcp://127.0.0.1:1"))
+            seen: list[dict[str, object]] = []
+            for _ in range(100):  # what an autoscaler reads (or gets through `subscribe_topic`)
+                seen = [msg for _, msg in await client.get_events(enactor.CAPACITY_TOPIC)]
+                if len(seen) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert list(carrier.capacity_requests) == seen
+            return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 30.0))
+    assert seen == [{"instruction": "AcquireCapacity", "count": 2, "market": "on-demand"},
+                    {"instruction": "ReleaseCapacity", "worker": "tcp://127.0.0.1:1"}]
