@@ -254,11 +254,15 @@ class GuardedLAS(PendingTokensScheduler):
             return float(level)
         return -self._table(self.config.level_start(level))
 
+    def _early(self, request_id: str) -> bool:
+        """Whether `request_id`'s first token goes ahead of started requests (the newcomer rule)."""
+        return self.config.newcomers_first and self._entries[request_id].attained == 0
+
     def _key(self, request_id: str) -> tuple[int, float, float, int]:
         entry = self._entries[request_id]
         if entry.guarded:
             return (-1, 0.0, entry.arrival, entry.seq)
-        if self.config.newcomers_first and entry.attained == 0:
+        if self._early(request_id):
             return (-2, 0.0, entry.arrival, entry.seq)
         return (0, self._rank(entry), entry.arrival, entry.seq)
 
@@ -307,7 +311,7 @@ class GuardedLAS(PendingTokensScheduler):
         new, old = self._entries[newcomer], self._entries[incumbent]
         if new.guarded:  # the older guarded request first
             return not old.guarded or self._key(newcomer) < self._key(incumbent)
-        if self.config.newcomers_first and new.attained == 0 < old.attained:
+        if self._early(newcomer) and old.attained > 0:
             return True  # a first token; `_reserve_for_guarded` kept the guarded their half
         if old.guarded:
             return False

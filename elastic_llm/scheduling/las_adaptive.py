@@ -150,27 +150,6 @@ class AdaptiveLAS(GuardedLAS):
         """Whether the newcomer rule applies to `request_id` in this iteration's regular batch."""
         return self.config.newcomers_first and request_id in self._due and self.config.first_token_slots == 0
 
-    def _key(self, request_id: str) -> tuple[int, float, float, int]:
-        entry = self._entries[request_id]
-        if entry.guarded:
-            return (-1, 0.0, entry.arrival, entry.seq)
-        if self._early(request_id):
-            return (-2, 0.0, entry.arrival, entry.seq)
-        return (0, self._rank(entry), entry.arrival, entry.seq)
-
-    def _displaces(self, newcomer: str, incumbent: str) -> bool:
-        new, old = self._entries[newcomer], self._entries[incumbent]
-        if new.guarded:
-            return not old.guarded or self._key(newcomer) < self._key(incumbent)
-        if self._early(newcomer) and old.attained > 0:
-            return True
-        if old.guarded:
-            return False
-        if self._table is not None:
-            return self._rank(new) < self._rank(old)
-        gap = self.config.level(old.attained) - self.config.level(new.attained)
-        return gap >= self.config.preempt_margin
-
     def _choose(self, limits: BatchLimits) -> list[str]:
         chosen = super()._choose(limits)
         slots = self.config.extra_slots(limits.max_batch_size)
