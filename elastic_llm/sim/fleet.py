@@ -12,7 +12,10 @@
 - migrations and hand-overs pause the source at its next token boundary and move the requests'
   KV at link bandwidth; reshards move the weight slices the new workers lack (all of them without
   the device mapper) and resume after the first stage's share (progressive) or all of it;
-- a reload (reparallelize) drops every request and reads the checkpoint again.
+- a reload (reparallelize) drops every request and reads the checkpoint again;
+- `AcquireCapacity` brings on-demand instances after `SimSettings.acquire_delay_s`, billed from
+  the request; `ReleaseCapacity` takes an instance away once all its workers are released (its
+  later trace events are then ignored: a released spot instance went back to the market).
 
 One worker is one GPU; an instance is `gpus_per_instance` workers noticed and lost together.
 Pure: no clock, no I/O; time is simulated seconds from the trace start.
@@ -75,6 +78,9 @@ class FleetSimulator:
         self._events = 0
         self._weights_at: dict[str, float] = {}  # replica -> when its weights are in place
         self._instance_sets: dict[tuple[str, ...], frozenset[str]] = {}
+        self._released: dict[str, set[str]] = {}  # instance -> its workers released so far
+        self.acquired = 0  #: instances acquired on the state machine's request
+        self.released = 0  #: instances given back on its request
 
     # ------------------------------------------------------------------ the loop
     def at(self, time: float, action: Callable[[], None]) -> None:
@@ -130,10 +136,10 @@ class FleetSimulator:
         """The worker addresses of an instance."""
         return [f"{instance}/g{i}" for i in range(self.settings.gpus_per_instance)]
 
-    def _instance_added(self, instance: str, market: str) -> None:
+    def _instance_added(self, instance: str, market: str, billed_from: float | None = None) -> None:
         if instance in self.alive:
             return
-        self.alive[instance] = (market, self.now)
+        self.alive[instance] = (market, self.now if billed_from is None else billed_from)
         price = self.settings.spot_price if market == "spot" else self.settings.on_demand_price
         for worker in self.gpus(instance):
             self.send(ev.WorkerJoined(worker, market, price / self.settings.gpus_per_instance,
@@ -399,10 +405,27 @@ class FleetSimulator:
             self.at(order.time, lambda: (self._ticks.discard(order.time), self.send(ev.Tick())))
 
     def _do_AcquireCapacity(self, order: ins.AcquireCapacity) -> None:
-        pass  # the traces say what capacity there is
+        """On-demand instances come after the start delay, billed from now. Spot capacity is what
+        the availability trace gives: a spot request is not granted."""
+        if order.market != "on-demand":
+            return
+        asked_at = self.now
+        for _ in range(order.count):
+            name = f"acquired-{self.acquired}"
+            self.acquired += 1
+            self.at(self.now + self.settings.acquire_delay_s,
+                    lambda n=name: self._instance_added(n, "on-demand", billed_from=asked_at))
 
     def _do_ReleaseCapacity(self, order: ins.ReleaseCapacity) -> None:
-        pass
+        instance = self.instance_of(order.worker)
+        if instance not in self.alive:
+            return
+        released = self._released.setdefault(instance, set())
+        released.add(order.worker)
+        if released >= set(self.gpus(instance)):
+            del self._released[instance]
+            self.released += 1
+            self.at(self.now, lambda: self._instance_removed(instance))
 
     # ------------------------------------------------------------------ figures
     def _result(self, arrivals: Sequence[Arrival], end: float, trace_end: float) -> SimResult:
@@ -430,4 +453,5 @@ class FleetSimulator:
             checkpoint_bytes=self.checkpoint_bytes, spot_instance_s=held["spot"],
             on_demand_instance_s=held["on-demand"], cost_usd=cost, on_demand_cost_usd=on_demand,
             cost_per_token=cost * 1e5 / tokens if tokens else float("nan"), simulated_s=end, events=self._events,
+            instances_acquired=self.acquired, instances_released=self.released,
             violations=tuple(violations), status=status)
