@@ -54,13 +54,16 @@ class CapacityPolicy:
     overprovision: int = 0  #: replicas held beyond what the required rate needs (SkyServe)
     release_spot: bool = True  #: give back spot instances no replica holds while in surplus
     release_after_s: float = 60.0  #: a surplus must last this long before an instance goes back
+    #: a shortfall must last this long before instances are asked for (workers join one event at
+    #: a time at start-up; a fleet that is still filling is not short)
+    acquire_after_s: float = 5.0
     drain_s: float = 30.0  #: an on-demand instance given back is drained this long (a self-notice)
     acquire_timeout_s: float = 900.0  #: an acquisition not seen joining by then is forgotten
     max_on_demand: int = 16  #: most on-demand instances held or asked for at once
     check_s: float = 5.0  #: period of the capacity check (it also runs when workers join or go)
 
     def __post_init__(self) -> None:
-        for name in ("release_after_s", "drain_s", "acquire_timeout_s", "check_s"):
+        for name in ("release_after_s", "acquire_after_s", "drain_s", "acquire_timeout_s", "check_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"CapacityPolicy.{name} must be a finite number >= 0, got {value!r}")
@@ -86,6 +89,7 @@ class CapacityState:
     released: int = 0  #: instances given back, in all
     decisions: list[dict[str, object]] = field(default_factory=list)  #: the latest 1000 decisions
     surplus_since: float | None = None  #: since when the usable workers exceed the need
+    short_since: float | None = None  #: since when the usable and expected workers fall short of it
     _seen: set[str] = field(default_factory=set)  # on-demand instances seen joining
     _next_check: float = -math.inf
     _workers_seen: int = -1
@@ -118,9 +122,14 @@ class CapacityState:
         expected = sum(a.instances for a in self.pending) * per_instance
         if len(usable) + expected < target:
             self.surplus_since = None
-            if policy.on_demand_fallback:
-                self._acquire(fleet, policy, math.ceil((len(usable) + expected - target) / -per_instance))
+            if self.short_since is None:
+                self.short_since = fleet.now
+                fleet.emit(ins.WakeAt(fleet.now + policy.acquire_after_s))
+            if policy.on_demand_fallback and fleet.now - self.short_since >= policy.acquire_after_s:
+                self._acquire(fleet, policy, math.ceil((target - len(usable) - expected) / per_instance))
+                self.short_since = None
             return
+        self.short_since = None
         if len(usable) - target < per_instance:
             self.surplus_since = None
             return
@@ -147,7 +156,10 @@ class CapacityState:
         on_demand = [g for g in groups if fleet.workers[g[1][0]].market == "on-demand"]
         # the least used on-demand instance first: fewest workers in replicas
         for name, workers in sorted(on_demand, key=lambda g: (sum(w in held for w in g[1]), g[0])):
-            self._drain(fleet, policy, name, workers)
+            if any(w in held for w in workers):
+                self._drain(fleet, policy, name, workers)
+            else:
+                self._give_back(fleet, name, workers)
             return
         if policy.release_spot:
             for name, workers in groups:
