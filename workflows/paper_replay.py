@@ -41,7 +41,7 @@ MODELS = {  # model: (profile, arrivals, required rate)
     "gpt-20b": ("T4-4x_megatron_h6144.json", "query_tpt0.35_cv6.txt", 0.4),
     "spotserve-30b": ("T4-4x_megatron_h7168.json", "query_tpt0.2_cv6.txt", 0.2),
 }
-BEYOND = ("beyond", "beyond-fallback", "beyond-overprovision")
+BEYOND = ("beyond", "beyond-release-spot", "beyond-overprovision")
 SECTIONS = ("paper", "ondemand", "ablations", "models", "fixed", "speed", "beyond")
 
 
@@ -193,6 +193,15 @@ def beyond(runner: Runner) -> None:
         result = base if policy == "spotserve" else runner.run("beyond", "g4dn_full", policy, "gpt-20b", full,
                                                                arrivals)[0]
         _beyond_row("12-hour g4dn", policy, result, base, None)
+    print("\nThe latency floor: on-demand fleets of N instances for the A_S arrivals (spotserve policy)\n")
+    print("| nodes | avg | P50 | P99 | cost/token |")
+    print("|---|---|---|---|---|")
+    length = runner.trace("A_S").end
+    for nodes in (6, 9, 12, 20):
+        events = tuple(InstanceEvent(0.0, "add", f"od-{i}", "on-demand") for i in range(nodes))
+        result, _ = runner.run("beyond", f"floor {nodes}", "spotserve", "gpt-20b", AvailabilityTrace(events, length))
+        print(f"| {nodes} | {result.latency_mean_s:.1f} | {result.latency_p50_s:.1f} | {result.latency_p99_s:.1f} | "
+              f"{result.cost_per_token:.3f} |", flush=True)
 
 
 def _beyond_row(trace: str, policy: str, result: SimResult, base: SimResult, paper_p99: float | None) -> None:

@@ -15,8 +15,8 @@ hold, in the same state machine as every other decision:
   `release_after_s`, one instance is given back per check, on-demand ones first: an on-demand
   instance that holds a replica is drained like a preemption with a grace period of our choosing
   (its workers are noticed, so SpotServe's migration moves its requests WITH their KV), then
-  `ReleaseCapacity(worker)` goes out for each of its workers; a spot instance is given back only
-  when no replica holds any of its workers.
+  `ReleaseCapacity(worker)` goes out for each of its workers; with `release_spot`, a spot
+  instance is given back too, but only when no replica holds any of its workers.
 
 Instances: workers named ``<instance>/g<i>`` are the GPUs of one instance (the simulator's naming);
 any other address is an instance of its own (the live system: one worker process per instance).
@@ -52,7 +52,9 @@ class CapacityPolicy:
 
     on_demand_fallback: bool = True  #: ask for on-demand instances when usable capacity falls short
     overprovision: int = 0  #: replicas held beyond what the required rate needs (SkyServe)
-    release_spot: bool = True  #: give back spot instances no replica holds while in surplus
+    #: give back spot instances no replica holds while in surplus (off by default: measured to
+    #: lose the buffer a clustered preemption needs, docs/benchmarks.md "Beyond SpotServe")
+    release_spot: bool = False
     release_after_s: float = 60.0  #: a surplus must last this long before an instance goes back
     #: a shortfall must last this long before instances are asked for (workers join one event at
     #: a time at start-up; a fleet that is still filling is not short)

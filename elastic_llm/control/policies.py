@@ -111,9 +111,9 @@ class Reparallelize(FleetPolicy):
 
 @dataclass(frozen=True)
 class BeyondSpotServe(SpotServe):
-    """SpotServe plus capacity decisions: on-demand fallback when the usable spot capacity cannot
-    meet the required rate (given back first when spot returns), optional over-provisioning
-    (SkyServe), and spot instances no replica holds given back while in surplus."""
+    """SpotServe plus capacity decisions (`elastic_llm.control.capacity`): on-demand fallback when
+    the usable spot capacity cannot meet the required rate, given back first when spot returns;
+    optionally over-provisioning (SkyServe) and giving back spot instances no replica holds."""
 
     name: str = "beyond"
     capacity: CapacityPolicy | None = CapacityPolicy()
@@ -128,13 +128,13 @@ _POLICIES: dict[str, FleetPolicy] = {
     "spotserve-no-arranger": SpotServe(name="spotserve-no-arranger", arranger=False),
     "spotserve-no-mapper": SpotServe(name="spotserve-no-mapper", use_mapper=False),
     "beyond": BeyondSpotServe(),
-    "beyond-fallback": BeyondSpotServe(name="beyond-fallback", capacity=CapacityPolicy(release_spot=False)),
+    "beyond-release-spot": BeyondSpotServe(name="beyond-release-spot", capacity=CapacityPolicy(release_spot=True)),
     "beyond-overprovision": BeyondSpotServe(name="beyond-overprovision", capacity=CapacityPolicy(overprovision=1)),
 }
 
 #: Every policy name `policy_by_name` knows: the three policies, SpotServe's ablations, then the
-#: capacity-aware ones (``beyond``: fallback + release; ``-fallback``: no spot release;
-#: ``-overprovision``: one replica more than the rate needs).
+#: capacity-aware ones (``beyond``: on-demand fallback, on-demand given back first; ``-release-spot``:
+#: also spot instances no replica holds; ``-overprovision``: one replica more than the rate needs).
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 
 

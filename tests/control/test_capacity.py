@@ -21,7 +21,7 @@ def _harness(policy: str, need: tuple[int, tuple[int, int]], parallel: tuple[int
 
 def test_instances_are_named_by_their_workers_and_the_beyond_policies_are_registered() -> None:
     assert instance_of("node-3/g1") == "node-3" and instance_of("tcp://127.0.0.1:4000") == "tcp://127.0.0.1:4000"
-    assert policy_by_name("beyond").capacity == CapacityPolicy()
+    assert policy_by_name("beyond").capacity == CapacityPolicy() and not CapacityPolicy().release_spot
     assert policy_by_name("beyond-overprovision").capacity.overprovision == 1  # type: ignore[union-attr]
     assert policy_by_name("spotserve").capacity is None
     with pytest.raises(ValueError, match="drain_s"):
@@ -75,8 +75,8 @@ def test_over_provisioning_asks_for_one_replica_more_than_the_rate_needs() -> No
     assert (acquire.count, acquire.market) == (1, "on-demand")
 
 
-def test_a_spot_instance_no_replica_holds_is_given_back_in_surplus_and_a_held_one_is_not() -> None:
-    h = _harness("beyond", (4, (2, 2)), parallel=(2, 2))
+def test_with_release_spot_a_spot_instance_no_replica_holds_is_given_back_in_surplus_and_a_held_one_is_not() -> None:
+    h = _harness("beyond-release-spot", (4, (2, 2)), parallel=(2, 2))
     h.join(*(f"n{i}/g{k}" for i in range(3) for k in range(2)), ready=False, market="spot")
     (start,) = h.of(ins.StartReplica)
     assert set(start.shards) == {"n0/g0", "n0/g1", "n1/g0", "n1/g1"}
@@ -87,3 +87,11 @@ def test_a_spot_instance_no_replica_holds_is_given_back_in_surplus_and_a_held_on
     h.tick(h.now + 61)
     assert len(h.of(ins.ReleaseCapacity)) == 2  # what is left is what the need holds
     assert not h.of(ins.AcquireCapacity)
+
+
+def test_by_default_spot_instances_are_kept_in_surplus() -> None:
+    h = _harness("beyond", (4, (2, 2)), parallel=(2, 2))
+    h.join(*(f"n{i}/g{k}" for i in range(3) for k in range(2)), market="spot")
+    h.tick(h.now + 10)
+    h.tick(h.now + 61)
+    assert not h.of(ins.ReleaseCapacity) and not h.of(ins.AcquireCapacity)
