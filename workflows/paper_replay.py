@@ -9,7 +9,8 @@ SpotServe's four ablations; the 6.7B and 30B models at their rates; and the simu
 the 12-hour trace and on a synthetic 512-instance trace.
 
 Run:  python workflows/paper_replay.py [--data ../shared/data/spotserve] [--sections all]
-          [--batching static|continuous] [--storage-bandwidth 1.25e9] [--json results.json]
+          [--batching static|continuous] [--scheduler fcfs|mlfq|skip-join|las-guard]
+          [--storage-bandwidth 1.25e9] [--json results.json]
 sections: paper, ondemand, ablations, models, fixed, speed, beyond (comma-separated) or all
 (beyond: the capacity-aware policies against spotserve and SpotServe's published P99, on the four
 traces and on the 12-hour trace)
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_llm.model.spec import described_model
+from elastic_llm.scheduling.factory import SCHEDULER_NAMES
 from elastic_llm.sim import PaperSetting, SimResult, SimSettings, simulate_fleet
 from elastic_llm.sim.traces import AvailabilityTrace, InstanceEvent, gamma_arrivals, synthetic_availability
 from elastic_llm.sim_loaders import load_arrivals, load_availability, load_profile
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/spotserve")
     parser.add_argument("--sections", default="all")
     parser.add_argument("--batching", choices=("static", "continuous"), default="static")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                        help="a request scheduler inside each simulated replica (default: the --batching rule)")
     parser.add_argument("--storage-bandwidth", type=float, default=SimSettings().storage_bandwidth,
                         help="bytes/s one instance reads the checkpoint at (default 1.25e9 = 10 Gbps)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
@@ -233,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {args.data} does not hold SpotServe's artifact data (published_gpt20b.csv)")
     if args.storage_bandwidth <= 0:
         parser.error("--storage-bandwidth must be > 0")
-    runner = Runner(args.data, replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth))
-    print(f"# SpotServe reproduction in the fleet simulator ({args.batching} batching, "
+    runner = Runner(args.data, replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth,
+                                       scheduler=args.scheduler))
+    print(f"# SpotServe reproduction in the fleet simulator ({args.scheduler or args.batching} batching, "
           f"checkpoint at {args.storage_bandwidth:.3g} B/s per instance)")
     for section in sections:
         {"paper": paper, "ondemand": on_demand_fleets, "ablations": ablations, "models": models,

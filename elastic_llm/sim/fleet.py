@@ -35,6 +35,7 @@ from elastic_llm.control import instructions as ins
 from elastic_llm.control.messages import FinishCommit, LoopCounters, ReplicaCommit, ReplicaInfo, TokenCommit
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.sampling import SamplingParams
+from elastic_llm.scheduling.factory import make_scheduler
 from elastic_llm.sim.moves import MoveTimer, ReshardPlan
 from elastic_llm.sim.replica import Iteration, IterationClock, SimReplica, SimRequest, kv_bytes
 from elastic_llm.sim.results import SimResult, SimSettings
@@ -183,7 +184,7 @@ class FleetSimulator:
         """Start the replica's next iteration if it is idle and has work."""
         if replica.iterating or self.replicas.get(replica.replica_id) is not replica:
             return
-        iteration = replica.next_iteration(self.clock)
+        iteration = replica.next_iteration(self.clock, self.now)
         if iteration is None:
             return
         gone = [i for i in self._instances(replica.workers) if i not in self.alive]
@@ -199,7 +200,7 @@ class FleetSimulator:
         if self.replicas.get(replica.replica_id) is not replica:
             return  # lost meanwhile: nothing it computed counts
         starts = {r.request_id: r.done for r in iteration.requests}
-        advanced = replica.finish_iteration(iteration)
+        advanced = replica.finish_iteration(iteration, self.now)
         tokens, finished = [], []
         for request in advanced:
             if request.done >= request.max_new:
@@ -239,8 +240,9 @@ class FleetSimulator:
 
     def _do_StartReplica(self, order: ins.StartReplica) -> None:
         workers = order.shards or (order.leader,)
+        scheduler = make_scheduler(self.settings.scheduler) if self.settings.scheduler else None
         replica = SimReplica(order.replica_id, order.leader, workers, order.parallel, self.settings.max_batch,
-                             self.settings.batching)
+                             self.settings.batching, scheduler=scheduler)
         self.replicas[order.replica_id] = replica
         peer = self.replicas.get(order.weights_from or "")
         warm = self.settings.warm_start and self.now == 0.0
@@ -309,7 +311,7 @@ class FleetSimulator:
             return
         for work in order.requests:
             replica.add(SimRequest(work.request_id, len(work.prompt_token_ids), work.params.max_new_tokens,
-                                   len(work.committed), has_kv=False))
+                                   len(work.committed), has_kv=False), self.now)
         self.answer(0.0, ev.RequestsAssigned(order.op))
         self.kick(replica)
 
@@ -348,7 +350,7 @@ class FleetSimulator:
             return
         for request in moving:
             request.has_kv = True
-            target.add(request)
+            target.add(request, self.now)
         self.send(ev.TransferDone(op, tuple(self.moves.moved(r) for r in moving)))
         self.kick(target)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from elastic_llm.scheduling.factory import check_scheduler_name
 from elastic_llm.sim.replica import Batching
 
 #: g4dn.12xlarge, USD per hour (SpotServe's evaluation).
@@ -30,6 +31,9 @@ class SimSettings:
     max_batch: int = 4  #: B
     batching: Batching = "static"  #: static (SpotServe's artifact) or continuous batching
     output_tokens: int = 128  #: output tokens per request
+    #: a request scheduler by name (`elastic_llm.scheduling.factory`: "fcfs", "mlfq", "skip-join",
+    #: "las-guard") picks each iteration's batch, token-level preemptive; None: `batching` decides
+    scheduler: str | None = None
     spot_price: float = SPOT_PRICE  #: USD/h of one spot instance
     on_demand_price: float = ON_DEMAND_PRICE  #: USD/h of one on-demand instance
     warm_start: bool = True  #: replicas on the instances present at time 0 start loaded
@@ -53,6 +57,8 @@ class SimSettings:
             raise ValueError("SimSettings.gpus_per_instance, max_batch, output_tokens, max_events must be >= 1")
         if self.shared_cores is not None and self.shared_cores < 1:
             raise ValueError("SimSettings.shared_cores must be >= 1 or None")
+        if self.scheduler is not None:
+            check_scheduler_name(self.scheduler)
         if self.batching not in ("static", "continuous"):
             raise ValueError(f"SimSettings.batching must be 'static' or 'continuous', got {self.batching!r}")
 

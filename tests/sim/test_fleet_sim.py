@@ -193,3 +193,17 @@ def test_on_demand_fallback_keeps_p99_below_spotserve_when_spot_drops_below_the_
     assert plain.instances_acquired == 0 and plain.on_demand_instance_s == 0
     assert beyond.instances_acquired >= 4 and beyond.on_demand_instance_s > 0  # it asked, and paid for them
     assert beyond.latency_p99_s < 0.7 * plain.latency_p99_s, (beyond.latency_p99_s, plain.latency_p99_s)
+
+
+@needs_data
+def test_a_request_scheduler_inside_the_replicas_fcfs_matches_continuous_batching_and_skip_join_preempts() -> None:
+    trace = synthetic_availability(6, 600.0, mean_lifetime_s=400.0, seed=3, replace_after_s=60.0)
+    arrivals = gamma_arrivals(0.3, 2.0, 500.0, 512, seed=3)
+    runs = {name: simulate_fleet("spotserve", GPT20B, _profile(), trace, arrivals,
+                                 settings=SimSettings(batching="continuous", scheduler=name))
+            for name in (None, "fcfs", "skip-join")}
+    assert runs["fcfs"].row() == runs[None].row()  # the same batches, now chosen by `FCFS`
+    assert runs["skip-join"].violations == () and runs["skip-join"].finished == len(arrivals)
+    assert runs["skip-join"].latency_p99_s != runs[None].latency_p99_s  # it chose other batches
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        SimSettings(scheduler="round-robin")
