@@ -61,6 +61,9 @@ def test_a_notice_that_leaves_too_few_workers_acquires_on_demand_once_and_spot_b
     h.tick(h.now + 31)
     assert [r.worker for r in h.of(ins.ReleaseCapacity)] == ["od0"]  # on-demand first, spot kept
     assert h.fleet.capacity.acquired == 1 and h.fleet.capacity.released == 1
+    figures = h.fleet.status(h.now)["capacity"]
+    assert (figures["acquired"], figures["released"], figures["expected"]) == (1, 1, 0)
+    assert [d["action"] for d in figures["decisions"]] == ["acquire", "drain", "release"]
 
 
 def test_over_provisioning_asks_for_one_replica_more_than_the_rate_needs() -> None:
