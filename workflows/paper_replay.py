@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {args.data} does not hold SpotServe's artifact data (published_gpt20b.csv)")
     if args.storage_bandwidth <= 0:
         parser.error("--storage-bandwidth must be > 0")
-    runner = Runner(args.data, replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth,
-                                       scheduler=args.scheduler))
+    settings = replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth,
+                       scheduler=args.scheduler)
+    runner = Runner(args.data, settings)
     print(f"# SpotServe reproduction in the fleet simulator ({args.scheduler or args.batching} batching, "
           f"checkpoint at {args.storage_bandwidth:.3g} B/s per instance)")
     for section in sections:
