@@ -9,8 +9,11 @@ SpotServe's four ablations; the 6.7B and 30B models at their rates; and the simu
 the 12-hour trace and on a synthetic 512-instance trace.
 
 Run:  python workflows/paper_replay.py [--data ../shared/data/spotserve] [--sections all]
-          [--batching static|continuous] [--storage-bandwidth 1.25e9] [--json results.json]
-sections: paper, ondemand, ablations, models, fixed, speed (comma-separated) or all
+          [--batching static|continuous] [--scheduler fcfs|mlfq|skip-join|las-guard]
+          [--storage-bandwidth 1.25e9] [--json results.json]
+sections: paper, ondemand, ablations, models, fixed, speed, beyond (comma-separated) or all
+(beyond: the capacity-aware policies against spotserve and SpotServe's published P99, on the four
+traces and on the 12-hour trace)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_llm.model.spec import described_model
+from elastic_llm.scheduling.factory import SCHEDULER_NAMES
 from elastic_llm.sim import PaperSetting, SimResult, SimSettings, simulate_fleet
 from elastic_llm.sim.traces import AvailabilityTrace, InstanceEvent, gamma_arrivals, synthetic_availability
 from elastic_llm.sim_loaders import load_arrivals, load_availability, load_profile
@@ -39,7 +43,8 @@ MODELS = {  # model: (profile, arrivals, required rate)
     "gpt-20b": ("T4-4x_megatron_h6144.json", "query_tpt0.35_cv6.txt", 0.4),
     "spotserve-30b": ("T4-4x_megatron_h7168.json", "query_tpt0.2_cv6.txt", 0.2),
 }
-SECTIONS = ("paper", "ondemand", "ablations", "models", "fixed", "speed")
+BEYOND = ("beyond", "beyond-release-spot", "beyond-overprovision")
+SECTIONS = ("paper", "ondemand", "ablations", "models", "fixed", "speed", "beyond")
 
 
 def published(data: Path) -> dict[tuple[str, str], tuple[float, float]]:
@@ -170,11 +175,56 @@ def speed(runner: Runner) -> None:
               f"{wall:.1f} | {runner.cpu_s:.1f} | {result.simulated_s / wall:.0f} |")
 
 
+def beyond(runner: Runner) -> None:
+    values = published(runner.data)
+    print(f"\n## Beyond SpotServe: capacity-aware policies ({runner.settings.batching} batching; seconds)\n")
+    print("| trace | policy | avg | P99 | P99 paper (SpotServe) | paper / ours | cost/token | vs spotserve | "
+          "node-min spot+OD | acquired | released | 2x at no higher cost |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for trace_name in TRACES:
+        trace = runner.trace(trace_name)
+        paper_p99 = values[(trace_name, "spotserve")][1]
+        base, _ = runner.run("beyond", trace_name, "spotserve", "gpt-20b", trace)
+        for policy in ("spotserve", *BEYOND):
+            result = base if policy == "spotserve" else runner.run("beyond", trace_name, policy, "gpt-20b", trace)[0]
+            _beyond_row(trace_name, policy, result, base, paper_p99)
+    full = load_availability(runner.data / "availability" / "g4dn_full.csv")
+    arrivals = gamma_arrivals(0.35, 6.0, full.end, 512, seed=0)
+    base, _ = runner.run("beyond", "g4dn_full", "spotserve", "gpt-20b", full, arrivals)
+    for policy in ("spotserve", *BEYOND):
+        result = base if policy == "spotserve" else runner.run("beyond", "g4dn_full", policy, "gpt-20b", full,
+                                                               arrivals)[0]
+        _beyond_row("12-hour g4dn", policy, result, base, None)
+    print("\nThe latency floor: on-demand fleets of N instances for the A_S arrivals (spotserve policy)\n")
+    print("| nodes | avg | P50 | P99 | cost/token |")
+    print("|---|---|---|---|---|")
+    length = runner.trace("A_S").end
+    for nodes in (6, 9, 12, 20):
+        events = tuple(InstanceEvent(0.0, "add", f"od-{i}", "on-demand") for i in range(nodes))
+        result, _ = runner.run("beyond", f"floor {nodes}", "spotserve", "gpt-20b", AvailabilityTrace(events, length))
+        print(f"| {nodes} | {result.latency_mean_s:.1f} | {result.latency_p50_s:.1f} | {result.latency_p99_s:.1f} | "
+              f"{result.cost_per_token:.3f} |", flush=True)
+
+
+def _beyond_row(trace: str, policy: str, result: SimResult, base: SimResult, paper_p99: float | None) -> None:
+    ratio = paper_p99 / result.latency_p99_s if paper_p99 else float("nan")
+    cheaper = result.cost_per_token <= base.cost_per_token * 1.0001
+    missed = [name for name, ok in (("P99", ratio >= 2), ("cost", cheaper)) if not ok]
+    verdict = "-" if paper_p99 is None else ("yes" if not missed else f"no ({' and '.join(missed)})")
+    print(f"| {trace} | {policy} | {result.latency_mean_s:.1f} | {result.latency_p99_s:.1f} | "
+          f"{paper_p99 if paper_p99 else '-'} | {ratio:.2f} | {result.cost_per_token:.3f} | "
+          f"{result.cost_per_token / base.cost_per_token:.2f} | {result.spot_instance_s / 60:.0f}+"
+          f"{result.on_demand_instance_s / 60:.0f} | {result.instances_acquired} | {result.instances_released} | "
+          f"{verdict} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/spotserve")
     parser.add_argument("--sections", default="all")
     parser.add_argument("--batching", choices=("static", "continuous"), default="static")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                        help="a request scheduler inside each simulated replica (default: the --batching rule)")
     parser.add_argument("--storage-bandwidth", type=float, default=SimSettings().storage_bandwidth,
                         help="bytes/s one instance reads the checkpoint at (default 1.25e9 = 10 Gbps)")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
@@ -187,12 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {args.data} does not hold SpotServe's artifact data (published_gpt20b.csv)")
     if args.storage_bandwidth <= 0:
         parser.error("--storage-bandwidth must be > 0")
-    runner = Runner(args.data, replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth))
-    print(f"# SpotServe reproduction in the fleet simulator ({args.batching} batching, "
+    settings = replace(SimSettings(), batching=args.batching, storage_bandwidth=args.storage_bandwidth,
+                       scheduler=args.scheduler)
+    runner = Runner(args.data, settings)
+    print(f"# SpotServe reproduction in the fleet simulator ({args.scheduler or args.batching} batching, "
           f"checkpoint at {args.storage_bandwidth:.3g} B/s per instance)")
     for section in sections:
         {"paper": paper, "ondemand": on_demand_fleets, "ablations": ablations, "models": models,
-         "fixed": fixed_shape, "speed": speed}[section](runner)
+         "fixed": fixed_shape, "speed": speed, "beyond": beyond}[section](runner)
     if args.json:
         args.json.write_text(json.dumps(runner.results, indent=1))
     bad = [r for r in runner.results if r["violations"]]

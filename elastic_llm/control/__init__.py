@@ -10,6 +10,7 @@ from elastic_llm.control.fleet import NoticeRecord, ReplicaRecord, ReplicaState,
 from elastic_llm.control.machine import FleetState
 from elastic_llm.control.policies import (
     POLICY_NAMES,
+    BeyondSpotServe,
     EvacuationPlan,
     FleetPolicy,
     Reparallelize,
@@ -20,5 +21,5 @@ from elastic_llm.control.policies import (
 )
 
 __all__ = ["POLICY_NAMES", "EvacuationPlan", "FleetConfig", "FleetPolicy", "FleetState", "NoticeRecord",
-           "ReplicaRecord", "ReplicaState", "Reparallelize", "Reroute", "SpotServe", "UnknownPolicyError",
+           "ReplicaRecord", "ReplicaState", "Reparallelize", "Reroute", "SpotServe", "BeyondSpotServe", "UnknownPolicyError",
            "WorkerHealth", "WorkerRecord", "policy_by_name"]

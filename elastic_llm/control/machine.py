@@ -1,18 +1,16 @@
 """`FleetState`: the fleet's control state machine. Events in, instructions out.
 
-One pure transition, `handle(event, now) -> list[Instruction]` (dask's worker state machine is the
-model): the Dask enactor (`elastic_llm.cluster.controller`) turns membership, client handlers,
-commits and the answers of the actor calls it made into events and carries the instructions out;
-the simulator drives the very same class with the cost model's times. Every decision the
-controller makes is made here: which replicas exist with which shape on which workers, which
-replica gets which request, what a notice or a loss does to each request (migrate with KV,
-recompute from the committed tokens, restart), when to pause and move. Where the policies differ,
-the policy object decides (`elastic_llm.control.policies`).
+One pure transition, `handle(event, now) -> list[Instruction]` (dask's worker state machine is the model): the Dask
+enactor (`elastic_llm.cluster.controller`) turns membership, client handlers, commits and the answers of the actor
+calls it made into events and carries the instructions out; the simulator drives the very same class with the cost
+model's times. Every decision the controller makes is made here: which replicas exist with which shape on which
+workers, which replica gets which request, what a notice or a loss does to each request (migrate with KV, recompute
+from the committed tokens, restart), when to pause and move; how much capacity to hold. Where the policies differ, the
+policy object decides (`elastic_llm.control.policies`, `.capacity`). Pure: no torch, no dask, no clock, no I/O.
 
 Invariants: the request table's committed tokens are the source of truth; a request is owned by
 at most one replica; every open operation has a deadline, and the requests it carried go back to
 the queue exactly once when it fails, times out, or loses a replica (`_requeue` checks ownership).
-Pure: no torch, no dask, no clock, no I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from elastic_llm.control import events as ev
-from elastic_llm.control import dispatch, evacuating, liveness, sharded
+from elastic_llm.control import capacity, dispatch, evacuating, liveness, sharded
 from elastic_llm.control import instructions as ins
 from elastic_llm.control.config import FleetConfig
 from elastic_llm.control.evacuation import Evacuation
@@ -81,6 +79,7 @@ class FleetState:
         self.client_disconnects = 0  #: client sessions that disconnected
         self.evacuations: list[Evacuation] = []  #: noticed replicas still decoding before they move
         self.last_start_seconds = 5.0  #: how long the latest replica took to start
+        self.capacity = capacity.CapacityState()  #: instances asked for and given back (capacity-aware policies)
         self._ids = itertools.count()
         self._next_load_check: float | None = None
         self._out: Instructions = []
@@ -404,6 +403,7 @@ class FleetState:
             self.evacuations.remove(evacuation)
             evacuating.move_out(self, evacuation)
         self._check_load()
+        self.capacity.advance(self)
         self._forget_gone_clients()
         liveness.check_stalls(self)
         dispatch.dispatch(self)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from elastic_llm.control.capacity import CapacityPolicy
 from elastic_llm.planning.arrangement import (
     GracePeriod,
     MigrationTimeModel,
@@ -59,6 +60,9 @@ class FleetPolicy:
     leader_notice: Literal["replace", "evacuate"] = "evacuate"  #: a noticed leader's replica
     use_mapper: bool = True  #: Kuhn-Munkres device mapping in a reshard
     progressive: bool = True  #: progressive, memory-bounded migration in a reshard
+    #: how many instances to hold, of which market (`elastic_llm.control.capacity`); None: what
+    #: the market gives (SpotServe's artifact and the baselines)
+    capacity: CapacityPolicy | None = None
 
     def plan_evacuation(self, now: float, deadline: float, requests: Sequence[RunningRequest],
                         step_seconds: float, migration: MigrationTimeModel) -> EvacuationPlan:
@@ -105,6 +109,16 @@ class Reparallelize(FleetPolicy):
     restarts_everything: bool = True
 
 
+@dataclass(frozen=True)
+class BeyondSpotServe(SpotServe):
+    """SpotServe plus capacity decisions (`elastic_llm.control.capacity`): on-demand fallback when
+    the usable spot capacity cannot meet the required rate, given back first when spot returns;
+    optionally over-provisioning (SkyServe) and giving back spot instances no replica holds."""
+
+    name: str = "beyond"
+    capacity: CapacityPolicy | None = CapacityPolicy()
+
+
 _POLICIES: dict[str, FleetPolicy] = {
     "spotserve": SpotServe(),
     "reroute": Reroute(),
@@ -113,9 +127,14 @@ _POLICIES: dict[str, FleetPolicy] = {
     "spotserve-no-planner": SpotServe(name="spotserve-no-planner", progressive=False),
     "spotserve-no-arranger": SpotServe(name="spotserve-no-arranger", arranger=False),
     "spotserve-no-mapper": SpotServe(name="spotserve-no-mapper", use_mapper=False),
+    "beyond": BeyondSpotServe(),
+    "beyond-release-spot": BeyondSpotServe(name="beyond-release-spot", capacity=CapacityPolicy(release_spot=True)),
+    "beyond-overprovision": BeyondSpotServe(name="beyond-overprovision", capacity=CapacityPolicy(overprovision=1)),
 }
 
-#: Every policy name `policy_by_name` knows: the three policies, then SpotServe's ablations.
+#: Every policy name `policy_by_name` knows: the three policies, SpotServe's ablations, then the
+#: capacity-aware ones (``beyond``: on-demand fallback, on-demand given back first; ``-release-spot``:
+#: also spot instances no replica holds; ``-overprovision``: one replica more than the rate needs).
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 
 

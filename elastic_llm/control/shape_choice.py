@@ -7,6 +7,8 @@ fleet's shapes were planned for (so a sustained load change can plan again). Pur
 
 from __future__ import annotations
 
+import bisect
+
 from elastic_llm.control.shapes import ShapePlanner, cpu_profile, fit_shape
 from elastic_llm.planning.config import Workload
 from elastic_llm.planning.errors import NoFeasibleConfigError
@@ -37,6 +39,7 @@ class ShapeChoice:
         self.notes: list[str] = []  #: why a given profile was not used
         self._planner: ShapePlanner | None = None
         self._fixed: tuple[int, int] | None = None
+        self._needed: dict[tuple[float, int, int], tuple[int, tuple[int, int]] | None] = {}
 
     @property
     def needs_spec(self) -> bool:
@@ -75,6 +78,27 @@ class ShapeChoice:
         if self.parallel is None:
             return self.shape_for(workers, memory_bytes, rate, current if favour_current else None)
         return fit_shape(current, workers)
+
+    def workers_needed(self, rate: float, memory_bytes: int, most: int) -> tuple[int, tuple[int, int]] | None:
+        """The fewest workers (at most `most`) on which the optimizer's configuration meets `rate`,
+        and the replica shape it runs there (None: the spec is not known yet, or no count up to
+        `most` meets the rate). Throughput never falls as workers are added (the optimizer's
+        candidate set only grows), so the count is found by bisection; results are cached."""
+        if self.spec is None or most < 1:
+            return None
+        key = (round(rate, 6), memory_bytes, most)
+        if key not in self._needed:
+            optimizer = self._planner_for(memory_bytes).optimizer(memory_bytes)
+
+            def meets(workers: int) -> bool:
+                try:
+                    return optimizer.choose(workers, rate).meets_rate
+                except NoFeasibleConfigError:
+                    return False
+
+            fewest = bisect.bisect_left(range(1, most + 1), True, key=meets) + 1
+            self._needed[key] = None if fewest > most else (fewest, optimizer.choose(fewest, rate).config.shape)
+        return self._needed[key]
 
     def _planner_for(self, memory_bytes: int) -> ShapePlanner:
         if self._planner is None:

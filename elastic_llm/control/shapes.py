@@ -88,6 +88,10 @@ class ShapePlanner:
         cost_model = self._optimizer(memory_bytes).cost_model
         return cost_model.fits(ParallelConfig(1, shape[0], shape[1], self.batch_size))
 
+    def optimizer(self, memory_bytes: int) -> ConfigOptimizer:
+        """The optimizer for workers of `memory_bytes` each (made once per budget)."""
+        return self._optimizer(memory_bytes)
+
     def _optimizer(self, memory_bytes: int) -> ConfigOptimizer:
         if memory_bytes not in self._optimizers:
             profile = with_memory_budget(self.profile, memory_bytes)

@@ -12,7 +12,10 @@
 - migrations and hand-overs pause the source at its next token boundary and move the requests'
   KV at link bandwidth; reshards move the weight slices the new workers lack (all of them without
   the device mapper) and resume after the first stage's share (progressive) or all of it;
-- a reload (reparallelize) drops every request and reads the checkpoint again.
+- a reload (reparallelize) drops every request and reads the checkpoint again;
+- `AcquireCapacity` brings on-demand instances after `SimSettings.acquire_delay_s`, billed from
+  the request; `ReleaseCapacity` takes an instance away once all its workers are released (its
+  later trace events are then ignored: a released spot instance went back to the market).
 
 One worker is one GPU; an instance is `gpus_per_instance` workers noticed and lost together.
 Pure: no clock, no I/O; time is simulated seconds from the trace start.
@@ -32,6 +35,7 @@ from elastic_llm.control import instructions as ins
 from elastic_llm.control.messages import FinishCommit, LoopCounters, ReplicaCommit, ReplicaInfo, TokenCommit
 from elastic_llm.model.spec import ModelSpec
 from elastic_llm.sampling import SamplingParams
+from elastic_llm.scheduling.factory import make_scheduler
 from elastic_llm.sim.moves import MoveTimer, ReshardPlan
 from elastic_llm.sim.replica import Iteration, IterationClock, SimReplica, SimRequest, kv_bytes
 from elastic_llm.sim.results import SimResult, SimSettings
@@ -75,6 +79,9 @@ class FleetSimulator:
         self._events = 0
         self._weights_at: dict[str, float] = {}  # replica -> when its weights are in place
         self._instance_sets: dict[tuple[str, ...], frozenset[str]] = {}
+        self._released: dict[str, set[str]] = {}  # instance -> its workers released so far
+        self.acquired = 0  #: instances acquired on the state machine's request
+        self.released = 0  #: instances given back on its request
 
     # ------------------------------------------------------------------ the loop
     def at(self, time: float, action: Callable[[], None]) -> None:
@@ -130,10 +137,10 @@ class FleetSimulator:
         """The worker addresses of an instance."""
         return [f"{instance}/g{i}" for i in range(self.settings.gpus_per_instance)]
 
-    def _instance_added(self, instance: str, market: str) -> None:
+    def _instance_added(self, instance: str, market: str, billed_from: float | None = None) -> None:
         if instance in self.alive:
             return
-        self.alive[instance] = (market, self.now)
+        self.alive[instance] = (market, self.now if billed_from is None else billed_from)
         price = self.settings.spot_price if market == "spot" else self.settings.on_demand_price
         for worker in self.gpus(instance):
             self.send(ev.WorkerJoined(worker, market, price / self.settings.gpus_per_instance,
@@ -177,7 +184,7 @@ class FleetSimulator:
         """Start the replica's next iteration if it is idle and has work."""
         if replica.iterating or self.replicas.get(replica.replica_id) is not replica:
             return
-        iteration = replica.next_iteration(self.clock)
+        iteration = replica.next_iteration(self.clock, self.now)
         if iteration is None:
             return
         gone = [i for i in self._instances(replica.workers) if i not in self.alive]
@@ -193,7 +200,7 @@ class FleetSimulator:
         if self.replicas.get(replica.replica_id) is not replica:
             return  # lost meanwhile: nothing it computed counts
         starts = {r.request_id: r.done for r in iteration.requests}
-        advanced = replica.finish_iteration(iteration)
+        advanced = replica.finish_iteration(iteration, self.now)
         tokens, finished = [], []
         for request in advanced:
             if request.done >= request.max_new:
@@ -233,8 +240,9 @@ class FleetSimulator:
 
     def _do_StartReplica(self, order: ins.StartReplica) -> None:
         workers = order.shards or (order.leader,)
+        scheduler = make_scheduler(self.settings.scheduler) if self.settings.scheduler else None
         replica = SimReplica(order.replica_id, order.leader, workers, order.parallel, self.settings.max_batch,
-                             self.settings.batching)
+                             self.settings.batching, scheduler=scheduler)
         self.replicas[order.replica_id] = replica
         peer = self.replicas.get(order.weights_from or "")
         warm = self.settings.warm_start and self.now == 0.0
@@ -303,7 +311,7 @@ class FleetSimulator:
             return
         for work in order.requests:
             replica.add(SimRequest(work.request_id, len(work.prompt_token_ids), work.params.max_new_tokens,
-                                   len(work.committed), has_kv=False))
+                                   len(work.committed), has_kv=False), self.now)
         self.answer(0.0, ev.RequestsAssigned(order.op))
         self.kick(replica)
 
@@ -342,7 +350,7 @@ class FleetSimulator:
             return
         for request in moving:
             request.has_kv = True
-            target.add(request)
+            target.add(request, self.now)
         self.send(ev.TransferDone(op, tuple(self.moves.moved(r) for r in moving)))
         self.kick(target)
 
@@ -399,10 +407,27 @@ class FleetSimulator:
             self.at(order.time, lambda: (self._ticks.discard(order.time), self.send(ev.Tick())))
 
     def _do_AcquireCapacity(self, order: ins.AcquireCapacity) -> None:
-        pass  # the traces say what capacity there is
+        """On-demand instances come after the start delay, billed from now. Spot capacity is what
+        the availability trace gives: a spot request is not granted."""
+        if order.market != "on-demand":
+            return
+        asked_at = self.now
+        for _ in range(order.count):
+            name = f"acquired-{self.acquired}"
+            self.acquired += 1
+            self.at(self.now + self.settings.acquire_delay_s,
+                    lambda n=name: self._instance_added(n, "on-demand", billed_from=asked_at))
 
     def _do_ReleaseCapacity(self, order: ins.ReleaseCapacity) -> None:
-        pass
+        instance = self.instance_of(order.worker)
+        if instance not in self.alive:
+            return
+        released = self._released.setdefault(instance, set())
+        released.add(order.worker)
+        if released >= set(self.gpus(instance)):
+            del self._released[instance]
+            self.released += 1
+            self.at(self.now, lambda: self._instance_removed(instance))
 
     # ------------------------------------------------------------------ figures
     def _result(self, arrivals: Sequence[Arrival], end: float, trace_end: float) -> SimResult:
@@ -430,4 +455,5 @@ class FleetSimulator:
             checkpoint_bytes=self.checkpoint_bytes, spot_instance_s=held["spot"],
             on_demand_instance_s=held["on-demand"], cost_usd=cost, on_demand_cost_usd=on_demand,
             cost_per_token=cost * 1e5 / tokens if tokens else float("nan"), simulated_s=end, events=self._events,
+            instances_acquired=self.acquired, instances_released=self.released,
             violations=tuple(violations), status=status)

@@ -8,8 +8,10 @@ a measured profile), and applies an iteration's outcome. Two batching modes:
   start together with one prefill and the batch decodes until every one of them has finished;
 - ``continuous``: every iteration the batch is topped up to B, newcomers' prefill joining it.
 
-A request that arrives with its KV (migrated, handed over) needs no prefill; one resumed from its
-committed tokens without KV recomputes prompt + committed tokens in its prefill. Pure.
+With a `scheduler` (one of `elastic_llm.scheduling`'s, e.g. FastServe's skip-join MLFQ), that
+scheduler picks each iteration's batch instead (token-level preemption: a paused request keeps
+its KV). A request that arrives with its KV (migrated, handed over) needs no prefill; one resumed
+from its committed tokens without KV recomputes prompt + committed tokens in its prefill. Pure.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from elastic_llm.model.spec import ModelSpec
 from elastic_llm.planning.config import ParallelConfig, Workload
 from elastic_llm.planning.cost_model import SPOTSERVE_OVERHEAD, CostModel
 from elastic_llm.planning.profiles import InstanceProfile, Phase
+from elastic_llm.scheduling.base import BatchLimits, IterationOutcome, RequestScheduler
 
 Batching = Literal["static", "continuous"]
 
@@ -88,6 +91,7 @@ class Iteration:
     seconds: float  #: its duration
     requests: list[SimRequest]  #: every request that produced a token
     prefilled: int  #: how many of them were prefilled in it
+    computed: dict[str, int] = field(default_factory=dict)  #: (scheduler) request -> tokens computed
 
 
 @dataclass
@@ -110,18 +114,23 @@ class SimReplica:
     epoch: int = 0  #: reshards done
     #: what waits for the next token boundary (a pause for a migration or a reshard)
     at_boundary: list[Callable[[], None]] = field(default_factory=list)
+    scheduler: RequestScheduler | None = None  #: picks each iteration's batch (None: `batching`)
 
     def holds(self, request_id: str) -> bool:
         """Whether the request is here (waiting or in the batch)."""
         return any(r.request_id == request_id for r in (*self.waiting, *self.batch))
 
-    def add(self, request: SimRequest) -> None:
-        """Take a request (replacing an older copy of it)."""
+    def add(self, request: SimRequest, now: float = 0.0) -> None:
+        """Take a request (replacing an older copy of it) at time `now`."""
         self.remove(request.request_id)
         self.waiting.append(request)
+        if self.scheduler is not None:
+            self.scheduler.add_request(request.request_id, 1 if request.has_kv else request.context, now)
 
     def remove(self, request_id: str) -> SimRequest | None:
         """Drop the request; it is returned if it was here."""
+        if self.scheduler is not None and request_id in self.scheduler:
+            self.scheduler.remove_request(request_id)
         for pool in (self.waiting, self.batch):
             for index, request in enumerate(pool):
                 if request.request_id == request_id:
@@ -130,13 +139,22 @@ class SimReplica:
 
     def clear(self) -> None:
         """Drop every request (a reload)."""
+        for request in (*self.waiting, *self.batch):
+            self.remove(request.request_id)
         self.waiting, self.batch = [], []
 
-    def next_iteration(self, clock: IterationClock) -> Iteration | None:
-        """Form the next iteration's batch (None: nothing to run)."""
+    def next_iteration(self, clock: IterationClock, now: float = 0.0) -> Iteration | None:
+        """Form the next iteration's batch at time `now` (None: nothing to run)."""
         if not self.ready or self.paused:
             return None
-        if self.batching == "continuous" or not self.batch:
+        computed: dict[str, int] = {}
+        if self.scheduler is not None:
+            decision = self.scheduler.schedule(now, BatchLimits(self.max_batch, 1 << 30))
+            pool = {r.request_id: r for r in (*self.batch, *self.waiting)}
+            computed = {w.request_id: w.num_tokens for w in decision.scheduled if w.request_id in pool}
+            self.batch = [pool[i] for i in computed]
+            self.waiting = [r for i, r in pool.items() if i not in computed]
+        elif self.batching == "continuous" or not self.batch:
             room = self.max_batch - len(self.batch)
             self.batch.extend(self.waiting[:room])
             del self.waiting[:room]
@@ -147,9 +165,9 @@ class SimReplica:
         seconds = clock.prefill(self.parallel, [r.context for r in fresh])
         if decoding:
             seconds += clock.decode_step(self.parallel, decoding)
-        return Iteration(max(seconds, 1e-6), list(self.batch), len(fresh))
+        return Iteration(max(seconds, 1e-6), list(self.batch), len(fresh), computed)
 
-    def finish_iteration(self, iteration: Iteration) -> list[SimRequest]:
+    def finish_iteration(self, iteration: Iteration, now: float = 0.0) -> list[SimRequest]:
         """Apply an iteration that ran: one token each; the requests that are done leave the batch.
         Returns the requests it advanced that are still here (the others were moved or cancelled
         meanwhile)."""
@@ -160,6 +178,14 @@ class SimReplica:
         for request in advanced:
             request.has_kv = True
             request.done = min(request.max_new, request.done + 1)
+        if self.scheduler is not None:
+            ran = {r.request_id for r in advanced}
+            self.scheduler.update(IterationOutcome(now, iteration.seconds,
+                                                   {i: n for i, n in iteration.computed.items() if i in ran},
+                                                   tuple(r.request_id for r in advanced)))
+            for request in advanced:
+                if request.done >= request.max_new:
+                    self.scheduler.remove_request(request.request_id)
         self.batch = [r for r in self.batch if r.done < r.max_new]
         return advanced
 

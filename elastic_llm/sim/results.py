@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from elastic_llm.scheduling.factory import check_scheduler_name
 from elastic_llm.sim.replica import Batching
 
 #: g4dn.12xlarge, USD per hour (SpotServe's evaluation).
@@ -18,6 +19,9 @@ class SimSettings:
 
     grace_period_s: float = 30.0  #: a removal's notice comes this long before it (GCP/Azure: 30 s)
     start_delay_s: float = 0.0  #: an acquired instance is usable this long after its trace time
+    #: an instance the state machine asks for (`AcquireCapacity`) is usable this long after the
+    #: request (90 s: SpotServe's +O traces bring each on-demand replacement 90 s after a preemption)
+    acquire_delay_s: float = 90.0
     gpus_per_instance: int = 4  #: workers per instance (one per GPU)
     gpu_memory_bytes: int = 16 * 10**9  #: bytes of weights + KV one GPU holds
     storage_bandwidth: float = 1.25e9  #: bytes/s one instance reads the checkpoint at (object storage)
@@ -27,6 +31,9 @@ class SimSettings:
     max_batch: int = 4  #: B
     batching: Batching = "static"  #: static (SpotServe's artifact) or continuous batching
     output_tokens: int = 128  #: output tokens per request
+    #: a request scheduler by name (`elastic_llm.scheduling.factory`: "fcfs", "mlfq", "skip-join",
+    #: "las-guard") picks each iteration's batch, token-level preemptive; None: `batching` decides
+    scheduler: str | None = None
     spot_price: float = SPOT_PRICE  #: USD/h of one spot instance
     on_demand_price: float = ON_DEMAND_PRICE  #: USD/h of one on-demand instance
     warm_start: bool = True  #: replicas on the instances present at time 0 start loaded
@@ -38,7 +45,8 @@ class SimSettings:
     max_events: int = 50_000_000  #: bound on simulated events (a runaway is an error, not a hang)
 
     def __post_init__(self) -> None:
-        for name in ("grace_period_s", "start_delay_s", "storage_bandwidth", "link_bandwidth", "engine_build_s",
+        for name in ("grace_period_s", "start_delay_s", "acquire_delay_s", "storage_bandwidth", "link_bandwidth",
+                     "engine_build_s",
                      "restart_delay_s", "spot_price", "on_demand_price", "drain_limit_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or value != value:
@@ -49,6 +57,8 @@ class SimSettings:
             raise ValueError("SimSettings.gpus_per_instance, max_batch, output_tokens, max_events must be >= 1")
         if self.shared_cores is not None and self.shared_cores < 1:
             raise ValueError("SimSettings.shared_cores must be >= 1 or None")
+        if self.scheduler is not None:
+            check_scheduler_name(self.scheduler)
         if self.batching not in ("static", "continuous"):
             raise ValueError(f"SimSettings.batching must be 'static' or 'continuous', got {self.batching!r}")
 
@@ -75,6 +85,8 @@ class SimResult:
     cost_per_token: float  #: SpotServe's formula: cost x 1e5 / (requests x 640), 1e-5 USD per token
     simulated_s: float  #: simulated seconds until the last request finished (or the drain limit)
     events: int  #: events processed
+    instances_acquired: int = 0  #: instances brought in on the state machine's request
+    instances_released: int = 0  #: instances given back on its request
     violations: tuple[str, ...] = ()  #: broken invariants seen (empty when all held)
     status: dict[str, Any] = field(default_factory=dict, compare=False)  #: the fleet's `status()`
 

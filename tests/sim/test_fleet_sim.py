@@ -172,3 +172,37 @@ def test_workers_sharing_cores_iterate_slower_and_per_request_output_lengths_are
     assert own.finished == shared.finished == len(arrivals)
     assert own.status["tokens_finished"] == sum(a.output_len for a in arrivals)  # type: ignore[misc]
     assert shared.latency_mean_s > own.latency_mean_s * 1.2
+
+
+@needs_data
+def test_on_demand_fallback_keeps_p99_below_spotserve_when_spot_drops_below_the_required_rate() -> None:
+    from elastic_llm.sim.traces import AvailabilityTrace, InstanceEvent
+
+    # 8 spot instances (two (4, 4) replicas: the 0.4 req/s the planner needs), then 4 go at 200 s
+    # and none come back: spot alone holds one replica, at half the required rate
+    events = [InstanceEvent(0.0, "add", f"node-{i}") for i in range(8)]
+    events += [InstanceEvent(200.0, "remove", f"node-{i}") for i in range(4)]
+    trace = AvailabilityTrace(tuple(sorted(events, key=lambda e: (e.time, e.kind != "remove", e.instance))), 700.0)
+    arrivals = gamma_arrivals(0.3, 1.0, 700.0, 512, seed=1)
+    settings = SimSettings(batching="continuous")
+    plain = simulate_fleet("spotserve", GPT20B, _profile(), trace, arrivals, settings=settings)
+    beyond = simulate_fleet("beyond", GPT20B, _profile(), trace, arrivals, settings=settings)
+    assert plain.violations == () and beyond.violations == ()
+    assert plain.finished == beyond.finished == len(arrivals)
+    assert plain.instances_acquired == 0 and plain.on_demand_instance_s == 0
+    assert beyond.instances_acquired >= 4 and beyond.on_demand_instance_s > 0  # it asked, and paid for them
+    assert beyond.latency_p99_s < 0.7 * plain.latency_p99_s, (beyond.latency_p99_s, plain.latency_p99_s)
+
+
+@needs_data
+def test_a_request_scheduler_inside_the_replicas_fcfs_matches_continuous_batching_and_skip_join_preempts() -> None:
+    trace = synthetic_availability(6, 600.0, mean_lifetime_s=400.0, seed=3, replace_after_s=60.0)
+    arrivals = gamma_arrivals(0.3, 2.0, 500.0, 512, seed=3)
+    runs = {name: simulate_fleet("spotserve", GPT20B, _profile(), trace, arrivals,
+                                 settings=SimSettings(batching="continuous", scheduler=name))
+            for name in (None, "fcfs", "skip-join")}
+    assert runs["fcfs"].row() == runs[None].row()  # the same batches, now chosen by `FCFS`
+    assert runs["skip-join"].violations == () and runs["skip-join"].finished == len(arrivals)
+    assert runs["skip-join"].latency_p99_s != runs[None].latency_p99_s  # it chose other batches
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        SimSettings(scheduler="round-robin")
