@@ -34,9 +34,10 @@ def _text(path: PathLike) -> str:
         raise TraceFormatError(f"cannot read {path}: {err}") from None
 
 
-def load_profile(path: PathLike, model: str | None = None, max_tensor: int = 4) -> MeasuredProfile:
+def load_profile(path: PathLike, model: str | None = None, max_tensor: int | None = None) -> MeasuredProfile:
     """A measured profile: SpotServe's JSON (``tp-<M>`` tables) or ``elastic-llm profile`` output.
-    `model`: the `ModelSpec.name` a SpotServe profile times (its files do not say)."""
+    `model`: the `ModelSpec.name` a SpotServe profile times (its files do not say); `max_tensor`:
+    the largest tensor degree kept (None: the file's ``max_tp``, as the artifact's optimizer)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:

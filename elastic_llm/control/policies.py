@@ -102,10 +102,13 @@ class Reroute(FleetPolicy):
 
 @dataclass(frozen=True)
 class Reparallelize(FleetPolicy):
-    """Baseline: every membership change reloads every replica and restarts every request."""
+    """Baseline: every membership change reloads every replica, in the configuration the optimizer
+    chooses for the new workers (the artifact's ``baseline`` solves again at every event), and
+    restarts every request."""
 
     name: str = "reparallelize"
     resumes_progress: bool = False
+    adapts_shape: bool = True
     restarts_everything: bool = True
 
 

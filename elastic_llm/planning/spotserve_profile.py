@@ -26,13 +26,16 @@ _BATCHES = (1, 2, 4, 8)
 
 def spotserve_profile(data: Mapping[str, Any], model: str | None = None,
                       device_memory_bytes: int = T4_MEMORY_BYTES,
-                      network_bandwidth: float = SPOTSERVE_NETWORK, max_tensor: int = 4) -> MeasuredProfile:
+                      network_bandwidth: float = SPOTSERVE_NETWORK, max_tensor: int | None = None) -> MeasuredProfile:
     """A `MeasuredProfile` (one GPU per worker) from SpotServe's profile dict.
 
     `model`: the `ModelSpec.name` it times (None: any). `max_tensor`: the largest tensor degree
-    kept (SpotServe keeps a tensor group inside one 4-GPU instance). Raises `ProfileError` on a
-    malformed dict."""
+    kept; None: the profile's own ``max_tp``, the bound the artifact's optimizer searches (8 for
+    GPT-20B: a tensor group of two 4-GPU instances; every degree when the file has no ``max_tp``).
+    Raises `ProfileError` on a malformed dict."""
     try:
+        if max_tensor is None:
+            max_tensor = int(data.get("max_tp", 1 << 30))
         degrees = sorted(m for m in (int(key[3:]) for key in data if str(key).startswith("tp-")) if m <= max_tensor)
         prefill = {str(m): {str(int(b[4:])): float(v["init"]) / 1000.0 for b, v in data[f"tp-{m}"].items()}
                    for m in degrees}

@@ -35,9 +35,13 @@ def _profile():  # type: ignore[no-untyped-def]
 
 @needs_data
 def test_the_shared_profiles_traces_and_arrivals_load() -> None:
-    for name, model in (("6.7B", "opt-6.7b"), ("h6144", "gpt-20b"), ("h7168", "spotserve-30b")):
+    # tensor degrees up to each file's max_tp (the artifact's optimizer bound), or a given cap
+    for name, model, degrees in (("6.7B", "opt-6.7b", (1, 2, 4, 8, 16)), ("h6144", "gpt-20b", (1, 2, 4, 8)),
+                                 ("h7168", "spotserve-30b", (1, 2, 4, 8))):
         profile = load_profile(DATA / "profiles" / f"T4-4x_megatron_{name}.json", model=model)
-        assert profile.tensor_degrees() == (1, 2, 4)
+        assert profile.tensor_degrees() == degrees
+        capped = load_profile(DATA / "profiles" / f"T4-4x_megatron_{name}.json", model=model, max_tensor=4)
+        assert capped.tensor_degrees() == (1, 2, 4)
     # 20B, M=4, batch 4: 2.13 ms per layer per decode step, 132.855 ms per layer prefill (512 tokens)
     decode = _profile().layer_time(GPT20B, Phase.DECODE, 4, 4, Workload(512, 128))
     assert decode.total == pytest.approx(2.13e-3)
