@@ -119,12 +119,14 @@ def test_a_seeded_run_is_deterministic() -> None:
 
 
 @needs_data
-def test_replay_of_b_s_puts_spotserve_ahead_of_both_baselines_on_p99() -> None:
+def test_replay_of_b_s_gives_the_published_p99_order_rerouting_reparallelization_spotserve() -> None:
     trace = load_availability(DATA / "availability" / "trace_0506_real.txt")
     arrivals = [a for a in load_arrivals(DATA / "arrivals" / "query_tpt0.35_cv6.txt") if a.time < trace.end]
     p99 = {policy: simulate_fleet(policy, GPT20B, _profile(), trace, arrivals).latency_p99_s
            for policy in ("spotserve", "reroute", "reparallelize")}
-    assert p99["spotserve"] < p99["reroute"] and p99["spotserve"] < p99["reparallelize"], p99
+    # the paper's B_S order (99.1 > 56.3 > 37.1 s): reparallelization re-plans its configuration
+    # at each change (with its first shape kept it was the worst, 501.9 s)
+    assert p99["reroute"] > p99["reparallelize"] > p99["spotserve"], p99
 
 
 def test_paper_replay_refuses_bad_options_with_exit_2(tmp_path: Path) -> None:
