@@ -96,6 +96,11 @@ class CapacityState:
     _next_check: float = -math.inf
     _workers_seen: int = -1
 
+    @property
+    def expected(self) -> int:
+        """Instances asked for and not seen joining yet."""
+        return sum(a.instances for a in self.pending)
+
     def advance(self, fleet: FleetState) -> None:
         """Called in every transition (`FleetState._advance`): finish due drains, then, when the
         check is due or membership changed, acquire or release one step toward the need."""
@@ -121,7 +126,7 @@ class CapacityState:
             return
         workers, shape = needed
         target = workers + policy.overprovision * shape[0] * shape[1]
-        expected = sum(a.instances for a in self.pending) * per_instance
+        expected = self.expected * per_instance
         if len(usable) + expected < target:
             self.surplus_since = None
             if self.short_since is None:
@@ -142,7 +147,7 @@ class CapacityState:
 
     def _acquire(self, fleet: FleetState, policy: CapacityPolicy, count: int) -> None:
         held = {instance_of(w) for w, r in fleet.workers.items() if r.market == "on-demand"}
-        count = min(count, policy.max_on_demand - len(held) - sum(a.instances for a in self.pending))
+        count = min(count, policy.max_on_demand - len(held) - self.expected)
         if count < 1:
             return
         self.pending.append(Acquisition(fleet.now, count))

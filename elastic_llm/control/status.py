@@ -56,7 +56,7 @@ def fleet_status(fleet: FleetState, now: float) -> dict[str, Any]:
         "reshards": list(fleet.reshards),
         "load_replans": list(fleet.load_replans),
         "capacity": {"acquired": fleet.capacity.acquired, "released": fleet.capacity.released,
-                     "expected": sum(a.instances for a in fleet.capacity.pending),
+                     "expected": fleet.capacity.expected,
                      "draining": sorted(fleet.capacity.draining), "decisions": list(fleet.capacity.decisions)},
         "controller_overhead": fleet.loops.overhead(),
         "prefix_tokens_reused": int(fleet.loops.total("prefix_tokens_reused")),
