@@ -3,7 +3,8 @@
 Simulates the setting of a recorded `workflows/spot_replay.py` run (its JSON output: trace,
 instance cap, time compression, grace, workload, batch, checkpoint bandwidth) with the SmolLM2
 profile measured here (`docs/profiles/smollm2-cpu.json`), whole-model replicas and continuous
-batching, and prints simulated against measured mean and P99 latency. The live run is not
+batching, the live run's own prompts (their chat-template token counts) with the workload's
+arrivals and output lengths, and prints simulated against measured mean and P99 latency. The live run is not
 repeated: its figures are read from the JSON.
 
 Run:  python workflows/sim_fidelity.py [--live docs/results/spot_replay_A_S_2026-11-24.json]
@@ -17,10 +18,12 @@ import json
 import sys
 from pathlib import Path
 
+from elastic_llm.cluster.spot_replay import PROMPTS
 from elastic_llm.cluster.traces import load_trace
 from elastic_llm.control import FleetConfig, FleetState
 from elastic_llm.model.checkpoint import resolve_checkpoint
 from elastic_llm.model.spec import ModelSpec
+from elastic_llm.model.tokenizer import Tokenizer
 from elastic_llm.scheduling.workloads import make_workload
 from elastic_llm.sim import FleetSimulator, SimSettings
 from elastic_llm.sim.replica import IterationClock
@@ -36,6 +39,15 @@ def availability(name: str, cap: int, time_scale: float) -> AvailabilityTrace:
     events = tuple(InstanceEvent(e.offset_s / time_scale, "add" if e.action == "acquire" else "remove",
                                  e.instance_id, e.market) for e in trace.events)
     return AvailabilityTrace(events, trace.duration_s / time_scale)
+
+
+def live_prompt_tokens(checkpoint: Path, spec: ModelSpec) -> list[int]:
+    """Prompt tokens of the live replay's requests: its chat prompts (`spot_replay.PROMPTS`, in
+    turn) under the model's chat template, as `ServingClient.submit` sends them. (The workload's
+    ShareGPT-shaped prompt lengths are not what the live run sent: only its arrivals and output
+    lengths are.)"""
+    tokenizer = Tokenizer(checkpoint, spec.eos_token_ids)
+    return [len(tokenizer.chat_prompt_ids(prompt)) for prompt in PROMPTS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     trace = availability(config["trace"], int(config["max_instances"]), scale)
     workload = make_workload(int(config["requests"]), float(config["rate"]), "sharegpt", seed=int(config["seed"]),
                              max_output_tokens=int(config["max_new_tokens"]))
-    arrivals = [Arrival(w.arrival_s, w.prompt_tokens, w.output_tokens) for w in workload]
+    prompt_tokens = live_prompt_tokens(checkpoint, spec)
+    arrivals = [Arrival(w.arrival_s, prompt_tokens[i % len(prompt_tokens)], w.output_tokens)
+                for i, w in enumerate(workload)]
     settings = SimSettings(grace_period_s=float(config["grace"]) / scale, gpus_per_instance=1,
                            gpu_memory_bytes=profile.device_memory_bytes,
                            storage_bandwidth=float(config["checkpoint_bandwidth"]),

@@ -8,7 +8,8 @@ bytes migrated and dollar cost per policy.
 Run:  python workflows/spot_replay.py [--trace A_S] [--max-instances 4] [--time-scale 30]
           [--requests 24] [--rate 0.5] [--max-new-tokens 96] [--policies spotserve,reroute,reparallelize]
           [--model smollm2-135m-instruct] [--checkpoint-bandwidth 2e8] [--parallel auto|P,M]
-          [--memory-budget BYTES] [--profile docs/profiles/smollm2-cpu.json] [--output results.json]
+          [--memory-budget BYTES] [--profile docs/profiles/smollm2-cpu.json] [--required-rate R]
+          [--output results.json]
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from elastic_llm.model.checkpoint import DEFAULT_MODEL
 COLUMNS = (("policy", "{:>21}"), ("completed", "{:>5}"), ("lost", "{:>4}"), ("latency_p50_s", "{:>7.1f}"),
            ("latency_p90_s", "{:>7.1f}"), ("latency_p99_s", "{:>7.1f}"), ("throughput_tok_s", "{:>7.1f}"),
            ("requests_recomputed", "{:>6}"), ("tokens_recomputed", "{:>7}"), ("kv_bytes_migrated", "{:>11}"),
-           ("weight_bytes_from_peers", "{:>11}"), ("cost_usd", "{:>7.3f}"), ("controller_overhead", "{:>7.2%}"))
+           ("weight_bytes_from_peers", "{:>11}"), ("cost_usd", "{:>7.3f}"), ("controller_overhead", "{:>7.2%}"),
+           ("instances_acquired", "{:>4}"))
 HEADERS = ("policy", "done", "lost", "P50 s", "P90 s", "P99 s", "tok/s", "recomp", "tok rec", "KV moved B",
-           "peer wts B", "cost $", "ctl ovh")
+           "peer wts B", "cost $", "ctl ovh", "acq")
 
 
 def table(reports: list[PolicyReport]) -> str:
@@ -56,7 +58,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Replay
         config = ReplayConfig(model=args.model, trace=args.trace, max_instances=args.max_instances,
                               time_scale=args.time_scale, grace_s=args.grace, requests=args.requests,
                               rate_per_s=args.rate, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              replica=replica, profile=args.profile)
+                              replica=replica, profile=args.profile, required_rate=args.required_rate)
         config.check()
     except (ElasticLLMError, ValueError) as exc:
         parser.error(str(exc))
@@ -83,6 +85,9 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="elastic-llm profile JSON for the shape optimizer")
     parser.add_argument("--policies", default="spotserve,reroute,reparallelize",
                         help=f"comma-separated, from: {', '.join(POLICY_NAMES)} (the last four: SpotServe's ablations)")
+    parser.add_argument("--required-rate", type=float, default=0.0,
+                        help="requests/s the fleet must serve: the planner's target, and what makes a "
+                             "capacity-aware policy (beyond) acquire on-demand instances")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the reports as JSON here")
     args = parser.parse_args()

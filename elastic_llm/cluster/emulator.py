@@ -144,6 +144,33 @@ class SpotEmulator:
             raise EmulatorError(f"could not start {instance_id!r}: {self.records[-1].detail}")
         return address
 
+    def acquire_soon(self, instance_id: str, *, market: Market = "spot",
+                     price_per_hour: float = 0.0) -> Future[str]:
+        """Start a new instance without waiting: the future gives its worker address once it is
+        up, or "" if it could not start (the reason is in `records`). Callable from any thread,
+        the cluster's own loop included (a Dask topic handler)."""
+        event = SpotEvent(self.offset_now(), "acquire", instance_id, market, price_per_hour)
+        return asyncio.run_coroutine_threadsafe(self._acquire(event), self._loop)
+
+    def release_soon(self, address: str) -> Future[bool]:
+        """Give back the instance whose worker is at `address`, without a notice (its owner has
+        drained it) and without waiting: the future gives False if no live instance has it."""
+        name = self.instance_at(address)
+        if name is None:
+            future: Future[bool] = Future()
+            self._fail(address, "cannot release: no live instance has this worker address")
+            future.set_result(False)
+            return future
+        return asyncio.run_coroutine_threadsafe(self._remove(name, notice=False), self._loop)
+
+    def instance_at(self, address: str) -> str | None:
+        """The live instance whose worker is at `address` (None: none)."""
+        for name in sorted(self._live):
+            nanny = self.cluster.workers.get(name)
+            if nanny is not None and nanny.worker_address == address:
+                return name
+        return None
+
     # ---- state --------------------------------------------------------------------------------
     @property
     def records(self) -> tuple[EmulatorRecord, ...]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from distributed import Client, LocalCluster
 
+from elastic_llm.cluster.capacity_fulfiller import CapacityFulfiller
 from elastic_llm.cluster.emulator import SpotEmulator
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.serving_client import ServingClient, ServingFuture
@@ -53,14 +54,18 @@ class ReplayConfig:
     replica: ReplicaOptions = field(default_factory=lambda: ReplicaOptions(model=DEFAULT_MODEL))
     #: profile the planning core chooses sharded shapes with (`ReplicaOptions.parallel="auto"`)
     profile: str | None = None
+    #: requests/s the fleet must be able to serve (SpotServe's required throughput): the shape
+    #: planner plans for it and a capacity-aware policy (``beyond``) asks for on-demand
+    #: instances when the spot ones cannot meet it; 0: the measured arrival rate only
+    required_rate: float = 0.0
 
     def check(self) -> None:
         """Raise `ClusterConfigError` naming the first bad setting (before any cluster starts):
         counts and rates out of range, an unknown trace, a cap the trace cannot be held to."""
         if self.requests < 1 or self.max_new_tokens < 1 or self.max_instances < 1:
             raise ClusterConfigError("requests, max_new_tokens and max_instances must be >= 1")
-        if not (self.rate_per_s > 0 and self.time_scale > 0 and self.grace_s >= 0):
-            raise ClusterConfigError("rate and time scale must be > 0, grace >= 0")
+        if not (self.rate_per_s > 0 and self.time_scale > 0 and self.grace_s >= 0 and self.required_rate >= 0):
+            raise ClusterConfigError("rate and time scale must be > 0, grace and required rate >= 0")
         load_trace(self.trace).capped(self.max_instances)
 
 
@@ -86,6 +91,8 @@ class PolicyReport:
     wall_s: float
     weight_bytes_from_peers: int = 0  #: weights new replicas took from peers instead of the checkpoint
     prefix_tokens_reused: int = 0  #: prompt tokens whose KV came from the replicas' prefix caches
+    instances_acquired: int = 0  #: instances the policy asked for (``beyond``: on demand), all started
+    instances_released: int = 0  #: instances the policy gave back
 
 
 def initial_and_rest(trace: SpotTrace) -> tuple[list[str], SpotTrace]:
@@ -105,10 +112,12 @@ def run_policy(policy: str, config: ReplayConfig,
     with LocalCluster(n_workers=0, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         emulator = SpotEmulator(cluster, rest, time_scale=config.time_scale, grace_s=config.grace_s)
+        fulfiller = CapacityFulfiller(client, emulator)  # what a capacity-aware policy asks for
+        fulfiller.start()
         for event in (e for e in trace.events if e.instance_id in initial and e.action == "acquire"):
             emulator.acquire(event.instance_id, market=event.market, price_per_hour=event.price_per_hour)
         llm = ServingClient(client, model=config.model, policy=policy, replica=config.replica,
-                            migration_margin_s=0.5, profile=config.profile)
+                            migration_margin_s=0.5, profile=config.profile, required_rate=config.required_rate)
         if not config.replica.sharded:  # one replica per worker
             llm.wait_for_replicas(len(initial))
         on_progress(f"[{policy}] replaying {trace.name} ({trace.duration_s:.0f} s at "
@@ -146,7 +155,8 @@ def run_policy(policy: str, config: ReplayConfig,
         on_demand_usd_per_1k_tokens=_scaled(cost["on_demand_only_usd_per_1k_tokens"], config.time_scale),
         controller_overhead=status["controller_overhead"], wall_s=makespan,
         weight_bytes_from_peers=status["weight_bytes_from_peers"],
-        prefix_tokens_reused=status["prefix_tokens_reused"])
+        prefix_tokens_reused=status["prefix_tokens_reused"],
+        instances_acquired=status["capacity"]["acquired"], instances_released=status["capacity"]["released"])
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
