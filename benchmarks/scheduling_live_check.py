@@ -16,8 +16,10 @@ simulated next to live, and whether las-guard produced FCFS's greedy tokens.
 
 Run:  .venv/bin/python benchmarks/scheduling_live_check.py [--settings "lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9"]
           [--policy las-guard|las-adaptive] [--requests 36] [--length-scale 0.15] [--max-output 160]
-          [--threads 1] [--output r.json]
-Bounded: `--requests` requests per run, four runs per setting, each run also stopped by `--limit-s`.
+          [--threads 1] [--repeats 1] [--output r.json]
+Bounded: `--requests` requests per run, 2 x `--repeats` live runs per setting (FCFS and the policy
+interleaved, so a drift in the machine's load hits both alike; their JCTs are pooled), each run also
+stopped by `--limit-s`.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class SettingResult:
     rate_req_s: float
     simulated: Ratios
     live: Ratios
-    same_tokens_as_fcfs: bool
+    same_tokens_as_fcfs: bool  #: every live run of either policy gave FCFS's first run's tokens
     live_wall_s: float
     #: per policy, simulated and live: iterations, preemptions, tokens computed, makespan (s)
     counters: dict[str, dict[str, float]]
@@ -93,21 +95,30 @@ def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeMode
 
 
 class IterationRecorder(DelegatingScheduler):
-    """Delegates to `inner`; records (batch size, tokens, seconds) of every live iteration."""
+    """Delegates to `inner`; records (batch size, tokens, seconds) of every live iteration, and
+    how many of its requests resumed (ran before, not in the previous iteration)."""
 
     def __init__(self, inner: RequestScheduler) -> None:
         super().__init__(inner)
         self.iterations: list[tuple[int, int, float]] = []
+        self.resumed: list[int] = []  #: per recorded iteration
         self._shape = (0, 0)
+        self._previous: set[str] = set()
+        self._ran: set[str] = set()
+        self._resumed = 0
 
     def schedule(self, now: float, limits: BatchLimits) -> SchedulerOutput:
         decision = self.inner.schedule(now, limits)
+        batch = {w.request_id for w in decision.scheduled}
         self._shape = (len(decision.scheduled), decision.num_tokens)
+        self._resumed = len((batch - self._previous) & self._ran)
+        self._previous, self._ran = batch, self._ran | batch
         return decision
 
     def update(self, outcome: IterationOutcome) -> None:
         if self._shape[0]:
             self.iterations.append((*self._shape, outcome.duration))
+            self.resumed.append(self._resumed)
         self.inner.update(outcome)
 
 
@@ -155,34 +166,57 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
         prompt = torch.randint(100, model.spec.vocab_size, (item.prompt_tokens,), generator=generator).tolist()
         requests.append(TimedRequest(f"q{i}", item.arrival_s, tuple(prompt),
                                      SamplingParams(max_new_tokens=item.output_tokens, ignore_eos=True)))
-    live, tokens = {}, {}
+    live: dict[str, tuple[list[float], list[float]]] = {}
+    tokens: dict[str, list[dict[str, tuple[int, ...]]]] = {}
     observed: list[tuple[int, int, float]] = []
+    by_policy: dict[str, list[tuple[int, int, float]]] = {}
+    resumed: dict[str, list[int]] = {}
     started = time.perf_counter()
-    for name, scheduler in policies(dataset, args).items():
-        deadline = time.perf_counter() + args.limit_s
+    for repeat in range(args.repeats):  # interleaved: FCFS, the policy, FCFS, ... (load drifts alike)
+        for name, scheduler in policies(dataset, args).items():
+            deadline = time.perf_counter() + args.limit_s
 
-        def on_progress(done: int, total: int) -> None:
-            if time.perf_counter() > deadline:  # noqa: B023
-                raise TimeoutError(f"live run over --limit-s {args.limit_s} s ({done}/{total} done)")
+            def on_progress(done: int, total: int) -> None:
+                if time.perf_counter() > deadline:  # noqa: B023
+                    raise TimeoutError(f"live run over --limit-s {args.limit_s} s ({done}/{total} done)")
 
-        engines: list[LLMEngine] = []
-        recorder = IterationRecorder(scheduler)
+            engines: list[LLMEngine] = []
+            recorder = IterationRecorder(scheduler)
 
-        def make_engine(clock: ReplayClock, s: RequestScheduler = recorder) -> LLMEngine:
-            engines.append(LLMEngine(model, scheduler=s, limits=limits, clock=clock))  # noqa: B023
-            return engines[-1]  # noqa: B023
+            def make_engine(clock: ReplayClock, s: RequestScheduler = recorder) -> LLMEngine:
+                engines.append(LLMEngine(model, scheduler=s, limits=limits, clock=clock))  # noqa: B023
+                return engines[-1]  # noqa: B023
 
-        timings = replay(make_engine, requests, on_progress)
-        stats = engines[0].stats()
-        counters[f"live {name}"] = {"iterations": stats.iterations, "preemptions": stats.preemptions,
-                                    "tokens_computed": stats.tokens_computed,
-                                    "makespan_s": max(t.finish_s for t in timings)}
-        observed += recorder.iterations
-        live[name] = ([t.completion_time_s for t in timings], [t.time_to_first_token_s for t in timings])
-        tokens[name] = {t.request_id: t.token_ids for t in timings}
-        print(f"  {spec} {name}: live JCT mean {np.mean(live[name][0]):.2f} s", flush=True)
+            timings = replay(make_engine, requests, on_progress)
+            stats = engines[0].stats()
+            makespan = max(t.finish_s for t in timings)
+            counters[f"live {name} #{repeat}"] = {
+                "iterations": stats.iterations, "preemptions": stats.preemptions,
+                "tokens_computed": stats.tokens_computed, "makespan_s": makespan,
+                "mean_iteration_ms": 1000 * sum(i[2] for i in recorder.iterations) / max(1, len(recorder.iterations)),
+                "mean_jct_s": float(np.mean([t.completion_time_s for t in timings]))}
+            observed += recorder.iterations
+            by_policy.setdefault(name, []).extend(recorder.iterations)
+            resumed.setdefault(name, []).extend(recorder.resumed)
+            jct, ttft = live.setdefault(name, ([], []))
+            jct += [t.completion_time_s for t in timings]
+            ttft += [t.time_to_first_token_s for t in timings]
+            tokens.setdefault(name, []).append({t.request_id: t.token_ids for t in timings})
+            print(f"  {spec} {name} #{repeat}: live JCT mean {counters[f'live {name} #{repeat}']['mean_jct_s']:.2f} s, "
+                  f"{stats.iterations} iterations, makespan {makespan:.1f} s", flush=True)
     refit = fit_to_iterations(observed)
     print(f"  {spec}: iteration-time model refitted to {len(observed)} live iterations: {refit}", flush=True)
+    for name, iterations in by_policy.items():  # what the pooled model misses, per policy
+        data = np.asarray(iterations, dtype=float)
+        predicted = refit.fixed_s + refit.per_request_s * data[:, 0] + refit.per_token_s * data[:, 1]
+        residual, back = 1000 * (data[:, 2] - predicted), np.asarray(resumed[name]) > 0
+        counters[f"live {name}"] = {"mean_residual_ms": float(np.mean(residual)),
+                                    "iterations_with_a_resumed_request": int(back.sum()),
+                                    "mean_residual_ms_resumed": float(np.mean(residual[back])) if back.any() else 0.0,
+                                    "mean_residual_ms_not_resumed": float(np.mean(residual[~back])) if (~back).any() else 0.0,
+                                    "mean_batch": float(np.mean(data[:, 0])),
+                                    "mean_tokens": float(np.mean(data[:, 1])),
+                                    **{f"own_fit_{k}": v for k, v in asdict(fit_to_iterations(iterations)).items()}}
     simulated = {}
     for name, scheduler in policies(dataset, args).items():
         sim_timings = simulate(scheduler, items, refit, limits)
@@ -190,7 +224,8 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
         counters[f"sim {name}"] = {"preemptions": sum(t.preemptions for t in sim_timings),
                                    "makespan_s": max(t.finish_s for t in sim_timings)}
     return SettingResult(dataset, batch, cv, load, rate, ratios(simulated), ratios(live),
-                         tokens["fcfs"] == tokens["las-guard"], time.perf_counter() - started, counters,
+                         all(t == tokens["fcfs"][0] for ts in tokens.values() for t in ts),
+                         time.perf_counter() - started, counters,
                          asdict(refit))
 
 
@@ -204,6 +239,8 @@ def main() -> None:
     parser.add_argument("--length-scale", type=float, default=0.15)
     parser.add_argument("--max-output", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="live runs per policy, interleaved (JCTs pooled over them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-s", type=float, default=600.0, help="stop a live run after this long")
     parser.add_argument("--output")
@@ -213,8 +250,8 @@ def main() -> None:
         parts = spec.split(",")
         if len(parts) != 4 or parts[0] not in DATASETS:
             parser.error(f"bad setting {spec!r}: DATASET,BATCH,ARRIVAL_CV,LOAD with DATASET in {DATASETS}")
-    if args.requests < 1 or args.max_output < 4 or not args.length_scale > 0:
-        parser.error("need --requests >= 1, --max-output >= 4, --length-scale > 0")
+    if args.requests < 1 or args.max_output < 4 or not args.length_scale > 0 or args.repeats < 1:
+        parser.error("need --requests >= 1, --max-output >= 4, --length-scale > 0, --repeats >= 1")
     torch.set_num_threads(args.threads)
     model = load_model()
     limits = BatchLimits(max_batch_size=max(int(s.split(",")[1]) for s in specs), max_batch_tokens=512)
