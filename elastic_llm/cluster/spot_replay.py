@@ -5,6 +5,8 @@ first and their replicas load the model; then the clock starts and, at the same 
 emulator replays the rest of the trace (notices, SIGKILLs, new workers) while a thread submits the
 requests at their Poisson arrival times through `ServingClient`. The report holds what was
 measured: latency percentiles, throughput, requests that lost their KV, bytes migrated, dollars.
+A capacity-aware policy's periods (`CapacityPolicy`: how long a shortfall or a surplus lasts
+before it acts) are trace seconds like the grace period, compressed by the same time scale.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.serving_client import ServingClient, ServingFuture
 from elastic_llm.cluster.errors import ClusterConfigError
 from elastic_llm.cluster.traces import SpotTrace, load_trace
+from elastic_llm.control.policies import compressed
 from elastic_llm.model.checkpoint import DEFAULT_MODEL
 from elastic_llm.scheduling.workloads import make_workload
 
@@ -116,7 +119,8 @@ def run_policy(policy: str, config: ReplayConfig,
         fulfiller.start()
         for event in (e for e in trace.events if e.instance_id in initial and e.action == "acquire"):
             emulator.acquire(event.instance_id, market=event.market, price_per_hour=event.price_per_hour)
-        llm = ServingClient(client, model=config.model, policy=policy, replica=config.replica,
+        llm = ServingClient(client, model=config.model, policy=compressed(policy, config.time_scale),
+                            replica=config.replica,
                             migration_margin_s=0.5, profile=config.profile, required_rate=config.required_rate)
         if not config.replica.sharded:  # one replica per worker
             llm.wait_for_replicas(len(initial))

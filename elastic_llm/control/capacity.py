@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from elastic_llm.control import events as ev
@@ -65,12 +65,23 @@ class CapacityPolicy:
     check_s: float = 5.0  #: period of the capacity check (it also runs when workers join or go)
 
     def __post_init__(self) -> None:
-        for name in ("release_after_s", "acquire_after_s", "drain_s", "acquire_timeout_s", "check_s"):
+        for name in _PERIODS:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"CapacityPolicy.{name} must be a finite number >= 0, got {value!r}")
         if self.overprovision < 0 or self.max_on_demand < 0:
             raise ValueError("CapacityPolicy.overprovision and max_on_demand must be >= 0")
+
+    def compressed(self, time_scale: float) -> CapacityPolicy:
+        """This policy for a replay that runs `time_scale` trace seconds per wall second: every
+        period divided by `time_scale`, so its decisions fall where they would in trace time."""
+        if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        return replace(self, **{name: getattr(self, name) / time_scale for name in _PERIODS})
+
+
+#: The `CapacityPolicy` fields that are periods (seconds).
+_PERIODS = ("release_after_s", "acquire_after_s", "drain_s", "acquire_timeout_s", "check_s")
 
 
 @dataclass

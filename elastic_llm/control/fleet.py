@@ -62,6 +62,7 @@ class ReplicaRecord:
     heard_at: float = 0.0  #: its latest commit or answer to an operation (`control.liveness`)
     kv_bytes_per_token: int = 0  #: reported once ready
     weights: str = ""  #: "checkpoint" or "peer", once ready
+    weights_from: str | None = None  #: the ready replica it takes its weights from while it starts
     noticed: bool = False  #: its leader got a notice: it is being evacuated or replaced
     successor_of: str | None = None  #: the noticed replica this one replaces, until it builds
     busy: int | None = None  #: the operation changing its shape or workers now (one at a time)

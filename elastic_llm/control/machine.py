@@ -245,7 +245,8 @@ class FleetState:
     # ------------------------------------------------------------------ replicas
     def new_replica(self, leader: str, shards: tuple[str, ...], parallel: tuple[int, int],
                      weights_from: str | None, build: bool = True, **context: Any) -> ReplicaRecord:
-        replica = ReplicaRecord(f"r{next(self._ids)}", leader, shards, parallel, created_at=self._now)
+        replica = ReplicaRecord(f"r{next(self._ids)}", leader, shards, parallel, created_at=self._now,
+                                weights_from=weights_from)
         self.replicas[replica.replica_id] = replica
         operation = self.ops.open("start", replica.replica_id, self._now + self.config.start_timeout_s,
                                   context=context)
@@ -268,6 +269,13 @@ class FleetState:
         best = min(ready, key=lambda r: dispatch.outstanding(self, r.replica_id), default=None)
         return None if best is None else best.replica_id
 
+    def sends_weights(self, replica_id: str) -> bool:
+        """Whether a starting replica takes its weights from `replica_id`: its shards must keep
+        the slices they were described with until then (a reshard would leave the new replica
+        pulling slices they no longer hold, read again from the checkpoint)."""
+        return any(r.state is ReplicaState.STARTING and r.weights_from == replica_id
+                   for r in self.replicas.values())
+
     def _on_ReplicaReady(self, event: ev.ReplicaReady) -> None:
         operation = self.ops.close(event.op)
         if operation is None or operation.replica_id not in self.replicas:
@@ -283,9 +291,12 @@ class FleetState:
             self.reloads += 1
         if replica.state is ReplicaState.STARTING:
             replica.state = ReplicaState.READY
+        source, replica.weights_from = replica.weights_from, None
         if operation.kind == "build" and "handover_of" in operation.context:
             self.reshards.append({**operation.context["move"], "replica": replica.replica_id})
             sharded.place(self)
+        elif source is not None and not self.sends_weights(source):
+            sharded.place(self)  # a switch of the source that waited for this start
 
     def _on_ReplicaCreated(self, event: ev.ReplicaCreated) -> None:
         operation = self.ops.close(event.op)

@@ -20,7 +20,7 @@ device mapper (workers keep the given order instead of Kuhn-Munkres). Pure polic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from elastic_llm.control.capacity import CapacityPolicy
@@ -150,3 +150,13 @@ def policy_by_name(name: str | FleetPolicy) -> FleetPolicy:
     if name not in _POLICIES:
         raise UnknownPolicyError(f"unknown policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
     return _POLICIES[name]
+
+
+def compressed(policy: str | FleetPolicy, time_scale: float) -> FleetPolicy:
+    """`policy` for a replay at `time_scale` trace seconds per wall second: a capacity-aware one
+    gets its `CapacityPolicy` periods divided by `time_scale` (others are returned unchanged)."""
+    chosen = policy_by_name(policy)
+    if chosen.capacity is None:
+        return chosen
+    return replace(chosen, capacity=chosen.capacity.compressed(time_scale))
+

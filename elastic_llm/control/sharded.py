@@ -68,7 +68,8 @@ def _grow(fleet: FleetState, shape: tuple[int, int]) -> None:
     it (one that grows keeps its KV; one that shrinks frees workers)."""
     size = shape[0] * shape[1]
     for replica in [r for r in fleet.replicas.values() if r.state is ReplicaState.READY and r.sharded]:
-        if replica.parallel == shape or replica.busy is not None or not fleet.usable(replica.leader):
+        if (replica.parallel == shape or replica.busy is not None or not fleet.usable(replica.leader)
+                or fleet.sends_weights(replica.replica_id)):  # switched once that start is done
             continue
         own = [w for w in replica.shards if fleet.usable(w)]
         pool = own + [w for w in fleet.free_workers() if w not in own]

@@ -98,3 +98,16 @@ def test_by_default_spot_instances_are_kept_in_surplus() -> None:
     h.tick(h.now + 10)
     h.tick(h.now + 61)
     assert not h.of(ins.ReleaseCapacity) and not h.of(ins.AcquireCapacity)
+
+
+def test_a_compressed_capacity_policy_divides_every_period_and_keeps_the_rest() -> None:
+    from elastic_llm.control.policies import compressed, policy_by_name
+
+    beyond = compressed("beyond-overprovision", 30.0)
+    assert beyond.capacity is not None and beyond.name == "beyond-overprovision"
+    assert (beyond.capacity.acquire_after_s, beyond.capacity.release_after_s, beyond.capacity.drain_s,
+            beyond.capacity.check_s) == pytest.approx((5 / 30, 60 / 30, 30 / 30, 5 / 30))
+    assert beyond.capacity.overprovision == 1 and beyond.capacity.max_on_demand == 16
+    assert compressed("spotserve", 30.0) is policy_by_name("spotserve")  # no capacity decisions
+    with pytest.raises(ValueError, match="time_scale"):
+        compressed("beyond", 0.0)

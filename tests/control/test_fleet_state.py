@@ -11,6 +11,7 @@ from elastic_llm.control import POLICY_NAMES, FleetConfig, FleetState, UnknownPo
 from elastic_llm.control import events as ev
 from elastic_llm.control import instructions as ins
 from elastic_llm.control.requests import RequestStatus
+from elastic_llm.control.shape_choice import ShapeChoice
 
 from .harness import Harness
 
@@ -533,3 +534,31 @@ def test_without_adaptive_configuration_the_first_shape_is_kept_or_nothing() -> 
     assert first is not None and first[0] * first[1] >= 3
     assert choice.shape_for(8, 10 * 2**30, rate=5.0) == first  # kept for good
     assert choice.shape_after_loss(first, first[0] * first[1] - 1, 10 * 2**30, rate=0.0) is None
+
+
+class _ShapesByWorkers(ShapeChoice):
+    """The optimizer's choice stubbed: (1, 1) on up to two workers, (1, 2) from three."""
+
+    def __init__(self) -> None:
+        super().__init__(None, 4, adaptive=True)
+        self.spec = object()
+
+    def shape_for(self, workers: int, memory_bytes: int, rate: float,
+                  current: tuple[int, int] | None = None) -> tuple[int, int] | None:
+        return (1, 1) if workers <= 2 else (1, 2)
+
+
+def test_a_replica_that_sends_weights_to_a_starting_one_is_switched_only_once_that_one_is_ready() -> None:
+    h = Harness("spotserve", FleetConfig(parallel=None, max_batch_size=4))
+    h.fleet.shapes = _ShapesByWorkers()
+    h.join("a")
+    (first,) = h.of(ins.StartReplica)
+    h.ready(first)
+    h.join("b", ready=False)
+    second = h.last(ins.StartReplica)
+    assert second.weights_from == first.replica_id  # b's replica pulls its slices from a's
+    h.join("c", ready=False)  # three workers: the shape becomes (1, 2)
+    assert not [r for r in h.of(ins.Reshard) if r.replica_id == first.replica_id]  # a's shards keep theirs
+    h.ready(second)
+    (reshard,) = [r for r in h.of(ins.Reshard) if r.replica_id == first.replica_id]
+    assert reshard.parallel == (1, 2) and "c" in reshard.workers
