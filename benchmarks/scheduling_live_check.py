@@ -64,6 +64,10 @@ class Ratios:
     ttft_p99_gain: float  #: FCFS P99 TTFT / las-guard's
     fcfs_mean_s: float
     las_mean_s: float
+    fcfs_ttft_p99_s: float = 0.0
+    las_ttft_p99_s: float = 0.0
+    fcfs_ttft_p50_s: float = 0.0
+    las_ttft_p50_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,8 @@ def ratios(results: dict[str, tuple[list[float], list[float]]]) -> Ratios:
     (fj, ft), (lj, lt) = results["fcfs"], results["las-guard"]
     return Ratios(float(np.mean(fj) / np.mean(lj)), float(np.percentile(lj, 99) / np.percentile(fj, 99)),
                   float(np.percentile(ft, 99) / max(np.percentile(lt, 99), 1e-9)),
-                  float(np.mean(fj)), float(np.mean(lj)))
+                  float(np.mean(fj)), float(np.mean(lj)), float(np.percentile(ft, 99)),
+                  float(np.percentile(lt, 99)), float(np.percentile(ft, 50)), float(np.percentile(lt, 50)))
 
 
 def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
@@ -210,10 +215,15 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
         data = np.asarray(iterations, dtype=float)
         predicted = refit.fixed_s + refit.per_request_s * data[:, 0] + refit.per_token_s * data[:, 1]
         residual, back = 1000 * (data[:, 2] - predicted), np.asarray(resumed[name]) > 0
+        prefill = data[:, 1] > data[:, 0]  # more tokens than requests: a prompt is computed
         counters[f"live {name}"] = {"mean_residual_ms": float(np.mean(residual)),
                                     "iterations_with_a_resumed_request": int(back.sum()),
                                     "mean_residual_ms_resumed": float(np.mean(residual[back])) if back.any() else 0.0,
                                     "mean_residual_ms_not_resumed": float(np.mean(residual[~back])) if (~back).any() else 0.0,
+                                    "iterations_with_a_prefill": int(prefill.sum()),
+                                    "mean_residual_ms_prefill": float(np.mean(residual[prefill])) if prefill.any() else 0.0,
+                                    "mean_residual_ms_decode_only": float(np.mean(residual[~prefill])) if (~prefill).any() else 0.0,
+                                    "mean_relative_residual_prefill": float(np.mean(residual[prefill] / (1000 * predicted[prefill]))) if prefill.any() else 0.0,
                                     "mean_batch": float(np.mean(data[:, 0])),
                                     "mean_tokens": float(np.mean(data[:, 1])),
                                     **{f"own_fit_{k}": v for k, v in asdict(fit_to_iterations(iterations)).items()}}

@@ -103,6 +103,8 @@ class CapacityState:
     decisions: list[dict[str, object]] = field(default_factory=list)  #: the latest 1000 decisions
     surplus_since: float | None = None  #: since when the usable workers exceed the need
     short_since: float | None = None  #: since when the usable and expected workers fall short of it
+    #: the latest per-worker memory budget seen (planning goes on with it when no worker is usable)
+    memory_bytes: int = 0
     _seen: set[str] = field(default_factory=set)  # on-demand instances seen joining
     _next_check: float = -math.inf
     _workers_seen: int = -1
@@ -131,7 +133,10 @@ class CapacityState:
     def _check(self, fleet: FleetState, policy: CapacityPolicy) -> None:
         usable = [w for w in fleet.usable_workers() if w not in self.draining]
         per_instance = max((len(g) for g in _instances(fleet.workers).values()), default=1)
-        needed = fleet.shapes.workers_needed(fleet.arrival_rate(), fleet.memory_budget(),
+        self.memory_bytes = fleet.memory_budget() or self.memory_bytes  # 0: no usable worker announced one
+        if self.memory_bytes < 1:
+            return  # no worker seen yet: nothing to plan with
+        needed = fleet.shapes.workers_needed(fleet.arrival_rate(), self.memory_bytes,
                                              len(usable) + policy.max_on_demand * per_instance)
         if needed is None:
             return

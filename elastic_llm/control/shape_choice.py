@@ -82,9 +82,10 @@ class ShapeChoice:
     def workers_needed(self, rate: float, memory_bytes: int, most: int) -> tuple[int, tuple[int, int]] | None:
         """The fewest workers (at most `most`) on which the optimizer's configuration meets `rate`,
         and the replica shape it runs there (None: the spec is not known yet, or no count up to
-        `most` meets the rate). Throughput never falls as workers are added (the optimizer's
-        candidate set only grows), so the count is found by bisection; results are cached."""
-        if self.spec is None or most < 1:
+        `most` meets the rate, or `memory_bytes` < 1: no budget known). Throughput never falls as
+        workers are added (the optimizer's candidate set only grows), so the count is found by
+        bisection; results are cached."""
+        if self.spec is None or most < 1 or memory_bytes < 1:
             return None
         key = (round(rate, 6), memory_bytes, most)
         if key not in self._needed:

@@ -111,3 +111,23 @@ def test_a_compressed_capacity_policy_divides_every_period_and_keeps_the_rest() 
     assert compressed("spotserve", 30.0) is policy_by_name("spotserve")  # no capacity decisions
     with pytest.raises(ValueError, match="time_scale"):
         compressed("beyond", 0.0)
+
+
+def test_losing_every_worker_plans_with_the_last_memory_budget_and_acquires_on_demand() -> None:
+    h = Harness("beyond", FleetConfig(parallel=(1, 1)))
+    budgets: list[int] = []
+
+    def needed(rate: float, memory: int, most: int) -> tuple[int, tuple[int, int]]:
+        if memory < 1:  # as the measured profile does: a transition must never pass it 0
+            raise ValueError("device_memory_bytes must be > 0")
+        budgets.append(memory)
+        return (2, (1, 1))
+
+    h.fleet.shapes.workers_needed = needed  # type: ignore[method-assign]
+    h.join("s0", "s1", market="spot", memory_bytes=2**30)
+    h.tick(h.now + 10)
+    h.send(ev.WorkerLost("s0"), at=h.now + 1)
+    h.send(ev.WorkerLost("s1"))  # no usable worker left: the budget is no longer announced
+    h.tick(h.now + 6)
+    (acquire,) = h.of(ins.AcquireCapacity)
+    assert (acquire.count, acquire.market) == (2, "on-demand") and set(budgets) == {2**30}
