@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,8 @@ class SettingResult:
     #: per policy, simulated and live: iterations, preemptions, tokens computed, makespan (s)
     counters: dict[str, dict[str, float]]
     refitted_time_model: dict[str, float]  #: the simulator's model, fitted to the live iterations
+    #: per policy, every live iteration (all runs): [requests, tokens computed, seconds]
+    live_iterations: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)
 
 
 def fit_time_model(model: LoadedModel, limits: BatchLimits) -> IterationTimeModel:
@@ -236,7 +238,7 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
     return SettingResult(dataset, batch, cv, load, rate, ratios(simulated), ratios(live),
                          all(t == tokens["fcfs"][0] for ts in tokens.values() for t in ts),
                          time.perf_counter() - started, counters,
-                         asdict(refit))
+                         asdict(refit), by_policy)
 
 
 def main() -> None:

@@ -2,19 +2,19 @@
 
 A CPU decode step streams every weight matrix from memory (540 MB for SmolLM2-135M in fp32). On
 4 KiB pages that is 130k pages per step, each a TLB miss; on 2 MiB pages it is a few hundred.
-Backing the packed weights and the KV pool by transparent huge pages made whole batch-32 runs
-2-5% faster on the 2-core development machine (docs/benchmarks.md, run 8).
+Backing the packed weights (and then the KV pool) by transparent huge pages made whole batch-32
+runs 2-5% faster on the 2-core development machine (docs/benchmarks.md, run 8).
 
-Two ways in:
+`backing_new_memory()` wraps code that allocates and fills large buffers whose addresses Python
+cannot see (tensors made inside C++ kernels, oneDNN's opaque packed weights). Anonymous memory
+newly mapped inside the block (new mappings, the heap's new tail) is marked ``MADV_HUGEPAGE`` and
+collapsed into huge pages (``MADV_COLLAPSE``, Linux 6.1+): a copy, about 1.5 ms per 2 MiB, done on
+a background thread by default so that the caller is not held up; until it is done the small
+pages serve.
 
-- `backing_new_memory()` wraps code that allocates and fills large buffers whose addresses Python
-  cannot see (tensors made inside C++ kernels, oneDNN's opaque packed weights). Anonymous memory newly mapped inside
-  the block (new mappings, the heap's new tail) is marked ``MADV_HUGEPAGE`` and collapsed into
-  huge pages (``MADV_COLLAPSE``, Linux 6.1+): a copy, about 1.5 ms per 2 MiB, done on a
-  background thread by default so that the caller is not held up; until it is done the small
-  pages serve.
-- `zeros()` allocates a tensor, marks it before its first touch and zero-fills it, so its pages
-  are huge from the start (no copy).
+The KV pool is not backed this way. It grows while requests wait, and marking its fresh memory
+before the first touch made each growth up to 5x slower: a huge-page fault may compact memory
+where THP ``defrag`` is ``madvise``. The pool stays on small pages (docs/benchmarks.md, issue 20).
 
 Only whole 2 MiB-aligned pieces of a range can become huge pages. Where the kernel has THP
 turned off (``never``), or ``ELASTIC_LLM_HUGE_PAGES=0``, nothing is done.
@@ -165,18 +165,6 @@ def backing_new_memory(background: bool = True) -> Iterator[list[Collapse]]:
     before = anonymous_regions()
     yield result
     result.append(Collapse(new_ranges(before, anonymous_regions()), background))
-
-
-def zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.zeros`, with a CPU tensor of at least two huge pages marked for huge pages before its
-    first touch (its pages are then huge from the start)."""
-    if device.type != "cpu" or not enabled():
-        return torch.zeros(tuple(shape), dtype=dtype, device=device)
-    tensor = torch.empty(tuple(shape), dtype=dtype, device=device)
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes >= 2 * HUGE_PAGE:
-        advise([Region(tensor.data_ptr(), tensor.data_ptr() + nbytes)], collapse=False)
-    return tensor.zero_()
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from elastic_llm.model import huge_pages
 
 
 @dataclass(frozen=True)
@@ -199,7 +198,10 @@ class KVPool:
 
     def _allocate_storage(self, slots: int, capacity: int) -> None:
         shape = (self.num_layers, 2, slots, self.num_kv_heads, capacity, self.head_dim)
-        self._set_storage(huge_pages.zeros(shape, self.dtype, self.device))
+        # small pages: huge ones, marked before the first touch, made each growth up to 5x slower
+        # (a huge-page fault may compact memory), a stall of every request in the batch, for no
+        # measurable decode gain (docs/benchmarks.md, "The KV pool's growth")
+        self._set_storage(torch.zeros(shape, dtype=self.dtype, device=self.device))
         self._owners = [None] * slots
 
     def _resize(self, slots: int, capacity: int) -> None:
