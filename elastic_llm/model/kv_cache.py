@@ -12,10 +12,14 @@ Two layouts with one interface (`reserve`, `write_and_read`, `advance`, `read`, 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
+#: Share of a CPU pool's slots in use at which the next doubling's storage is zero-filled ahead,
+#: on a background thread (`KVPool`).
+GROW_AHEAD_AT = 0.75
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,12 @@ class KVPool:
     Free slots are reused lowest first, so the live slots stay a compact range. The storage is
     zero-filled: positions past a request's length hold finite values, which masked batched
     attention needs. When the last slot is freed the storage is dropped.
+
+    On a CPU, growing is a stall of every request in the batch, mostly spent zero-filling the new
+    storage (first touch of its pages: 235 ms for 360 MiB on the 2-core development machine). So
+    once `GROW_AHEAD_AT` of the slots are in use, the storage of the next slot doubling is
+    zero-filled on a background thread, and the doubling itself only copies the old contents in.
+    Until then the pool holds that spare as well (twice its size).
     """
 
     def __init__(self, layer_start: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -159,6 +169,10 @@ class KVPool:
         self._initial = (max(1, slots), max(1, min(capacity, max_capacity)))
         self._set_storage(self._no_storage())
         self._owners: list[PooledKVCache | None] = []
+        self._grow_ahead = self.device.type == "cpu"
+        self._spare: _SpareStorage | None = None
+        self.growths = 0  #: times the storage was reallocated larger
+        self.growths_prepared = 0  #: of those, the ones whose storage was zero-filled ahead
 
     # ------------------------------------------------------------------ storage
     @property
@@ -196,8 +210,17 @@ class KVPool:
         self._kv = kv
         self._keys, self._values = kv[:, 0], kv[:, 1]
 
+    def _shape(self, slots: int, capacity: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, slots, self.num_kv_heads, capacity, self.head_dim)
+
     def _allocate_storage(self, slots: int, capacity: int) -> None:
-        shape = (self.num_layers, 2, slots, self.num_kv_heads, capacity, self.head_dim)
+        shape = self._shape(slots, capacity)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.shape == shape:
+            self._set_storage(spare.take())
+            self._owners = [None] * slots
+            self.growths_prepared += 1
+            return
         # small pages: huge ones, marked before the first touch, made each growth up to 5x slower
         # (a huge-page fault may compact memory), a stall of every request in the batch, for no
         # measurable decode gain (docs/benchmarks.md, "The KV pool's growth")
@@ -207,6 +230,7 @@ class KVPool:
     def _resize(self, slots: int, capacity: int) -> None:
         old, owners = self._kv, self._owners
         keep_slots, keep_len = min(slots, old.shape[2]), min(capacity, old.shape[4])
+        self.growths += 1
         self._allocate_storage(slots, capacity)
         self._kv[:, :, :keep_slots, :, :keep_len] = old[:, :, :keep_slots, :, :keep_len]
         self._owners[:keep_slots] = owners[:keep_slots]
@@ -237,7 +261,16 @@ class KVPool:
         cache = PooledKVCache(self, slot)
         self._owners[slot] = cache
         self.ensure_capacity(positions)
+        self._prepare_growth()
         return cache
+
+    def _prepare_growth(self) -> None:
+        """Start zero-filling the next slot doubling's storage once `GROW_AHEAD_AT` are in use."""
+        if not self._grow_ahead or self.live < GROW_AHEAD_AT * self.slots:
+            return
+        shape = self._shape(2 * self.slots, self.capacity)
+        if self._spare is None or self._spare.shape != shape:  # a capacity growth made it stale
+            self._spare = _SpareStorage(shape, self.dtype, self.device)
 
     def adopt(self, state: KVState | KVCache, spare: int = 16) -> PooledKVCache:
         """A cache in a free slot holding a copy of `state` (a `KVState` or a private `KVCache` of
@@ -262,7 +295,28 @@ class KVPool:
             self._owners[cache.slot] = None
         if self.live == 0:  # nothing left: give the memory back, start small next time
             self._set_storage(self._no_storage())
-            self._owners = []
+            self._owners, self._spare = [], None
+
+
+class _SpareStorage:
+    """A zero-filled pool storage of `shape`, being allocated on a background thread."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = shape
+        self._dtype, self._device = dtype, device
+        self._tensor: torch.Tensor | None = None
+        self._thread = threading.Thread(target=self._fill, name="kv-pool-grow-ahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        self._tensor = torch.zeros(self.shape, dtype=self._dtype, device=self._device)
+
+    def take(self) -> torch.Tensor:
+        """The storage (waits for the rest of the fill; allocated here if the thread failed)."""
+        self._thread.join()
+        if self._tensor is None:
+            return torch.zeros(self.shape, dtype=self._dtype, device=self._device)
+        return self._tensor
 
 
 class PooledKVCache:

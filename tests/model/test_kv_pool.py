@@ -190,3 +190,22 @@ def test_pool_keys_and_values_are_views_of_one_tensor() -> None:
     pool.allocate(40)  # grows slots and capacity: contents move with the storage
     state = cache.export()
     assert torch.equal(state.keys[1][:, 0], written[0, 0]) and torch.equal(state.values[1][:, 0], written[0, 1])
+
+
+def test_a_cpu_pool_zero_fills_its_next_doubling_ahead_and_keeps_contents() -> None:
+    pool = KVPool(0, 3, 2, 4, torch.float32, CPU, slots=4, capacity=8, max_capacity=64)
+    caches = [pool.allocate() for _ in range(3)]  # 3 of 4 in use: the 8-slot storage is prepared
+    for i, cache in enumerate(caches):
+        _fill(cache, 3, 2 + i, seed=i)
+    expected = [c.export() for c in caches]
+    caches += [pool.allocate(), pool.allocate()]  # the fifth doubles the slots, from the spare
+    assert pool.slots == 8 and (pool.growths, pool.growths_prepared) == (1, 1)
+    for cache, state in zip(caches, expected):
+        got = cache.export()
+        assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, state.keys + state.values))
+    assert not pool.kv(0)[:, 3:].any()  # new slots are zeros
+    caches[0].reserve(20)  # a capacity growth (2 + 20 positions), with no spare being prepared
+    assert pool.capacity == 22 and (pool.growths, pool.growths_prepared) == (2, 1)
+    caches += [pool.allocate() for _ in range(4)]  # 9 of 8: doubles again, prepared at 22 positions
+    assert pool.slots == 16 and (pool.growths, pool.growths_prepared) == (3, 2)
+    assert torch.equal(caches[1].export().keys[0], expected[1].keys[0])
