@@ -23,6 +23,13 @@ from elastic_llm.model.weights import SafetensorsWeights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
+#: A decode group's members are gathered out of the pool, instead of attending over the range of
+#: slots that holds them, once that range is this many times the members. Per decode step, 30 layers
+#: of SmolLM2 at 200 positions, one thread (`benchmarks/decode_span_gather.py`): 4 members over 8
+#: slots 11.0 ms gathered and 12.9 ms over the range; over 30 slots, 11.7 and 40.2 ms; 16 members
+#: over 24 slots, 41.8 and 32.2 ms.
+GATHER_SPAN_FACTOR = 2
+
 
 def no_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """The reduction of a single tensor-parallel rank: nothing to sum."""
@@ -73,7 +80,10 @@ class DecodeGroup:
     attention are a few batched ops per layer instead of a loop over requests.
 
     The attention runs over the pool's slots ``[lo, lo + span)`` (a view, no gather); slots in that
-    range that are not in the batch get a dummy query whose output is dropped.
+    range that are not in the batch get a dummy query whose output is dropped. Where that range is
+    at least `GATHER_SPAN_FACTOR` times the members (a preemptive scheduler keeps paused requests'
+    KV in slots between the running ones), the members' slots are gathered instead (`gather`):
+    a copy of n slots is cheaper than attending over the whole range.
     """
 
     pool: KVPool
@@ -85,6 +95,7 @@ class DecodeGroup:
     span_index: torch.Tensor | None  #: member -> index in the range; None: identity (span == n)
     masked: torch.Tensor  #: True where a key is hidden [span, 1, 1, max_len]
     max_len: int  #: longest member (keys attended per slot)
+    gather: bool = False  #: attend over the members' slots, gathered (then span = n, lo unused)
     _biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def score_bias(self, kv_heads: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,11 +120,15 @@ class DecodeGroup:
         starts = [m.start for m in members]
         lo, span = min(slots), max(slots) - min(slots) + 1
         max_len = max(lengths)
-        identity = span == len(members) and all(s == lo + i for i, s in enumerate(slots))
+        gather = span >= GATHER_SPAN_FACTOR * len(members)
+        identity = gather or (span == len(members) and all(s == lo + i for i, s in enumerate(slots)))
         rows = None if (total_rows == len(members) and starts == list(range(total_rows))) else starts
-        span_lengths = [1] * span  # dummy slots see one (zero-initialised or stale, finite) key
-        for slot, length in zip(slots, lengths, strict=True):
-            span_lengths[slot - lo] = length
+        if gather:
+            span, span_lengths = len(members), list(lengths)
+        else:
+            span_lengths = [1] * span  # dummy slots see one (zero-initialised or stale, finite) key
+            for slot, length in zip(slots, lengths, strict=True):
+                span_lengths[slot - lo] = length
         key_pos = torch.arange(max_len, device=device)
         ends = torch.tensor(span_lengths, device=device).unsqueeze(1)
         masked = key_pos.unsqueeze(0) >= ends
@@ -124,7 +139,7 @@ class DecodeGroup:
         return cls(pool, None if rows is None else as_tensor(rows), as_tensor(slots),
                    as_tensor([n - 1 for n in lengths]), lo, span,
                    None if identity else as_tensor([s - lo for s in slots]),
-                   masked.view(span, 1, 1, max_len), max_len)
+                   masked.view(span, 1, 1, max_len), max_len, gather)
 
 
 @dataclass
@@ -322,9 +337,9 @@ class Attention(nn.Module):
         pool_kv = group.pool.kv(layer)  # [2, slots, Hkv, capacity, D]
         if not cpu_ops.store_rows(pool_kv, group.slots, group.write_positions, kv):
             pool_kv[:, group.slots, :, group.write_positions] = kv
-        span_slots, length = slice(group.lo, group.lo + group.span), group.max_len
-        batched = group.span * hkv
-        keys = pool_kv[0, span_slots, :, :length].reshape(batched, length, d)  # views, no copy
+        length, batched = group.max_len, group.span * hkv
+        span_slots = group.slots if group.gather else slice(group.lo, group.lo + group.span)
+        keys = pool_kv[0, span_slots, :, :length].reshape(batched, length, d)  # views unless gathered
         values = pool_kv[1, span_slots, :, :length].reshape(batched, length, d)
         grouped = q.reshape(n, hkv, size, d)  # query heads of one KV head together
         if group.span_index is not None:

@@ -12,7 +12,7 @@ from elastic_llm import LLMEngine, SamplingParams
 from elastic_llm.engine.executor import StepWork
 from elastic_llm.engine.local_executor import LocalExecutor
 from elastic_llm.model.kv_cache import KVCache, KVPool, KVState, PooledKVCache
-from elastic_llm.model.layers import SequenceSlice
+from elastic_llm.model.layers import DecodeGroup, SequenceSlice
 from elastic_llm.model.linear import Linear
 from elastic_llm.model.loader import load_model
 
@@ -82,8 +82,13 @@ def _logits(network: torch.nn.Module, works: list[tuple[list[int], int]],
     return out
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-window", "llama-odd-mqa"])
-def test_batched_decode_matches_private_caches(name: str, tiny_checkpoint: Callable[[str], Path]) -> None:
+@pytest.mark.parametrize(("name", "paused_between"), [("llama-gqa-untied", 0), ("mistral-window", 0),
+                                                     ("llama-odd-mqa", 0), ("llama-gqa-untied", 2),
+                                                     ("mistral-window", 2)])
+def test_batched_decode_matches_private_caches(name: str, paused_between: int,
+                                               tiny_checkpoint: Callable[[str], Path]) -> None:
+    """`paused_between` idle slots after each member (a preemptive scheduler's paused requests):
+    with 2, the members span 10 slots and are gathered instead of attended over the range."""
     model = load_model(tiny_checkpoint(name))
     spec, network = model.spec, model.network
     generator = torch.Generator().manual_seed(3)
@@ -91,7 +96,14 @@ def test_batched_decode_matches_private_caches(name: str, tiny_checkpoint: Calla
     pool = KVPool(0, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32, CPU,
                   slots=2, capacity=4)
     filler = pool.allocate()  # slot 0 stays idle: the batch's slots are not a plain 0..n-1 range
-    pooled: list[KVCache | PooledKVCache] = [pool.allocate() for _ in prompts]
+    pooled: list[KVCache | PooledKVCache] = []
+    idle = [filler]
+    for _ in prompts:
+        pooled.append(pool.allocate())
+        idle += [pool.allocate() for _ in range(paused_between)]
+    members = [SequenceSlice(i, 1, cache) for i, cache in enumerate(pooled)]
+    group = DecodeGroup.build(members, None, len(members), CPU)
+    assert group.gather == (paused_between > 0) and (group.span == 4 or not group.gather)
     private: list[KVCache | PooledKVCache] = [
         KVCache(0, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32, CPU) for _ in prompts]
     pooled[1], pooled[2] = pooled[2], pooled[1]  # rows in a different order than slots
@@ -108,7 +120,8 @@ def test_batched_decode_matches_private_caches(name: str, tiny_checkpoint: Calla
         if step == 5:
             works[3] = ([1, 2, 3], lengths[3] - 1)
             lengths[3] += 2
-    filler.release()
+    for cache in idle:
+        cache.release()
 
 
 def test_executor_spills_long_requests_and_keeps_tokens(tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -194,7 +207,7 @@ def test_pool_keys_and_values_are_views_of_one_tensor() -> None:
 
 def test_a_cpu_pool_zero_fills_its_next_doubling_ahead_and_keeps_contents() -> None:
     pool = KVPool(0, 3, 2, 4, torch.float32, CPU, slots=4, capacity=8, max_capacity=64)
-    caches = [pool.allocate() for _ in range(3)]  # 3 of 4 in use: the 8-slot storage is prepared
+    caches = [pool.allocate() for _ in range(3)]  # half of 4 in use: the 8-slot storage is prepared
     for i, cache in enumerate(caches):
         _fill(cache, 3, 2 + i, seed=i)
     expected = [c.export() for c in caches]
@@ -209,3 +222,10 @@ def test_a_cpu_pool_zero_fills_its_next_doubling_ahead_and_keeps_contents() -> N
     caches += [pool.allocate() for _ in range(4)]  # 9 of 8: doubles again, prepared at 22 positions
     assert pool.slots == 16 and (pool.growths, pool.growths_prepared) == (3, 2)
     assert torch.equal(caches[1].export().keys[0], expected[1].keys[0])
+    # 9 of 16 slots in use prepared 32 x 22; a reservation of 3 + 15 = 18 >= 3/4 of 22 positions
+    # widens the spare to 32 x 44, and the capacity growth that follows takes it whole
+    caches[1].reserve(15)
+    caches[1].reserve(25)
+    assert (pool.slots, pool.capacity) == (32, 44) and (pool.growths, pool.growths_prepared) == (4, 3)
+    got = caches[2].export()
+    assert torch.equal(got.values[2], expected[2].values[2]) and not pool.kv(1)[:, 9:].any()
