@@ -275,14 +275,15 @@ class KVPool:
     def _prepare_growth(self, positions: int = 0) -> None:
         """Start zero-filling the storage of the growths that are near (see the class docstring);
         `positions`: a reservation just made."""
-        if not self._grow_ahead:
-            return
+        spare = self._spare
+        if not self._grow_ahead or (spare is not None and spare.covers(
+                2 * self.slots, min(self.max_capacity, 2 * self.capacity))):
+            return  # nothing more to prepare (checked first: reservations call this every iteration)
         slots, capacity = self.slots, self.capacity
         if self.live >= GROW_AHEAD_SLOTS_AT * slots:
             slots *= 2
         if positions >= GROW_AHEAD_POSITIONS_AT * capacity:
             capacity = min(self.max_capacity, 2 * capacity)
-        spare = self._spare
         if (slots, capacity) == (self.slots, self.capacity) or (spare is not None and spare.covers(slots, capacity)):
             return
         if spare is not None:  # sizes only grow: prepare what both need
