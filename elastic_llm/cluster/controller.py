@@ -284,7 +284,7 @@ class ElasticController(SchedulerPlugin):
         known = self._sessions.setdefault(client, token)
         if not secrets.compare_digest(known, token):
             raise UnauthorizedError(f"client {client!r} belongs to another session")
-        if client in self.fleet.disconnected_clients:  # it reconnected: its requests carry on
+        if client in self.fleet.clients.away:  # it reconnected: its requests carry on
             self.apply(ev.ClientBack(client))
 
     def status(self, history_since: int | None = None) -> dict[str, Any]:

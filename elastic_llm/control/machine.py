@@ -23,6 +23,7 @@ from typing import Any
 from elastic_llm.control import events as ev
 from elastic_llm.control import capacity, dispatch, evacuating, liveness, sharded
 from elastic_llm.control import instructions as ins
+from elastic_llm.control.clients import ClientPresence
 from elastic_llm.control.config import FleetConfig
 from elastic_llm.control.evacuation import Evacuation
 from elastic_llm.control.fleet import (
@@ -76,7 +77,6 @@ class FleetState:
         self.weight_bytes_from_peers = 0  #: weight bytes new replicas took from peers
         self.reloads = 0  #: replicas that reloaded their weights from the checkpoint (reparallelize)
         self.commits_refused = 0  #: commits from an unknown replica or not from its leader's worker
-        self.client_disconnects = 0  #: client sessions that disconnected
         self.evacuations: list[Evacuation] = []  #: noticed replicas still decoding before they move
         self.last_start_seconds = 5.0  #: how long the latest replica took to start
         self.capacity = capacity.CapacityState()  #: instances asked for and given back (capacity-aware policies)
@@ -85,8 +85,7 @@ class FleetState:
         self._out: Instructions = []
         self._now = 0.0
         self._touched: set[str] = set()  # clients with new events in this transition
-        self._disconnected: dict[str, float] = {}  # clients gone -> when (may still reconnect)
-        self._gone: dict[str, float] = {}  # clients whose requests were aborted -> when (logs kept a while)
+        self.clients = ClientPresence()  #: clients away: disconnected (may reconnect) or gone
         self._start_failures = 0  # replica starts that failed since the last one that did not
 
     # ------------------------------------------------------------------ the transition
@@ -142,7 +141,7 @@ class FleetState:
 
     # ------------------------------------------------------------------ requests
     def _on_RequestSubmitted(self, event: ev.RequestSubmitted) -> None:
-        self._gone.pop(event.client, None)  # it is back
+        self.clients.submitted(event.client)
         self.table.add(RequestRecord(event.request_id, event.client, tuple(event.prompt_token_ids),
                                      event.params, self._now))
 
@@ -163,28 +162,17 @@ class FleetState:
 
     def _on_ClientGone(self, event: ev.ClientGone) -> None:
         """Its requests run on for `client_reconnect_s`, then are aborted (log kept `client_log_ttl_s`)."""
-        self.client_disconnects += 1
-        self._disconnected.setdefault(event.client, self._now)
+        self.clients.disconnected(event.client, self._now)
 
     def _on_ClientBack(self, event: ev.ClientBack) -> None:
-        self._disconnected.pop(event.client, None), self._gone.pop(event.client, None)  # back: all carry on
-
-    @property
-    def disconnected_clients(self) -> frozenset[str]:
-        """Clients gone for less than `client_reconnect_s` (their requests still run)."""
-        return frozenset(self._disconnected)
+        self.clients.back(event.client)
 
     def _forget_gone_clients(self) -> None:
-        for client, since in list(self._disconnected.items()):
-            if self._now - since >= self.config.client_reconnect_s:
-                del self._disconnected[client]
-                self._on_RequestsCancelled(ev.RequestsCancelled(
-                    tuple(r.request_id for r in self.table.unfinished() if r.client == client)))
-                self._gone[client] = self._now
-        for client, since in list(self._gone.items()):
-            if self._now - since >= self.config.client_log_ttl_s:
-                del self._gone[client]
-                self.table.forget_client(client)
+        for client in self.clients.give_up(self._now, self.config.client_reconnect_s):
+            self._on_RequestsCancelled(ev.RequestsCancelled(
+                tuple(r.request_id for r in self.table.unfinished() if r.client == client)))
+        for client in self.clients.forget(self._now, self.config.client_log_ttl_s):
+            self.table.forget_client(client)
 
     def _on_TokensCommitted(self, event: ev.TokensCommitted) -> None:
         commit: ReplicaCommit = event.commit
@@ -419,7 +407,7 @@ class FleetState:
         liveness.check_stalls(self)
         dispatch.dispatch(self)
         timers = [e.start_at for e in self.evacuations] + liveness.next_check(self)
-        timers += [since + self.config.client_reconnect_s for since in self._disconnected.values()]
+        timers += self.clients.give_up_times(self.config.client_reconnect_s)
         if self._next_load_check is not None:
             timers.append(self._next_load_check)
         if timers:

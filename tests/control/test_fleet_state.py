@@ -262,10 +262,10 @@ def test_a_client_gone_past_the_reconnect_window_has_its_requests_aborted_and_it
 def test_a_client_back_within_the_reconnect_window_loses_nothing() -> None:
     h = _serving("spotserve", requests=2, client_reconnect_s=10.0)
     h.send(ev.ClientGone("client-1"))
-    assert h.fleet.disconnected_clients == {"client-1"}
+    assert h.fleet.clients.away == {"client-1"}
     h.send(ev.ClientBack("client-1"), at=h.now + 9.0)
     h.tick(h.now + 6.0)  # past the window's end
-    assert h.fleet.disconnected_clients == frozenset()
+    assert h.fleet.clients.away == frozenset()
     assert not h.of(ins.CancelRequests)
     assert not any(r.status is RequestStatus.FINISHED for r in h.fleet.table.records())
     for replica in list(h.fleet.replicas):  # the replicas finish them and the client's log has it
