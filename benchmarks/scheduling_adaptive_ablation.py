@@ -11,14 +11,19 @@ prior), and prints per variant: mean JCT gain over FCFS / P99 JCT ratio to FCFS 
   how much of the first-token cost is the prefill work moved ahead of the queue.
 - `guard`: the young slack on heavy tails (`young_guard_heavy`, `guard_quantile`), with and
   without the burstiness gate, and no guard at all (the size-blind ceiling of this order).
+- `ttft-floor`: the 11 sweep rows where las-adaptive's TTFT P99 gain is under 5x although a queue
+  forms: more first-token slots (a whole batch, eight batches), iterations of first tokens alone
+  whenever one is due, and `elastic_llm.sim.ttft_floor.ttft_p99_floor`, a lower bound on the TTFT
+  P99 of any schedule (its "gain" is the most any scheduler can show on the row).
 
-Run:  .venv/bin/python benchmarks/scheduling_adaptive_ablation.py [--study first-token|free-prefill|guard]
+Run:  .venv/bin/python benchmarks/scheduling_adaptive_ablation.py [--study first-token|free-prefill|guard|ttft-floor]
           [--seeds 2] [--first-seed 0] [--requests 400]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +38,10 @@ from elastic_llm.scheduling import FCFS, BatchLimits, RequestScheduler, Workload
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig  # noqa: E402
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig  # noqa: E402
 from elastic_llm.sim import IterationTimeModel, simulate  # noqa: E402
+from elastic_llm.sim.ttft_floor import ttft_p99_floor  # noqa: E402
 
 Build = Callable[[tuple[int, ...]], RequestScheduler]
+FLOOR = "floor"  #: not a policy: `ttft_p99_floor`, the TTFT P99 no schedule can beat (gain = FCFS's / it)
 Point = tuple[str, int, float, float]  # dataset, batch, load, arrival CV
 
 
@@ -45,6 +52,27 @@ def guard(**settings: object) -> Build:
 def adaptive(**settings: object) -> Build:
     return lambda prior: AdaptiveLAS(AdaptiveLASConfig(prior_lengths=prior, learn_online=False,
                                                        **settings))  # type: ignore[arg-type]
+
+
+class FirstTokensAlone(AdaptiveLAS):
+    """Measurement only: las-adaptive whose iterations with a first token due hold first tokens
+    alone, so a newcomer never waits for a full decode batch beside its prefill."""
+
+    def __init__(self, config: AdaptiveLASConfig, min_share: float = 0.0) -> None:
+        super().__init__(config)
+        self.min_share = min_share  # first tokens go alone only when at least this share of the batch waits
+
+    def _choose(self, limits: BatchLimits) -> list[str]:
+        chosen = super()._choose(limits)
+        newcomers = [rid for rid in chosen if self._entries[rid].attained == 0]
+        if len(newcomers) < max(1.0, self.min_share * limits.max_batch_size):
+            return chosen
+        return newcomers
+
+
+def alone(min_share: float = 0.0, **settings: object) -> Build:
+    return lambda prior: FirstTokensAlone(AdaptiveLASConfig(prior_lengths=prior, learn_online=False,
+                                                            **settings), min_share)  # type: ignore[arg-type]
 
 
 NO_GUARD = dict(min_guard_s=1e6, max_guard_s=1e6)
@@ -60,16 +88,26 @@ GUARD = {"las-guard": guard(), "default": adaptive(), "heavy-4": adaptive(young_
 HEAVY: list[Point] = [(d, b, load, cv) for d in ("lognormal-cv3", "pareto-cv3") for b in (4, 8)
                       for load, cv in ((0.9, 4), (0.9, 8), (0.95, 4))] + [("lognormal-cv3", 4, 0.95, 1),
                                                                           ("pareto-cv1.5", 8, 0.9, 4)]
-STUDIES: dict[str, tuple[dict[str, Build], list[Point], IterationTimeModel]] = {
+TTFT_FLOOR = {"default": adaptive(), "slots-1": adaptive(first_token_slots=1.0),
+              "slots-8": adaptive(first_token_slots=8.0), "alone": alone(),
+              "alone-if-1/4": alone(0.25), "alone-if-1/2": alone(0.5), FLOOR: None}
+#: sweep rows (docs/results/scheduling_sweep_bursty_adaptive_2026-12-03.json) where FCFS's TTFT P99
+#: is over 3 iterations and las-adaptive's gain on it under 5x
+TTFT_MISSES: list[Point] = [("sharegpt", 8, 0.5, 1), ("pareto-cv1.5", 8, 0.5, 1), ("lognormal-cv3", 8, 0.5, 1),
+                            ("pareto-cv3", 4, 0.5, 1), ("pareto-cv3", 8, 0.5, 1), ("lognormal-cv3", 32, 0.95, 1),
+                            ("pareto-cv3", 32, 0.9, 1), ("pareto-cv3", 32, 0.95, 1), ("lognormal-cv3", 32, 0.5, 4),
+                            ("lognormal-cv3", 32, 0.5, 8), ("pareto-cv3", 32, 0.5, 4)]
+STUDIES: dict[str, tuple[dict[str, Build | None], list[Point], IterationTimeModel]] = {
     "first-token": (FIRST_TOKEN, SHAREGPT, DEFAULT_TIME_MODEL),
     "free-prefill": ({"las-guard": guard(), "slots-1/4": adaptive()}, SHAREGPT,
                      IterationTimeModel(DEFAULT_TIME_MODEL.fixed_s,
                                         DEFAULT_TIME_MODEL.per_request_s + DEFAULT_TIME_MODEL.per_token_s, 0.0)),
     "guard": (GUARD, HEAVY, DEFAULT_TIME_MODEL),
+    "ttft-floor": (TTFT_FLOOR, TTFT_MISSES, DEFAULT_TIME_MODEL),
 }
 
 
-def measure(point: Point, variants: dict[str, Build], model: IterationTimeModel,
+def measure(point: Point, variants: dict[str, Build | None], model: IterationTimeModel,
             args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
     """{variant: (mean gain, P99 ratio, TTFT P99 gain)} against FCFS, means over the seeds."""
     dataset, batch, load, cv = point
@@ -84,7 +122,11 @@ def measure(point: Point, variants: dict[str, Build], model: IterationTimeModel,
         items = [WorkloadItem(a.arrival_s, p, o) for a, (p, o) in zip(arrivals, rows)]
         prior = prior_lengths(dataset)
         for name in stats:
-            scheduler = FCFS() if name == "fcfs" else variants[name](prior)
+            build = variants.get(name)
+            if name == FLOOR:
+                stats[name].append((math.nan, math.nan, ttft_p99_floor(items, model, limits.max_batch_tokens)))
+                continue
+            scheduler = FCFS() if build is None else build(prior)
             timings = simulate(scheduler, items, model, limits)
             jct = [t.completion_time_s for t in timings]
             stats[name].append((float(np.mean(jct)), float(np.percentile(jct, 99)),
@@ -108,7 +150,8 @@ def main() -> None:
         print(f"## {study} (mean gain / P99 ratio / TTFT P99 gain vs FCFS)", flush=True)
         for point in points:
             result = measure(point, variants, model, args)
-            cells = " | ".join(f"{k} {m:.3f}/{p:.3f}/{t:.0f}x" for k, (m, p, t) in result.items())
+            cells = " | ".join(f"{k} {t:.1f}x" if k == FLOOR else f"{k} {m:.3f}/{p:.3f}/{t:.1f}x"
+                               for k, (m, p, t) in result.items())
             print(f"{point[0]:>13} b{point[1]:<2} load {point[2]:.0%} CV {point[3]:g} | {cells}", flush=True)
 
 

@@ -6,7 +6,7 @@ decode slot of the batch. Where output lengths are close to exponential (ShareGP
 work moved ahead is pure cost (6-9% of mean JCT). And its guard is one setting for every
 workload: loose enough for the 1.5x target on CV-3 tails, it breaks the P99 bound on Pareto CV 1.5.
 `AdaptiveLAS` keeps las-guard's order (Gittins index of attained tokens, FIFO within a level,
-hysteresis, the guard with its starvation bound) and changes three things, each a setting:
+hysteresis, the guard with its starvation bound) and changes four things, each a setting:
 
 - **First tokens in extra slots** (`first_token_slots`, a share of the batch): up to that many
   requests yet to sample their first token, oldest first, run their prefill + first token *beyond* `max_batch_size`; no running
@@ -16,6 +16,11 @@ hysteresis, the guard with its starvation bound) and changes three things, each 
 - **First tokens only where a queue forms** (`first_token_wait_iterations`): a newcomer gets its
   first token early only once it has waited that many mean iterations (`mean_iteration_s`);
   before, it waits its turn as under FCFS, so a short queue costs nothing.
+- **First tokens alone in a burst** (`first_tokens_alone_at`, off by default): once that share
+  of the batch waits for its first token, the iteration holds those first tokens (and the
+  guarded requests) only. A decode batch beside a burst's prefills makes every prefill iteration
+  longer by the whole decode step; running them alone costs the paused requests one fixed
+  iteration cost per such iteration.
 - **A guard that follows the tail** (`young_guard_heavy`, `tail_cv_light`, `tail_cv_heavy`): the
   slack of requests short of the `guard_quantile` length is `young_guard_factor` x the online
   mean JCT where the coefficient of variation of the known lengths (Kaplan-Meier: the prior,
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,12 +53,15 @@ from elastic_llm.scheduling.las import GuardedLAS, LASConfig
 
 @dataclass(frozen=True)
 class AdaptiveLASConfig(LASConfig):
-    """Settings of `AdaptiveLAS`: las-guard's (`LASConfig`) plus the three adaptive rules."""
+    """Settings of `AdaptiveLAS`: las-guard's (`LASConfig`) plus the four adaptive rules."""
 
     #: extra batch entries per iteration for first tokens, as a share of `max_batch_size` (rounded
     #: up, at least 1); 0: first tokens take a decode slot (las-guard's rule)
     first_token_slots: float = 0.25
     first_token_wait_iterations: float = 0.0  #: a newcomer's first token goes early only after this wait
+    #: once this share of `max_batch_size` (at least one request) waits for its first token, the
+    #: iteration holds those first tokens and the guarded requests alone; 0: never
+    first_tokens_alone_at: float = 0.0
     young_guard_heavy: float = 6.0  #: `young_guard_factor` on heavy tails (CV >= `tail_cv_heavy`)
     tail_cv_light: float = 2.0  #: up to this length CV the young slack is `young_guard_factor`
     tail_cv_heavy: float = 2.5  #: from this length CV the young slack is `young_guard_heavy`
@@ -62,8 +70,8 @@ class AdaptiveLASConfig(LASConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.first_token_slots < 0 or self.first_token_wait_iterations < 0:
-            raise ValueError("first_token_slots and first_token_wait_iterations must be >= 0")
+        if min(self.first_token_slots, self.first_token_wait_iterations, self.first_tokens_alone_at) < 0:
+            raise ValueError("first_token_slots, first_token_wait_iterations and first_tokens_alone_at must be >= 0")
         if not self.young_guard_heavy > 0:
             raise ValueError("young_guard_heavy must be > 0")
         if not 0 <= self.tail_cv_light < self.tail_cv_heavy:
@@ -96,6 +104,7 @@ class AdaptiveLAS(GuardedLAS):
         self._tail_cv: float | None = None
         self._due: frozenset[str] = frozenset()  # newcomers whose first token may go early
         self._extra: frozenset[str] = frozenset()  # requests in extra slots at the last `schedule`
+        self._held: frozenset[str] = frozenset()  # started requests paused for first tokens alone
         config = config or AdaptiveLASConfig()
         self._arrivals: deque[float] = deque(maxlen=config.arrival_window)  # recent arrival times
         self._arrival_cv: float | None = None  # CV of their gaps (None: too few yet)
@@ -119,8 +128,15 @@ class AdaptiveLAS(GuardedLAS):
         wait = self.config.first_token_wait_iterations * self.mean_iteration_s()
         self._due = frozenset(rid for rid, e in self._entries.items()
                               if e.attained == 0 and now - e.arrival >= wait)
-        self._last_ran -= self._extra  # an extra slot is no incumbent's: nothing to shield or preempt
-        return super().schedule(now, limits)
+        # an extra slot is no incumbent's: nothing to shield or preempt; a request paused for
+        # first tokens alone keeps its place as an incumbent
+        held = self._held & self._entries.keys()
+        self._last_ran = (self._last_ran - self._extra) | held
+        output = super().schedule(now, limits)
+        if not held:
+            return output
+        # a held request did not run in the last iteration: not scheduling it now preempts nothing
+        return replace(output, preempted=tuple(rid for rid in output.preempted if rid not in held))
 
     # ---- extensions ---------------------------------------------------------------------------
     def guard_s(self, young: bool = False) -> float:
@@ -155,9 +171,24 @@ class AdaptiveLAS(GuardedLAS):
         slots = self.config.extra_slots(limits.max_batch_size)
         self._extra = frozenset()
         if slots == 0 or not self.config.newcomers_first:
-            return chosen
+            return self._first_tokens_alone(chosen, limits.max_batch_size)
         taken = set(chosen)
         waiting = sorted((rid for rid in self._due if rid not in taken),
                          key=lambda rid: (self._entries[rid].arrival, self._entries[rid].seq))
         self._extra = frozenset(waiting[:slots])
-        return chosen + waiting[:slots]
+        chosen += waiting[:slots]
+        return self._first_tokens_alone(chosen, limits.max_batch_size)
+
+    def _first_tokens_alone(self, chosen: list[str], max_batch_size: int) -> list[str]:
+        """`chosen` less its started, unguarded requests once enough first tokens wait
+        (`first_tokens_alone_at`): a burst's prefills then run without a full decode batch beside them."""
+        share = self.config.first_tokens_alone_at
+        self._held = frozenset()
+        if share == 0:
+            return chosen
+        first = [rid for rid in chosen if self._entries[rid].attained == 0]
+        if len(first) < max(1, math.ceil(share * max_batch_size - 1e-9)):
+            return chosen
+        alone = [rid for rid in chosen if self._entries[rid].attained == 0 or self._entries[rid].guarded]
+        self._held = frozenset(chosen) - frozenset(alone)
+        return alone

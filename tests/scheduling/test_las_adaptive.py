@@ -113,6 +113,35 @@ def test_starvation_bound_under_a_flood_of_newcomers_in_extra_slots() -> None:
     assert len(firsts) > 250 and max(firsts) <= 2 * step_s + 1e-9  # every first token in the next iteration
 
 
+def test_first_tokens_run_alone_once_a_share_of_the_batch_waits_and_the_paused_return() -> None:
+    scheduler = AdaptiveLAS(AdaptiveLASConfig(first_token_slots=0.5, first_tokens_alone_at=0.5, **EQUAL))
+    limits = BatchLimits(max_batch_size=4)
+    running = ["a", "b", "c", "d"]
+    _start(scheduler, running, limits)
+    scheduler.add_request("new", 5, 1.0)  # one of four waits: under half the batch, beside the decodes
+    decision = scheduler.schedule(1.0, limits)
+    assert [w.request_id for w in decision.scheduled] == [*running, "new"] and decision.preempted == ()
+    scheduler.update(IterationOutcome(1.3, 0.3, {**{r: 1 for r in running}, "new": 5}, (*running, "new")))
+    for rid in ("x", "y", "z"):  # a burst: three wait, and two fit the extra slots
+        scheduler.add_request(rid, 4, 1.3)
+    decision = scheduler.schedule(1.3, limits)
+    ids = [w.request_id for w in decision.scheduled]
+    assert sorted(ids) == ["x", "y"]  # first tokens alone: no decode step beside the prefills
+    assert sorted(decision.preempted) == running  # ("new" ran in an extra slot: no incumbent)
+    scheduler.update(IterationOutcome(1.5, 0.2, {"x": 4, "y": 4}, ("x", "y")))
+    decision = scheduler.schedule(1.5, limits)  # "z" alone waits: under the share, the batch is back
+    ids = [w.request_id for w in decision.scheduled]
+    assert set(running) <= set(ids) and "z" in ids
+    assert decision.preempted == (), "the paused requests did not run last iteration: none preempted again"
+
+
+def test_starvation_bound_with_first_tokens_alone() -> None:
+    """Under a flood of newcomers every iteration holds first tokens alone; the guarded still run."""
+    flood_within_the_starvation_bound(
+        AdaptiveLAS, AdaptiveLASConfig(min_guard_s=0.5, max_guard_s=2.0, guard_slowdown=0.2, use_gittins=False,
+                                       first_tokens_alone_at=1e-9))
+
+
 def test_on_sharegpt_shaped_bursts_extra_slots_cost_less_mean_jct_than_las_guards_rule() -> None:
     """Side by side in the simulator: first tokens in a decode slot (las-guard) against extra slots."""
     from elastic_llm.scheduling import FCFS, GuardedLAS, LASConfig, WorkloadItem, make_workload
@@ -135,7 +164,8 @@ def test_on_sharegpt_shaped_bursts_extra_slots_cost_less_mean_jct_than_las_guard
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"first_token_slots": -0.1}, {"first_token_wait_iterations": -1.0}, {"young_guard_heavy": 0.0},
+    {"first_token_slots": -0.1}, {"first_token_wait_iterations": -1.0}, {"first_tokens_alone_at": -0.5},
+    {"young_guard_heavy": 0.0},
     {"tail_cv_light": 3.0, "tail_cv_heavy": 2.0}, {"arrival_window": 2}, {"guard_factor": 0.0},
 ])
 def test_bad_settings_are_refused(kwargs: dict[str, object]) -> None:
