@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -112,6 +112,17 @@ class RecordingAdaptiveLAS(AdaptiveLAS):
         return decision
 
 
+class RecordingAloneLAS(AdaptiveLAS):
+    """las-adaptive with first tokens alone, counting the iterations that paused started requests for them."""
+
+    alone_iterations = 0
+
+    def _first_tokens_alone(self, chosen: list[str], max_batch_size: int) -> list[str]:
+        alone = super()._first_tokens_alone(chosen, max_batch_size)
+        self.alone_iterations += len(alone) < len(chosen)
+        return alone
+
+
 #: a falling-hazard prior (half the outputs 1 token, a tenth 200): least attained service, so started
 #: requests are preempted, and first tokens run in one extra slot
 ADAPTIVE = AdaptiveLASConfig(prior_lengths=(1,) * 50 + (2,) * 20 + (8, 30, 200) * 10,
@@ -126,6 +137,7 @@ POLICIES: dict[str, Callable[[], tuple[RequestScheduler, str | None]]] = {
     "las-guard": lambda: (GuardedLAS(LASConfig(prior_lengths=tuple(range(4, 30)) * 4, min_guard_s=0.05,
                                                max_guard_s=0.05)), None),
     "las-adaptive": lambda: (RecordingAdaptiveLAS(ADAPTIVE), None),
+    "las-adaptive-alone": lambda: (RecordingAloneLAS(replace(ADAPTIVE, first_tokens_alone_at=1e-9)), None),
 }
 
 
@@ -137,6 +149,8 @@ def test_same_greedy_tokens_as_fcfs(model: object, reference: Run, policy: str) 
     assert run.stats.preemptions > 0, "the workload must make MLFQ preempt"
     if isinstance(scheduler, RecordingAdaptiveLAS):  # first tokens ran beyond the batch limit
         assert scheduler.largest_batch == LIMITS.max_batch_size + 1
+    if isinstance(scheduler, RecordingAloneLAS):  # started requests paused while first tokens ran alone
+        assert scheduler.alone_iterations > 0
     if mode == "swap":
         assert run.stats.bytes_swapped_out > 0 and run.stats.bytes_swapped_in > 0
         assert run.stats.tokens_dropped == 0
