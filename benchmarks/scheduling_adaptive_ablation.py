@@ -13,7 +13,7 @@ prior), and prints per variant: mean JCT gain over FCFS / P99 JCT ratio to FCFS 
   without the burstiness gate, and no guard at all (the size-blind ceiling of this order).
 - `ttft-floor`: the 11 sweep rows where las-adaptive's TTFT P99 gain is under 5x although a queue
   forms: more first-token slots (a whole batch, eight batches), iterations of first tokens alone
-  whenever one is due, and `elastic_llm.sim.ttft_floor.ttft_p99_floor`, a lower bound on the TTFT
+  whenever one is due or once a quarter / half of the batch waits (`first_tokens_alone_at`), and `elastic_llm.sim.ttft_floor.ttft_p99_floor`, a lower bound on the TTFT
   P99 of any schedule (its "gain" is the most any scheduler can show on the row).
 
 Run:  .venv/bin/python benchmarks/scheduling_adaptive_ablation.py [--study first-token|free-prefill|guard|ttft-floor]
@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,7 @@ GUARD = {"las-guard": guard(), "default": adaptive(), "heavy-4": adaptive(young_
 HEAVY: list[Point] = [(d, b, load, cv) for d in ("lognormal-cv3", "pareto-cv3") for b in (4, 8)
                       for load, cv in ((0.9, 4), (0.9, 8), (0.95, 4))] + [("lognormal-cv3", 4, 0.95, 1),
                                                                           ("pareto-cv1.5", 8, 0.9, 4)]
-TTFT_FLOOR = {"default": adaptive(), "slots-1": adaptive(first_token_slots=1.0),
+TTFT_FLOOR: dict[str, Build | None] = {"default": adaptive(), "slots-1": adaptive(first_token_slots=1.0),
               "slots-8": adaptive(first_token_slots=8.0), "alone": alone(),
               "alone-if-1/4": alone(0.25), "alone-if-1/2": alone(0.5), FLOOR: None}
 #: sweep rows (docs/results/scheduling_sweep_bursty_adaptive_2026-12-03.json) where FCFS's TTFT P99
@@ -97,7 +97,7 @@ TTFT_MISSES: list[Point] = [("sharegpt", 8, 0.5, 1), ("pareto-cv1.5", 8, 0.5, 1)
                             ("pareto-cv3", 4, 0.5, 1), ("pareto-cv3", 8, 0.5, 1), ("lognormal-cv3", 32, 0.95, 1),
                             ("pareto-cv3", 32, 0.9, 1), ("pareto-cv3", 32, 0.95, 1), ("lognormal-cv3", 32, 0.5, 4),
                             ("lognormal-cv3", 32, 0.5, 8), ("pareto-cv3", 32, 0.5, 4)]
-STUDIES: dict[str, tuple[dict[str, Build | None], list[Point], IterationTimeModel]] = {
+STUDIES: dict[str, tuple[Mapping[str, Build | None], list[Point], IterationTimeModel]] = {
     "first-token": (FIRST_TOKEN, SHAREGPT, DEFAULT_TIME_MODEL),
     "free-prefill": ({"las-guard": guard(), "slots-1/4": adaptive()}, SHAREGPT,
                      IterationTimeModel(DEFAULT_TIME_MODEL.fixed_s,
@@ -107,7 +107,7 @@ STUDIES: dict[str, tuple[dict[str, Build | None], list[Point], IterationTimeMode
 }
 
 
-def measure(point: Point, variants: dict[str, Build | None], model: IterationTimeModel,
+def measure(point: Point, variants: Mapping[str, Build | None], model: IterationTimeModel,
             args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
     """{variant: (mean gain, P99 ratio, TTFT P99 gain)} against FCFS, means over the seeds."""
     dataset, batch, load, cv = point
