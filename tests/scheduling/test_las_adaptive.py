@@ -135,6 +135,17 @@ def test_first_tokens_run_alone_once_a_share_of_the_batch_waits_and_the_paused_r
     assert decision.preempted == (), "the paused requests did not run last iteration: none preempted again"
 
 
+def test_first_tokens_alone_also_apply_when_first_tokens_take_decode_slots() -> None:
+    scheduler = AdaptiveLAS(AdaptiveLASConfig(first_token_slots=0, first_tokens_alone_at=0.5, **EQUAL))
+    limits = BatchLimits(max_batch_size=4)
+    _start(scheduler, ["a", "b", "c", "d"], limits)
+    for rid in ("x", "y"):  # half the batch waits: the newcomers take decode slots, then run alone
+        scheduler.add_request(rid, 3, 1.0)
+    decision = scheduler.schedule(1.0, limits)
+    assert sorted(w.request_id for w in decision.scheduled) == ["x", "y"]
+    assert sorted(decision.preempted) == ["a", "b", "c", "d"]
+
+
 def test_starvation_bound_with_first_tokens_alone() -> None:
     """Under a flood of newcomers every iteration holds first tokens alone; the guarded still run."""
     flood_within_the_starvation_bound(
