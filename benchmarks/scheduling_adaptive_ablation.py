@@ -54,27 +54,6 @@ def adaptive(**settings: object) -> Build:
                                                        **settings))  # type: ignore[arg-type]
 
 
-class FirstTokensAlone(AdaptiveLAS):
-    """Measurement only: las-adaptive whose iterations with a first token due hold first tokens
-    alone, so a newcomer never waits for a full decode batch beside its prefill."""
-
-    def __init__(self, config: AdaptiveLASConfig, min_share: float = 0.0) -> None:
-        super().__init__(config)
-        self.min_share = min_share  # first tokens go alone only when at least this share of the batch waits
-
-    def _choose(self, limits: BatchLimits) -> list[str]:
-        chosen = super()._choose(limits)
-        newcomers = [rid for rid in chosen if self._entries[rid].attained == 0]
-        if len(newcomers) < max(1.0, self.min_share * limits.max_batch_size):
-            return chosen
-        return newcomers
-
-
-def alone(min_share: float = 0.0, **settings: object) -> Build:
-    return lambda prior: FirstTokensAlone(AdaptiveLASConfig(prior_lengths=prior, learn_online=False,
-                                                            **settings), min_share)  # type: ignore[arg-type]
-
-
 NO_GUARD = dict(min_guard_s=1e6, max_guard_s=1e6)
 FIRST_TOKEN = {"las-guard": guard(), "slots-1": adaptive(first_token_slots=1e-9),
                "slots-1/4": adaptive(), "slots-1/2": adaptive(first_token_slots=0.5),
@@ -89,8 +68,9 @@ HEAVY: list[Point] = [(d, b, load, cv) for d in ("lognormal-cv3", "pareto-cv3") 
                       for load, cv in ((0.9, 4), (0.9, 8), (0.95, 4))] + [("lognormal-cv3", 4, 0.95, 1),
                                                                           ("pareto-cv1.5", 8, 0.9, 4)]
 TTFT_FLOOR: dict[str, Build | None] = {"default": adaptive(), "slots-1": adaptive(first_token_slots=1.0),
-              "slots-8": adaptive(first_token_slots=8.0), "alone": alone(),
-              "alone-if-1/4": alone(0.25), "alone-if-1/2": alone(0.5), FLOOR: None}
+              "slots-8": adaptive(first_token_slots=8.0), "alone": adaptive(first_tokens_alone_at=1e-9),
+              "alone-if-1/4": adaptive(first_tokens_alone_at=0.25),
+              "alone-if-1/2": adaptive(first_tokens_alone_at=0.5), FLOOR: None}
 #: sweep rows (docs/results/scheduling_sweep_bursty_adaptive_2026-12-03.json) where FCFS's TTFT P99
 #: is over 3 iterations and las-adaptive's gain on it under 5x
 TTFT_MISSES: list[Point] = [("sharegpt", 8, 0.5, 1), ("pareto-cv1.5", 8, 0.5, 1), ("lognormal-cv3", 8, 0.5, 1),

@@ -52,8 +52,8 @@ from elastic_llm.sim.ttft_floor import ttft_p99_floor  # noqa: E402
 
 PREFILL = LinearPrefillPredictor(0.053, 0.00292)
 POLICIES = ("fcfs", "skip-join", "las-guard", "las-guard-y4", "las-adaptive", "las-adaptive-alone", "oracle")
-#: las-adaptive with first tokens alone once a quarter of the batch waits for one
-ALONE = AdaptiveLASConfig(first_tokens_alone_at=0.25)
+#: "las-adaptive-alone": first tokens alone once this share of the batch waits for one
+ALONE_AT = 0.25
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def build(name: str, rows: list[tuple[int, int]], step: float, dataset: str) -> 
         return ShortestRemainingFirst({f"r{i}": o for i, (_, o) in enumerate(rows)})
     if name == "las-adaptive-alone":
         return make_scheduler("las-adaptive", las=AdaptiveLASConfig(
-            prior_lengths=prior_lengths(dataset), learn_online=False, first_tokens_alone_at=ALONE.first_tokens_alone_at))
+            prior_lengths=prior_lengths(dataset), learn_online=False, first_tokens_alone_at=ALONE_AT))
     if name == "las-adaptive":
         return make_scheduler("las-adaptive", las=AdaptiveLASConfig(prior_lengths=prior_lengths(dataset),
                                                                     learn_online=False))
