@@ -10,12 +10,14 @@ simulated capacity) are run
    model fitted (non-negative least squares) to every iteration the two live runs executed,
 
 each under FCFS and under `--policy` ("las-guard" or "las-adaptive", its defaults; Gittins prior:
-the same scaled, capped sample; the result keys say "las" for either). Reported:
+the same scaled, capped sample; the result keys say "las" for either). The datasets "prompts" and
+"prompts-chat" serve the bundled prompt sample's real prompts (held-out half; `PROMPT_DATASETS`),
+which "las-predicted" needs: its predictor is fitted on the other half. Reported:
 mean and P99 JCT and P99 TTFT ratios (FCFS / las-guard for mean and TTFT, las-guard / FCFS for P99),
 simulated next to live, and whether las-guard produced FCFS's greedy tokens.
 
 Run:  .venv/bin/python benchmarks/scheduling_live_check.py [--settings "lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9"]
-          [--policy las-guard|las-adaptive] [--requests 36] [--length-scale 0.15] [--max-output 160]
+          [--policy las-guard|las-adaptive|las-predicted] [--requests 36] [--length-scale 0.15] [--max-output 160]
           [--threads 1] [--repeats 1] [--output r.json]
 Bounded: `--requests` requests per run, 2 x `--repeats` live runs per setting (FCFS and the policy
 interleaved, so a drift in the machine's load hits both alike; their JCTs are pooled), each run also
@@ -36,6 +38,8 @@ import scipy.optimize
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scheduling_predicted import MIXES  # noqa: E402
+from scheduling_predicted import scaled as scaled_prompt_rows  # noqa: E402
 from scheduling_sweep import capacity, decode_step, fit_prefill  # noqa: E402
 
 from elastic_llm import LLMEngine, SamplingParams  # noqa: E402
@@ -53,6 +57,13 @@ from elastic_llm.scheduling import (  # noqa: E402
     make_workload,
 )
 from elastic_llm.scheduling.base import DelegatingScheduler  # noqa: E402
+from elastic_llm.scheduling.prompt_sample import (  # noqa: E402
+    PromptSampleRow,
+    fit_length_predictor,
+    load_prompt_sample,
+    prompt_workload,
+    split_prompt_sample,
+)
 from elastic_llm.scheduling.workloads import DATASETS, load_length_sample  # noqa: E402
 from elastic_llm.sim import IterationTimeModel, simulate  # noqa: E402
 
@@ -136,15 +147,46 @@ def fit_to_iterations(iterations: list[tuple[int, int, float]]) -> IterationTime
     return IterationTimeModel(*(float(t) for t in terms))
 
 
+#: the bundled prompt sample as a setting's dataset: "prompts" (every family alike) or "prompts-chat"
+#: (`scheduling_predicted.MIXES["chat"]`); the held-out half of split `--seed` is served, the other
+#: half trains "las-predicted"'s predictor and is every policy's Gittins prior
+PROMPT_DATASETS = {"prompts": "uniform", "prompts-chat": "chat"}
+
+
+def prompt_split(args: argparse.Namespace) -> tuple[tuple[PromptSampleRow, ...], tuple[PromptSampleRow, ...]]:
+    """(train, test) of the prompt sample, lengths x0.15 as `scheduling_predicted` runs them."""
+    return split_prompt_sample(scaled_prompt_rows(load_prompt_sample()), seed=args.seed)
+
+
 def scaled(dataset: str, args: argparse.Namespace) -> tuple[int, ...]:
     """The dataset's output lengths as this benchmark runs them (the Gittins prior)."""
+    if dataset in PROMPT_DATASETS:
+        return tuple(min(args.max_output, r.output_tokens) for r in prompt_split(args)[0])
     return tuple(min(args.max_output, max(4, round(o * args.length_scale)))
                  for _, o in load_length_sample(dataset))  # type: ignore[arg-type]
 
 
 def policies(dataset: str, args: argparse.Namespace) -> dict[str, RequestScheduler]:
     config = LASConfig(prior_lengths=scaled(dataset, args), learn_online=False)
-    return {"fcfs": FCFS(), "las-guard": make_scheduler(args.policy, las=config)}
+    if args.policy != "las-predicted":
+        return {"fcfs": FCFS(), "las-guard": make_scheduler(args.policy, las=config)}
+    if dataset not in PROMPT_DATASETS:
+        raise ValueError(f"las-predicted needs a prompt dataset ({sorted(PROMPT_DATASETS)}), not {dataset!r}")
+    predictor = fit_length_predictor(prompt_split(args)[0], seed=args.seed)
+    return {"fcfs": FCFS(), "las-guard": make_scheduler("las-predicted", las=config, length_predictor=predictor)}
+
+
+def setting_items(dataset: str, rate: float, cv: float, args: argparse.Namespace) -> list[WorkloadItem]:
+    """The setting's requests at `rate` (arrival CV `cv`); the same lengths and prompts at every rate."""
+    if dataset in PROMPT_DATASETS:
+        test = prompt_split(args)[1]
+        drawn = prompt_workload(test, args.requests, rate, cv=cv, seed=args.seed,
+                                family_weights=MIXES[PROMPT_DATASETS[dataset]])
+        return [WorkloadItem(i.arrival_s, i.prompt_tokens, min(args.max_output, i.output_tokens), i.prompt_token_ids)
+                for i in drawn]
+    drawn = make_workload(args.requests, rate, dataset, cv=cv, seed=args.seed)  # type: ignore[arg-type]
+    return [WorkloadItem(i.arrival_s, max(4, round(i.prompt_tokens * args.length_scale)),
+                         min(args.max_output, max(4, round(i.output_tokens * args.length_scale)))) for i in drawn]
 
 
 def ratios(results: dict[str, tuple[list[float], list[float]]]) -> Ratios:
@@ -160,17 +202,15 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
     dataset, batch_s, cv_s, load_s = spec.split(",")
     batch, cv, load = int(batch_s), float(cv_s), float(load_s)
     limits = BatchLimits(max_batch_size=batch, max_batch_tokens=512)
-    base = make_workload(args.requests, 1.0, dataset, seed=args.seed)  # type: ignore[arg-type]
-    rows = [(max(4, round(i.prompt_tokens * args.length_scale)),
-             min(args.max_output, max(4, round(i.output_tokens * args.length_scale)))) for i in base]
+    rows = [(i.prompt_tokens, i.output_tokens) for i in setting_items(dataset, 1.0, cv, args)]
     rate = load * capacity(rows, time_model, limits)
-    arrivals = make_workload(args.requests, rate, dataset, cv=cv, seed=args.seed)  # type: ignore[arg-type]
-    items = [WorkloadItem(a.arrival_s, p, o) for a, (p, o) in zip(arrivals, rows)]
+    items = setting_items(dataset, rate, cv, args)
     counters: dict[str, dict[str, float]] = {}
     generator = torch.Generator().manual_seed(args.seed)
     requests = []
     for i, item in enumerate(items):
-        prompt = torch.randint(100, model.spec.vocab_size, (item.prompt_tokens,), generator=generator).tolist()
+        prompt = list(item.prompt_token_ids) or torch.randint(
+            100, model.spec.vocab_size, (item.prompt_tokens,), generator=generator).tolist()
         requests.append(TimedRequest(f"q{i}", item.arrival_s, tuple(prompt),
                                      SamplingParams(max_new_tokens=item.output_tokens, ignore_eos=True)))
     live: dict[str, tuple[list[float], list[float]]] = {}
@@ -191,7 +231,11 @@ def run_setting(model: LoadedModel, time_model: IterationTimeModel, spec: str,
             recorder = IterationRecorder(scheduler)
 
             def make_engine(clock: ReplayClock, s: RequestScheduler = recorder) -> LLMEngine:
-                engines.append(LLMEngine(model, scheduler=s, limits=limits, clock=clock))  # noqa: B023
+                # the prompt sample's chat template gives every prompt one prefix; the simulator
+                # computes every prompt token, so the live engine must too (no prefix cache)
+                cache = 0 if dataset in PROMPT_DATASETS else None
+                engines.append(LLMEngine(model, scheduler=s, limits=limits, clock=clock,  # noqa: B023
+                                         prefix_cache_bytes=cache))
                 return engines[-1]  # noqa: B023
 
             timings = replay(make_engine, requests, on_progress)
@@ -245,7 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default="lognormal-cv3,4,4,0.9;sharegpt,4,4,0.9",
                         help="DATASET,BATCH,ARRIVAL_CV,LOAD;...")
-    parser.add_argument("--policy", default="las-guard", choices=("las-guard", "las-adaptive"),
+    parser.add_argument("--policy", default="las-guard", choices=("las-guard", "las-adaptive", "las-predicted"),
                         help="the policy run against FCFS (reported under the key 'las-guard')")
     parser.add_argument("--requests", type=int, default=36)
     parser.add_argument("--length-scale", type=float, default=0.15)
@@ -260,8 +304,11 @@ def main() -> None:
     specs = [s for s in args.settings.split(";") if s]
     for spec in specs:
         parts = spec.split(",")
-        if len(parts) != 4 or parts[0] not in DATASETS:
-            parser.error(f"bad setting {spec!r}: DATASET,BATCH,ARRIVAL_CV,LOAD with DATASET in {DATASETS}")
+        if len(parts) != 4 or parts[0] not in (*DATASETS, *PROMPT_DATASETS):
+            parser.error(f"bad setting {spec!r}: DATASET,BATCH,ARRIVAL_CV,LOAD with DATASET in "
+                         f"{(*DATASETS, *PROMPT_DATASETS)}")
+        if args.policy == "las-predicted" and parts[0] not in PROMPT_DATASETS:
+            parser.error(f"--policy las-predicted needs a prompt dataset {tuple(PROMPT_DATASETS)}, not {parts[0]!r}")
     if args.requests < 1 or args.max_output < 4 or not args.length_scale > 0 or args.repeats < 1:
         parser.error("need --requests >= 1, --max-output >= 4, --length-scale > 0, --repeats >= 1")
     torch.set_num_threads(args.threads)

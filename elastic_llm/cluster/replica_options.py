@@ -17,6 +17,7 @@ from elastic_llm.scheduling import (
     LinearPrefillPredictor,
     LASConfig,
     MLFQConfig,
+    PromptLengthPredictor,
     RequestScheduler,
     ResidencyConfig,
     SchedulerName,
@@ -34,7 +35,7 @@ class ReplicaOptions:
     max_batch_size: int = 16  #: requests per iteration
     max_batch_tokens: int = 1024  #: tokens per iteration
     #: request policy, one of `SCHEDULER_NAMES` ("fcfs", "mlfq", "skip-join", "las-guard",
-    #: "las-adaptive"), built by
+    #: "las-adaptive", "las-predicted"), built by
     #: `elastic_llm.scheduling.make_scheduler`
     scheduler: SchedulerName = "fcfs"
     threads: int = 1  #: torch threads in this worker process
@@ -55,9 +56,12 @@ class ReplicaOptions:
     mlfq: MLFQConfig | None = None
     #: skip-join's prefill-time predictor (None: `scheduling.DEFAULT_PREFILL_PREDICTOR`)
     prefill_predictor: LinearPrefillPredictor | None = None
-    #: settings of "las-guard" (None: `LASConfig()`) or "las-adaptive" (an `AdaptiveLASConfig`;
-    #: None: its defaults); refused with any other scheduler
+    #: settings of "las-guard" (None: `LASConfig()`), "las-adaptive" or "las-predicted" (an
+    #: `AdaptiveLASConfig`; None: its defaults); refused with any other scheduler
     las: LASConfig | None = None
+    #: "las-predicted"'s output-length predictor (None: the one fitted on the bundled prompt sample
+    #: of the default model); refused with any other scheduler
+    length_predictor: PromptLengthPredictor | None = None
     #: device KV budget with proactive swap to host or drop-and-recompute (FastServe); needs an
     #: MLFQ scheduler and a whole-model replica. None: every request's KV stays on the device
     kv_residency: ResidencyConfig | None = None
@@ -100,7 +104,7 @@ class ReplicaOptions:
 
     def build_scheduler(self) -> RequestScheduler:
         """A fresh scheduler of these options (each engine gets its own)."""
-        return make_scheduler(self.scheduler, self.mlfq, self.prefill_predictor, self.las)
+        return make_scheduler(self.scheduler, self.mlfq, self.prefill_predictor, self.las, self.length_predictor)
 
     @property
     def auto_parallel(self) -> bool:

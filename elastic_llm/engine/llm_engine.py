@@ -414,6 +414,7 @@ class LLMEngine:
     def _admit(self, request: EngineRequest) -> None:
         self._check_fits_budget(request)
         self._requests[request.request_id] = request
+        self.scheduler.note_prompt(request.request_id, request.prompt_ids)
         self.scheduler.add_request(request.request_id, len(request.pending_tokens()), self.clock())
 
     def _take(self, request_id: str) -> EngineRequest:

@@ -19,6 +19,8 @@ from elastic_llm.scheduling.fcfs import FCFS
 from elastic_llm.scheduling.gittins import GittinsTable
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig, LASEntryState
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
+from elastic_llm.scheduling.las_predicted import PredictedLAS, PredictedLASConfig
+from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
 from elastic_llm.scheduling.mlfq import MLFQConfig, QueueEntryState, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 from elastic_llm.scheduling.residency import (
@@ -46,7 +48,10 @@ __all__ = [
     "KVResidencyPolicy",
     "LinearPrefillPredictor",
     "MLFQConfig",
+    "PredictedLAS",
+    "PredictedLASConfig",
     "PrefillPredictor",
+    "PromptLengthPredictor",
     "QueueEntryState",
     "RequestScheduler",
     "ResidencyConfig",

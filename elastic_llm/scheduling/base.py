@@ -12,7 +12,7 @@ tokens when it resumes by recompute); once that reaches zero it needs one token 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +78,11 @@ class RequestScheduler(ABC):
     def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
         """A request arrived (or resumed) needing `num_tokens_to_compute` tokens of prefill."""
 
+    def note_prompt(self, request_id: str, prompt_token_ids: Sequence[int]) -> None:
+        """The prompt of a request about to be added (executors call this just before
+        `add_request`, also on a resume). Policies that predict output lengths from the prompt
+        ("las-predicted") use it; every other policy ignores it."""
+
     @abstractmethod
     def remove_request(self, request_id: str) -> None:
         """A request finished, was aborted or exported; forget it. Unknown ids are ignored."""
@@ -113,6 +118,9 @@ class DelegatingScheduler(RequestScheduler):
 
     def add_request(self, request_id: str, num_tokens_to_compute: int, now: float) -> None:
         self.inner.add_request(request_id, num_tokens_to_compute, now)
+
+    def note_prompt(self, request_id: str, prompt_token_ids: Sequence[int]) -> None:
+        self.inner.note_prompt(request_id, prompt_token_ids)
 
     def remove_request(self, request_id: str) -> None:
         self.inner.remove_request(request_id)

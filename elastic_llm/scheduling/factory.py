@@ -13,7 +13,10 @@ build it here, so a name means the same policy everywhere:
   (docs/benchmarks.md, issue 20);
 - "las-adaptive": `AdaptiveLAS`, las-guard with first tokens in extra batch slots (no running
   request displaced) and a guard whose slack follows the measured length tail and arrival
-  burstiness (docs/benchmarks.md, issue 20, second pass).
+  burstiness (docs/benchmarks.md, issue 20, second pass);
+- "las-predicted": `PredictedLAS`, las-adaptive ranked per request by the Gittins index of the
+  output-length class a predictor gives its prompt (`length_predictor=`; default: the predictor
+  fitted on the bundled prompt sample of the default model, `prompt_sample.bundled_length_predictor`).
 
 Only the MLFQ names can drive a KV residency policy (they estimate next scheduled times).
 """
@@ -27,10 +30,13 @@ from elastic_llm.scheduling.base import RequestScheduler
 from elastic_llm.scheduling.fcfs import FCFS
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
+from elastic_llm.scheduling.las_predicted import PredictedLAS
+from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
 from elastic_llm.scheduling.mlfq import MLFQConfig, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 
-SchedulerName = Literal["fcfs", "mlfq", "skip-join", "las-guard", "las-adaptive"]
+SchedulerName = Literal["fcfs", "mlfq", "skip-join", "las-guard", "las-adaptive", "las-predicted"]
+_LAS_NAMES = ("las-guard", "las-adaptive", "las-predicted")
 
 #: Every scheduler name `make_scheduler` accepts.
 SCHEDULER_NAMES: tuple[SchedulerName, ...] = get_args(SchedulerName)
@@ -51,21 +57,26 @@ def check_scheduler_name(name: str) -> SchedulerName:
 
 def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
                    predict_prefill_s: PrefillPredictor | None = None,
-                   las: LASConfig | None = None) -> RequestScheduler:
+                   las: LASConfig | None = None,
+                   length_predictor: PromptLengthPredictor | None = None) -> RequestScheduler:
     """A fresh scheduler of policy `name` (one of `SCHEDULER_NAMES`).
 
     `mlfq`: MLFQ settings for "mlfq" and "skip-join" (None: `MLFQConfig()`); its `skip_join`
     flag is set by the name. `predict_prefill_s`: skip-join's prefill-time predictor (None:
     `DEFAULT_PREFILL_PREDICTOR`). Raises ValueError for an unknown name or a setting the named
     policy would ignore (MLFQ settings for "fcfs", a predictor for anything but "skip-join").
-    `las`: settings of "las-guard" (None: `LASConfig()`) or "las-adaptive" (None:
-    `AdaptiveLASConfig()`; a plain `LASConfig` keeps its fields and takes the adaptive rules'
-    defaults), refused by every other name; "las-guard" refuses an `AdaptiveLASConfig`.
+    `las`: settings of "las-guard" (None: `LASConfig()`), "las-adaptive" or "las-predicted"
+    (None: `AdaptiveLASConfig()`; a plain `LASConfig` keeps its fields and takes the adaptive
+    rules' defaults), refused by every other name; "las-guard" refuses an `AdaptiveLASConfig`.
+    `length_predictor`: "las-predicted"'s output-length predictor (None: the bundled one), refused
+    by every other name.
     """
     name = check_scheduler_name(name)
-    if las is not None and name not in ("las-guard", "las-adaptive"):
-        raise ValueError(f"scheduler {name!r} takes no LAS settings (only 'las-guard' and 'las-adaptive' do)")
-    if name in ("las-guard", "las-adaptive"):
+    if las is not None and name not in _LAS_NAMES:
+        raise ValueError(f"scheduler {name!r} takes no LAS settings (only {', '.join(map(repr, _LAS_NAMES))} do)")
+    if length_predictor is not None and name != "las-predicted":
+        raise ValueError(f"scheduler {name!r} takes no length predictor (only 'las-predicted' does)")
+    if name in _LAS_NAMES:
         if mlfq is not None or predict_prefill_s is not None:
             raise ValueError(f"scheduler {name!r} takes no MLFQ settings or prefill predictor")
         if name == "las-guard":
@@ -74,7 +85,13 @@ def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
             return GuardedLAS(las)
         if las is not None and not isinstance(las, AdaptiveLASConfig):
             las = AdaptiveLASConfig(**{f.name: getattr(las, f.name) for f in dataclasses.fields(las)})
-        return AdaptiveLAS(las)
+        if name == "las-adaptive":
+            return AdaptiveLAS(las)
+        if length_predictor is None:
+            from elastic_llm.scheduling.prompt_sample import bundled_length_predictor
+
+            length_predictor = bundled_length_predictor()
+        return PredictedLAS(length_predictor, las)
     if name == "fcfs":
         if mlfq is not None:
             raise ValueError("scheduler 'fcfs' takes no MLFQ settings (mlfq=...)")
@@ -97,6 +114,8 @@ def scheduler_name(scheduler: RequestScheduler) -> str:
         return "skip-join" if scheduler.config.skip_join else "mlfq"
     if isinstance(scheduler, FCFS):
         return "fcfs"
+    if isinstance(scheduler, PredictedLAS):
+        return "las-predicted"
     if isinstance(scheduler, AdaptiveLAS):
         return "las-adaptive"
     if isinstance(scheduler, GuardedLAS):

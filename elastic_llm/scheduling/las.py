@@ -116,6 +116,7 @@ class _Entry:
     attained: int = 0
     served_s: float = 0.0  # seconds of the iterations it ran in
     guarded: bool = False
+    length_class: int | None = None  # predicted output-length class ("las-predicted"), None: unknown
 
 
 class GuardedLAS(PendingTokensScheduler):

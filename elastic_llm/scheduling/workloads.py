@@ -40,6 +40,8 @@ class WorkloadItem:
     arrival_s: float  #: arrival time (seconds from the workload's start)
     prompt_tokens: int  #: prompt length (tokens)
     output_tokens: int  #: tokens to generate
+    #: the prompt's token ids where the workload has them (a prompt sample); () for length-only samples
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

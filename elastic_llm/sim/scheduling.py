@@ -83,6 +83,8 @@ def simulate(
             index = pending[cursor]
             item = workload[index]
             live[ids[index]] = _Live(item, prefill_owed=item.prompt_tokens)
+            if item.prompt_token_ids:
+                scheduler.note_prompt(ids[index], item.prompt_token_ids)
             scheduler.add_request(ids[index], item.prompt_tokens, item.arrival_s)
             cursor += 1
         decision = scheduler.schedule(now, limits)

@@ -54,8 +54,20 @@ def test_las_adaptive_builds_with_its_settings_and_pickles() -> None:
     assert pickle.loads(pickle.dumps(options)) == options
 
 
+def test_las_predicted_builds_with_its_predictor_and_pickles() -> None:
+    from elastic_llm.scheduling import PredictedLAS, PromptLengthPredictor
+
+    predictor = PromptLengthPredictor.fit([[1, 2], [3, 4], [1, 5], [3, 6]] * 3, [2, 40, 3, 50] * 3, classes=2)
+    options = ReplicaOptions(model="m", scheduler="las-predicted", length_predictor=predictor)
+    scheduler = options.build_scheduler()
+    assert isinstance(scheduler, PredictedLAS) and scheduler.predictor == predictor
+    assert pickle.loads(pickle.dumps(options)) == options
+    with pytest.raises(ClusterConfigError, match="only 'las-predicted'"):
+        ReplicaOptions(model="m", scheduler="las-adaptive", length_predictor=predictor)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive'"),
+    ({"scheduler": "lifo"}, r"unknown scheduler 'lifo': choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive', 'las-predicted'"),
     ({"scheduler": "skip-join", "las": LASConfig()}, "takes no LAS settings"),
     ({"scheduler": "las-guard", "kv_residency": SWAP}, r"kv_residency with scheduler='las-guard'"),
     ({"scheduler": "fcfs", "kv_residency": SWAP},

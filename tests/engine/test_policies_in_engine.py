@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from elastic_llm.scheduling import (
     LASConfig,
     LinearPrefillPredictor,
     MLFQConfig,
+    PredictedLAS,
+    PromptLengthPredictor,
     RequestScheduler,
     ResidencyConfig,
     SchedulerOutput,
@@ -128,6 +130,29 @@ class RecordingAloneLAS(AdaptiveLAS):
 ADAPTIVE = AdaptiveLASConfig(prior_lengths=(1,) * 50 + (2,) * 20 + (8, 30, 200) * 10,
                              first_token_slots=0.25, min_guard_s=0.05, max_guard_s=0.05)
 
+
+
+class RecordingPredictedLAS(PredictedLAS):
+    """las-predicted that counts the prompts the engine told it about."""
+
+    noted = 0
+
+    def note_prompt(self, request_id: str, prompt_token_ids: Sequence[int]) -> None:
+        self.noted += 1
+        super().note_prompt(request_id, prompt_token_ids)
+
+
+def _predicted() -> RecordingPredictedLAS:
+    """las-predicted with a predictor fitted on the workload's prompts (and more like them), each
+    given a length from a falling-hazard pattern: every class is then least attained service, so
+    started requests are preempted."""
+    prompts = [prompt for _, prompt, _ in _workload(70)]
+    pattern = (1, 1, 1, 2, 8, 30, 200)
+    predictor = PromptLengthPredictor.fit(prompts, [pattern[i % len(pattern)] for i in range(len(prompts))],
+                                          classes=2)
+    return RecordingPredictedLAS(predictor, ADAPTIVE)
+
+
 POLICIES: dict[str, Callable[[], tuple[RequestScheduler, str | None]]] = {
     "mlfq": lambda: (_mlfq(skip_join=False), None),
     "skip-join": lambda: (_mlfq(skip_join=True), None),
@@ -138,6 +163,7 @@ POLICIES: dict[str, Callable[[], tuple[RequestScheduler, str | None]]] = {
                                                max_guard_s=0.05)), None),
     "las-adaptive": lambda: (RecordingAdaptiveLAS(ADAPTIVE), None),
     "las-adaptive-alone": lambda: (RecordingAloneLAS(replace(ADAPTIVE, first_tokens_alone_at=1e-9)), None),
+    "las-predicted": lambda: (_predicted(), None),
 }
 
 
@@ -151,6 +177,8 @@ def test_same_greedy_tokens_as_fcfs(model: object, reference: Run, policy: str) 
         assert scheduler.largest_batch == LIMITS.max_batch_size + 1
     if isinstance(scheduler, RecordingAloneLAS):  # started requests paused while first tokens ran alone
         assert scheduler.alone_iterations > 0
+    if isinstance(scheduler, RecordingPredictedLAS):  # the engine told it every prompt
+        assert scheduler.noted == len(reference.outputs)
     if mode == "swap":
         assert run.stats.bytes_swapped_out > 0 and run.stats.bytes_swapped_in > 0
         assert run.stats.tokens_dropped == 0

@@ -21,7 +21,7 @@ from elastic_llm.scheduling import (
 
 
 def test_names_build_their_policies_and_read_back() -> None:
-    assert SCHEDULER_NAMES == ("fcfs", "mlfq", "skip-join", "las-guard", "las-adaptive")
+    assert SCHEDULER_NAMES == ("fcfs", "mlfq", "skip-join", "las-guard", "las-adaptive", "las-predicted")
     assert isinstance(make_scheduler("las-guard"), GuardedLAS)
     assert not isinstance(make_scheduler("las-guard"), AdaptiveLAS)
     assert isinstance(make_scheduler("las-adaptive"), AdaptiveLAS)
@@ -59,7 +59,7 @@ def test_skip_join_without_a_predictor_uses_the_measured_default() -> None:
 
 
 @pytest.mark.parametrize(("name", "kwargs", "match"), [
-    ("skipjoin", {}, "choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive'"),
+    ("skipjoin", {}, "choose one of 'fcfs', 'mlfq', 'skip-join', 'las-guard', 'las-adaptive', 'las-predicted'"),
     ("las-guard", {"las": AdaptiveLASConfig()}, "use 'las-adaptive'"),
     ("las-adaptive", {"mlfq": MLFQConfig()}, "takes no MLFQ settings"),
     ("skip-join", {"las": LASConfig()}, "takes no LAS settings"),
