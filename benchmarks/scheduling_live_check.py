@@ -12,7 +12,10 @@ simulated capacity) are run
 each under FCFS and under `--policy` ("las-guard" or "las-adaptive", its defaults; Gittins prior:
 the same scaled, capped sample; the result keys say "las" for either). The datasets "prompts" and
 "prompts-chat" serve the bundled prompt sample's real prompts (held-out half; `PROMPT_DATASETS`),
-which "las-predicted" needs: its predictor is fitted on the other half. Reported:
+which "las-predicted" needs: its predictor is fitted on the other half. Their lengths are always
+x0.15 (`scheduling_predicted.scaled`; `--length-scale` applies to the other datasets only), and
+their live engine runs without a prefix cache, because the chat template gives every prompt the
+same prefix and the simulator computes every prompt token. Reported:
 mean and P99 JCT and P99 TTFT ratios (FCFS / las-guard for mean and TTFT, las-guard / FCFS for P99),
 simulated next to live, and whether las-guard produced FCFS's greedy tokens.
 

@@ -8,9 +8,12 @@ the other (held out), so every prediction is of a prompt the predictor never saw
 - "fcfs";
 - "las-adaptive": size-blind, the training half's lengths as its Gittins prior;
 - "las-predicted-rank": per-class Gittins order, no express lane (`express_mean_fraction=0`);
-- "las-predicted": the shipped defaults (per-class order and the express lane);
+- "las-predicted": the shipped express lane (per-class order and the lane's defaults);
 - "las-predicted-lane": the same with the lane held to a quarter of the batch (`express_batch_share`);
 - "oracle": shortest remaining output first, told every length.
+
+Every LAS policy uses the training half's lengths as its prior and does not learn online
+(`learn_online=False`, as in the other sweeps).
 
 Mixes: "uniform" (every family alike; output CV about 1.0) and "chat" (the six short-answer
 families weighted 8:1, the way chat traffic is mostly short questions; output CV about 1.5). Lengths x0.15 as in the other

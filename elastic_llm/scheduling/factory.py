@@ -16,7 +16,8 @@ build it here, so a name means the same policy everywhere:
   burstiness (docs/benchmarks.md, issue 20, second pass);
 - "las-predicted": `PredictedLAS`, las-adaptive ranked per request by the Gittins index of the
   output-length class a predictor gives its prompt (`length_predictor=`; default: the predictor
-  fitted on the bundled prompt sample of the default model, `prompt_sample.bundled_length_predictor`).
+  fitted on the bundled prompt sample of the default model, `prompt_sample.bundled_length_predictor`:
+  the first such call reads that package data file and fits, about a second, then it is cached).
 
 Only the MLFQ names can drive a KV residency policy (they estimate next scheduled times).
 """

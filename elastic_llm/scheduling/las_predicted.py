@@ -10,15 +10,18 @@ request is ranked by the Gittins index of *that class's* sample of true lengths 
 service (the level's start, so FIFO within a level holds as before). A class of short answers
 has a high index from the first token; a class of essays has a low one until its members near
 their end; a mispredicted request that runs past its class's lengths sees its index follow the
-class's tail. A request without a prompt note (a resume through a path that has no prompt, or
-an executor that never calls `note_prompt`) is ranked by the shared index, as in las-adaptive.
+class's tail; past its class's longest training length it is ranked by the shared index. A
+request without a prompt note (an executor that never calls `note_prompt`) is ranked by the
+shared index, as in las-adaptive. A resumed request starts again from no attained service (as in
+every LAS policy here), so a mispredicted one may go through the express lane again.
 
 **The express lane.** Measured in the simulator, ranking alone gains little where queues are long:
 there the guard (which keeps the P99 within bounds) serves most requests oldest first, as FCFS
 does. But a request predicted short costs the others little when it goes first, and most of the
 mean is made of such requests in a mix of one-word answers and essays. So a started request of an
 *express* class (its class's mean length at most `express_mean_fraction` of the whole sample's)
-goes ahead of the guarded ones, as a newcomer's first token does in las-guard, until it has
+goes ahead of the guarded ones (behind newcomers' first tokens), as a first token does in
+las-guard, until it has
 sampled its class's `express_quantile` length (a mispredicted long request leaves the lane).
 The guarded requests keep their half of the batch, so the starvation bound stands.
 `express_batch_share` caps the lane's share of the batch, trading mean JCT for P99.
@@ -85,6 +88,7 @@ class PredictedLAS(AdaptiveLAS):
         the guard's length quantile) starts from the predictor's training lengths."""
         self.predictor = predictor
         self._class_tables = tuple(GittinsTable.fit(lengths) for lengths in predictor.class_lengths)
+        self._class_longest = tuple(max(lengths) for lengths in predictor.class_lengths)
         self._notes: dict[str, int] = {}  # {request_id: class} noted and not yet added
         self._lane: frozenset[str] = frozenset()  # express requests admitted in this iteration
         config = config or PredictedLASConfig()
@@ -109,14 +113,23 @@ class PredictedLAS(AdaptiveLAS):
         super().add_request(request_id, num_tokens_to_compute, now)
         self._entries[request_id].length_class = length_class
 
+    def remove_request(self, request_id: str) -> None:
+        """las-adaptive's; a prompt noted for a request that never got added is forgotten too."""
+        self._notes.pop(request_id, None)
+        super().remove_request(request_id)
+
     def length_class(self, request_id: str) -> int | None:
         """The predicted class of a held request (None: no prompt was noted); KeyError if unknown."""
         return self._entries[request_id].length_class
 
     def _rank(self, entry: _Entry) -> float:
-        if entry.length_class is None:
+        """Minus the class's Gittins index at the level's start; the shared rank without a class,
+        without a shared index (so sorting and hysteresis agree), or past the class's longest
+        training length (a mispredicted request: its class says nothing more about it)."""
+        start = self.config.level_start(self.config.level(entry.attained))
+        if entry.length_class is None or self._table is None or start >= self._class_longest[entry.length_class]:
             return super()._rank(entry)
-        return -self._class_tables[entry.length_class](self.config.level_start(self.config.level(entry.attained)))
+        return -self._class_tables[entry.length_class](start)
 
     def _choose(self, limits: BatchLimits) -> list[str]:
         """las-adaptive's choice, with the express lane filled first (best-ranked, then oldest, up
@@ -141,8 +154,8 @@ class PredictedLAS(AdaptiveLAS):
 
     def _key(self, request_id: str) -> tuple[int, float, float, int]:
         entry = self._entries[request_id]
-        if self._express(request_id):  # ahead of the guarded, as first tokens are; by rank within the lane
-            return (-2, self._rank(entry), entry.arrival, entry.seq)
+        if self._express(request_id):  # ahead of the guarded, behind first tokens (0.0); by rank within
+            return (-2, 2.0 + self._rank(entry), entry.arrival, entry.seq)  # (ranks lie in [-1, 0])
         return super()._key(request_id)
 
 

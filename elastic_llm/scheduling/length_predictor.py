@@ -71,6 +71,10 @@ class PromptLengthPredictor:
             raise ValueError("need one non-empty length sample per class (len(edges) + 1)")
         if list(self.edges) != sorted(self.edges):
             raise ValueError("edges must be increasing")
+        if not all(math.isfinite(v) for v in (*self.weights, *self.edges)):
+            raise ValueError("weights and edges must be finite")
+        if any(not _whole(n) or n < 1 for lengths in self.class_lengths for n in lengths):
+            raise ValueError("class lengths must be whole numbers >= 1 of tokens")
 
     @property
     def classes(self) -> int:
@@ -104,8 +108,10 @@ class PromptLengthPredictor:
             raise ValueError("need classes >= 1, folds >= 2, dim >= 1 and ridge > 0")
         if len(prompts) < max(folds, 2 * classes):
             raise ValueError(f"need at least {max(folds, 2 * classes)} rows, got {len(prompts)}")
-        if any(n < 1 for n in lengths) or any(len(p) == 0 for p in prompts):
-            raise ValueError("every length must be >= 1 token and every prompt non-empty")
+        if any(not _whole(n) or n < 1 for n in lengths) or any(len(p) == 0 for p in prompts):
+            raise ValueError("every length must be a whole number >= 1 of tokens and every prompt non-empty")
+        if any(not _whole(t) or t < 0 for p in prompts for t in p):
+            raise ValueError("prompt token ids must be whole numbers >= 0")
         features = np.stack([prompt_features(p, dim) for p in prompts])
         targets = np.log(np.asarray(lengths, dtype=float))
         fold_of = np.random.default_rng(seed).permutation(len(prompts)) % folds
@@ -122,6 +128,15 @@ class PromptLengthPredictor:
             return cls.fit(prompts, lengths, classes - 1, dim, ridge, folds, seed)
         return cls(dim, tuple(float(w) for w in weights), tuple(float(e) for e in edges), by_class,
                    _rank_correlation(held_out, targets))
+
+
+def _whole(value: object) -> bool:
+    """Whether `value` is a whole number (an int, or a finite float without a fraction)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
 
 
 def _rank_correlation(predicted: np.ndarray, actual: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -85,8 +86,9 @@ def prompt_workload(rows: Sequence[PromptSampleRow], n: int, rate_per_s: float, 
     weights = np.ones(len(rows))
     if family_weights is not None:
         unknown = set(family_weights) - {r.family for r in rows}
-        if unknown or min(family_weights.values(), default=0) < 0:
-            raise ValueError(f"family weights must be >= 0 and name families of the rows (unknown: {sorted(unknown)})")
+        if unknown or any(not math.isfinite(w) or w < 0 for w in family_weights.values()):
+            raise ValueError("family weights must be finite, >= 0 and name families of the rows "
+                             f"(unknown: {sorted(unknown)})")
         counts: dict[str, int] = {}
         for row in rows:
             counts[row.family] = counts.get(row.family, 0) + 1

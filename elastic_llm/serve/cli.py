@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from elastic_llm.errors import ElasticLLMError
+from elastic_llm.scheduling.factory import SCHEDULER_NAMES
 from elastic_llm.serve.settings import API_KEY_ENV, GatewaySettings, api_key_from_environment
 
 POLICIES = ("spotserve", "reroute", "reparallelize")
@@ -33,6 +34,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                      help="LocalCluster workers as threads of this process (small models, tests)")
     cmd.add_argument("--policy", choices=POLICIES, default="spotserve", help="controller policy")
     cmd.add_argument("--max-batch-size", type=int, default=16, help="requests per replica iteration")
+    cmd.add_argument("--request-scheduler", choices=SCHEDULER_NAMES, default="fcfs",
+                     help="each replica's request policy (default fcfs; las-predicted ranks by an output-length "
+                          "predictor fitted on the default model's answers: see docs/benchmarks.md)")
     cmd.add_argument("--metadata-watcher", choices=("aws", "gcp", "azure"), default=None,
                      help="every worker (also those that join later) polls this cloud's metadata "
                           "service for its preemption notice")
@@ -65,6 +69,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cluster = ClusterOptions(scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                                  local_workers=args.workers, local_processes=not args.in_process,
                                  model=args.model, policy=args.policy, max_batch_size=args.max_batch_size,
+                                 request_scheduler=args.request_scheduler,
                                  min_step_seconds=args.min_step_seconds,
                                  metadata_provider=args.metadata_watcher,
                                  replicas_timeout_s=args.replicas_timeout)

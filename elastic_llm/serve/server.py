@@ -26,6 +26,7 @@ from sse_starlette.sse import AppStatus
 from elastic_llm.cluster.replica_actor import ReplicaOptions
 from elastic_llm.cluster.serving_client import ServingClient
 from elastic_llm.errors import InvalidRequestError
+from elastic_llm.scheduling.factory import SCHEDULER_NAMES, check_scheduler_name
 from elastic_llm.serve.app import create_app
 from elastic_llm.serve.settings import GatewaySettings
 
@@ -109,6 +110,8 @@ class ClusterOptions:
     model: str = "smollm2-135m-instruct"  #: embedded model name or checkpoint directory
     policy: str = "spotserve"  #: controller policy
     max_batch_size: int = 16  #: requests per replica iteration
+    #: each replica's request policy (`elastic_llm.scheduling.SCHEDULER_NAMES`)
+    request_scheduler: str = "fcfs"
     min_step_seconds: float = 0.0  #: pace replica iterations to at least this long (emulation)
     replicas_timeout_s: float = 600.0  #: how long to wait for the first ready replica
     #: cloud whose metadata service every worker (present and future) polls for preemption
@@ -120,6 +123,9 @@ class ClusterOptions:
             raise InvalidRequestError("give --scheduler or --scheduler-file, not both")
         if type(self.local_workers) is not int or self.local_workers < 1:
             raise InvalidRequestError(f"--workers must be at least 1, got {self.local_workers!r}")
+        if self.request_scheduler not in SCHEDULER_NAMES:
+            raise InvalidRequestError(f"--request-scheduler must be one of {', '.join(SCHEDULER_NAMES)}, "
+                                      f"got {self.request_scheduler!r}")
 
 
 @contextlib.contextmanager
@@ -141,6 +147,7 @@ def serve(cluster: ClusterOptions, settings: GatewaySettings, host: str, port: i
     """``elastic-llm serve``: register the controller, wait for a replica, serve until stopped."""
     with dask_client(cluster) as client:
         replica = ReplicaOptions(model=cluster.model, max_batch_size=cluster.max_batch_size,
+                                 scheduler=check_scheduler_name(cluster.request_scheduler),
                                  min_step_seconds=cluster.min_step_seconds)
         llm = ServingClient(client, model=cluster.model, policy=cluster.policy, replica=replica, chat=True)
         if cluster.metadata_provider is not None:

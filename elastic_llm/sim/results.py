@@ -59,6 +59,9 @@ class SimSettings:
             raise ValueError("SimSettings.shared_cores must be >= 1 or None")
         if self.scheduler is not None:
             check_scheduler_name(self.scheduler)
+            if self.scheduler == "las-predicted":  # the fleet's requests carry no prompts to predict from
+                raise ValueError("SimSettings.scheduler 'las-predicted' needs prompts; the fleet simulator's "
+                                 "requests have none (use elastic_llm.sim.simulate with a prompt workload)")
         if self.batching not in ("static", "continuous"):
             raise ValueError(f"SimSettings.batching must be 'static' or 'continuous', got {self.batching!r}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -68,8 +70,11 @@ def test_fitting_is_deterministic_and_bad_input_is_refused() -> None:
     assert PromptLengthPredictor.fit(prompts, lengths) == PromptLengthPredictor.fit(prompts, lengths)
     with pytest.raises(ValueError, match="prompts but"):
         PromptLengthPredictor.fit(prompts, lengths[:-1])
-    with pytest.raises(ValueError, match=">= 1 token"):
-        PromptLengthPredictor.fit(prompts, [0, *lengths[1:]])
+    for bad in (0, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            PromptLengthPredictor.fit(prompts, [bad, *lengths[1:]])
+    with pytest.raises(ValueError, match="token ids"):
+        PromptLengthPredictor.fit([[1.5, 2], *prompts[1:]], lengths)
     with pytest.raises(ValueError, match="non-empty"):
         PromptLengthPredictor.fit([[], *prompts[1:]], lengths)
     with pytest.raises(ValueError, match="at least"):
@@ -113,7 +118,7 @@ def test_without_prompt_notes_it_schedules_exactly_as_las_adaptive(predictor: Pr
     assert with_predictor == without
 
 
-def test_on_prompts_that_carry_their_length_it_beats_las_adaptive_on_the_mean_within_the_p99_bound(
+def test_on_prompts_that_carry_their_length_it_beats_las_adaptive_on_the_mean_at_a_like_p99(
         predictor: PromptLengthPredictor) -> None:
     prompts, lengths = _predictable(400, seed=7)
     limits = BatchLimits(max_batch_size=4)
@@ -202,4 +207,29 @@ def test_a_delegating_wrapper_passes_prompts_on(predictor: PromptLengthPredictor
     limits = BatchLimits(max_batch_size=4)
     wrapped = simulate(DelegatingScheduler(PredictedLAS(predictor)), workload, TIME, limits)
     assert wrapped == simulate(PredictedLAS(predictor), workload, TIME, limits)
-    assert wrapped != simulate(AdaptiveLAS(AdaptiveLASConfig(prior_lengths=tuple(lengths))), workload, TIME, limits)
+    blind = [replace(item, prompt_token_ids=()) for item in workload]  # the same requests, no prompts
+    assert wrapped != simulate(PredictedLAS(predictor), blind, TIME, limits)
+
+
+def test_a_prompt_noted_for_a_request_that_leaves_unadded_is_forgotten(predictor: PromptLengthPredictor) -> None:
+    scheduler = PredictedLAS(predictor)
+    scheduler.note_prompt("x", [*FILLER, LONG])
+    scheduler.remove_request("x")  # never added (e.g. refused): the note must not outlive it
+    scheduler.add_request("x", 1, 0.0)
+    assert scheduler.length_class("x") is None
+
+
+def test_past_its_class_s_longest_length_a_request_is_ranked_by_the_shared_index(
+        predictor: PromptLengthPredictor) -> None:
+    scheduler = PredictedLAS(predictor)
+    blind = AdaptiveLAS(scheduler.config)  # the same shared index
+    scheduler.note_prompt("word", [*FILLER, SHORT])
+    for s in (scheduler, blind):
+        s.add_request("word", 1, 0.0)
+    longest_short, config = max(predictor.class_lengths[0]), scheduler.config
+    for attained in (1, 3, 2 * longest_short + 2, 600):
+        for s in (scheduler, blind):
+            s._entries["word"].attained = attained
+        same = scheduler._rank(scheduler._entries["word"]) == blind._rank(blind._entries["word"])
+        # within its class's lengths the class ranks it (its level's start decides); past them, the shared index
+        assert same == (config.level_start(config.level(attained)) >= longest_short), attained

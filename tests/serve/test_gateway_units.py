@@ -81,10 +81,19 @@ def test_schema_is_strict_and_unsupported_fields_are_named() -> None:
 
 @pytest.mark.parametrize("argv", [["--max-pending", "0"], ["--port", "70000"], ["--drain-timeout", "-1"],
                                   ["--policy", "best"], ["--scheduler", "a", "--scheduler-file", "b"],
-                                  ["--max-body-bytes", "x"]])
+                                  ["--max-body-bytes", "x"], ["--request-scheduler", "lifo"]])
 def test_serve_cli_exits_2_on_bad_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from elastic_llm.cli import main
 
     with pytest.raises(SystemExit) as exited:
         main(["serve", *argv])
     assert exited.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_cluster_options_take_a_request_scheduler_by_name() -> None:
+    from elastic_llm.errors import InvalidRequestError
+    from elastic_llm.serve.server import ClusterOptions
+
+    assert ClusterOptions(request_scheduler="las-predicted").request_scheduler == "las-predicted"
+    with pytest.raises(InvalidRequestError, match="--request-scheduler"):
+        ClusterOptions(request_scheduler="lifo")
