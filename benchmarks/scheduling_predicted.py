@@ -20,7 +20,7 @@ families weighted 8:1, the way chat traffic is mostly short questions; output CV
 sweeps (at least 4 tokens), the recorded iteration-time model of this machine.
 
 Run:  .venv/bin/python benchmarks/scheduling_predicted.py [--requests 400] [--seeds 2]
-          [--batches 4,8,32] [--loads 0.5,0.9,0.95] [--cvs 1,4,8] [--mixes uniform,chat]
+          [--batches 4,8,32] [--loads 0.5,0.9,0.95] [--cvs 1,4,8] [--mixes uniform,chat] [--classes 4]
           [--output rows.json]
 """
 
@@ -86,22 +86,22 @@ def build(name: str, items: list[WorkloadItem], predictor: PromptLengthPredictor
     return PredictedLAS(predictor, config)
 
 
-def predictor_quality(seeds: int) -> list[dict[str, object]]:
+def predictor_quality(seeds: int, classes: int = 4) -> list[dict[str, object]]:
     """Per split: held-out Spearman of the predicted and true lengths, and each class's mean."""
     report = []
     for seed in range(seeds):
         train, test = split_prompt_sample(scaled(load_prompt_sample()), seed=seed)
-        predictor = fit_length_predictor(train, seed=seed)
+        predictor = fit_length_predictor(train, classes=classes, seed=seed)
         predicted = [predictor.predict_log_length(r.prompt_token_ids) for r in test]
         truth = [r.output_tokens for r in test]
-        classes = [predictor.classify(r.prompt_token_ids) for r in test]
+        labels = [predictor.classify(r.prompt_token_ids) for r in test]
         report.append({
             "seed": seed,
             "train_rows": len(train), "test_rows": len(test),
             "cross_fit_spearman": round(predictor.holdout_spearman, 3),
             "test_spearman": round(float(spearmanr(predicted, truth).statistic), 3),
-            "test_class_mean_tokens": [round(float(np.mean([t for t, c in zip(truth, classes) if c == k])), 1)
-                                       if k in classes else None for k in range(predictor.classes)],
+            "test_class_mean_tokens": [round(float(np.mean([t for t, c in zip(truth, labels) if c == k])), 1)
+                                       if k in labels else None for k in range(predictor.classes)],
             "train_class_mean_tokens": [round(float(np.mean(c)), 1) for c in predictor.class_lengths],
         })
     return report
@@ -113,7 +113,7 @@ def point(mix: str, batch: int, load: float, cv: float, args: argparse.Namespace
     outputs: list[int] = []
     for seed in range(args.seeds):
         train, test = split_prompt_sample(scaled(load_prompt_sample()), seed=seed)
-        predictor = fit_length_predictor(train, seed=seed)
+        predictor = fit_length_predictor(train, classes=args.classes, seed=seed)
         prior = tuple(r.output_tokens for r in train)
         base = prompt_workload(test, args.requests, 1.0, seed=seed, family_weights=MIXES[mix])
         rate = load * capacity([(i.prompt_tokens, i.output_tokens) for i in base], DEFAULT_TIME_MODEL, limits)
@@ -164,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", default="0.5,0.9,0.95")
     parser.add_argument("--cvs", default="1,4,8")
     parser.add_argument("--mixes", default="uniform,chat")
+    parser.add_argument("--classes", type=int, default=4, help="the predictor's length classes (default 4)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     mixes = args.mixes.split(",")
     unknown = set(mixes) - set(MIXES)
     if unknown:
         parser.error(f"unknown mix {sorted(unknown)}; choose from {list(MIXES)}")
-    quality = predictor_quality(args.seeds)
+    quality = predictor_quality(args.seeds, args.classes)
     for entry in quality:
         print(f"[predictor] {entry}", flush=True)
     grid = list(itertools.product(mixes, [int(b) for b in args.batches.split(",")],
