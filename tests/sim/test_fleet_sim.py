@@ -212,3 +212,8 @@ def test_a_request_scheduler_inside_the_replicas_fcfs_matches_continuous_batchin
     assert runs["skip-join"].latency_p99_s != runs[None].latency_p99_s  # it chose other batches
     with pytest.raises(ValueError, match="unknown scheduler"):
         SimSettings(scheduler="round-robin")
+
+
+def test_the_fleet_simulator_refuses_a_policy_that_needs_prompts() -> None:
+    with pytest.raises(ValueError, match="needs prompts"):  # its requests carry none: it would silently be las-adaptive
+        SimSettings(scheduler="las-predicted")
