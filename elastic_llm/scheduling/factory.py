@@ -29,7 +29,7 @@ from typing import Literal, cast, get_args
 
 from elastic_llm.scheduling.base import RequestScheduler
 from elastic_llm.scheduling.fcfs import FCFS
-from elastic_llm.scheduling.las import GuardedLAS, LASConfig
+from elastic_llm.scheduling.las import GuardedLAS, LASConfig, widen_config
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 from elastic_llm.scheduling.las_predicted import PredictedLAS
 from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
@@ -84,8 +84,8 @@ def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
             if isinstance(las, AdaptiveLASConfig):
                 raise ValueError("scheduler 'las-guard' ignores the adaptive settings: use 'las-adaptive'")
             return GuardedLAS(las)
-        if las is not None and not isinstance(las, AdaptiveLASConfig):
-            las = AdaptiveLASConfig(**{f.name: getattr(las, f.name) for f in dataclasses.fields(las)})
+        if las is not None:
+            las = widen_config(las, AdaptiveLASConfig)
         if name == "las-adaptive":
             return AdaptiveLAS(las)
         if length_predictor is None:

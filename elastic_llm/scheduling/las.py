@@ -36,7 +36,8 @@ Pure: no clock (`now` is a parameter), no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 
@@ -94,6 +95,17 @@ class LASConfig:
     def level_start(self, level: int) -> int:
         """Attained tokens at which `level` begins."""
         return self.quantum_tokens * (2**level - 1)
+
+
+ConfigT = TypeVar("ConfigT", bound="LASConfig")
+
+
+def widen_config(config: LASConfig, kind: type[ConfigT]) -> ConfigT:
+    """`config` as a `kind` (a subclass of its class, e.g. an `AdaptiveLASConfig` from a plain
+    `LASConfig`): its fields kept, the subclass's own settings at their defaults."""
+    if isinstance(config, kind):
+        return config
+    return kind(**{f.name: getattr(config, f.name) for f in fields(config)})
 
 
 @dataclass(frozen=True)

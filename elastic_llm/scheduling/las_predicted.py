@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from elastic_llm.scheduling.base import BatchLimits
 from elastic_llm.scheduling.gittins import GittinsTable
+from elastic_llm.scheduling.las import widen_config
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
 
@@ -91,9 +92,7 @@ class PredictedLAS(AdaptiveLAS):
         self._class_longest = tuple(max(lengths) for lengths in predictor.class_lengths)
         self._notes: dict[str, int] = {}  # {request_id: class} noted and not yet added
         self._lane: frozenset[str] = frozenset()  # express requests admitted in this iteration
-        config = config or PredictedLASConfig()
-        if not isinstance(config, PredictedLASConfig):
-            config = PredictedLASConfig(**{f.name: getattr(config, f.name) for f in fields(config)})
+        config = widen_config(config or PredictedLASConfig(), PredictedLASConfig)
         #: {express class: attained tokens at which its requests leave the lane}
         self.express_until = express_classes(predictor, config.express_mean_fraction, config.express_quantile)
         if not config.prior_lengths:

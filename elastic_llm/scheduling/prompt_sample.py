@@ -17,6 +17,7 @@ import csv
 import functools
 import io
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -89,9 +90,7 @@ def prompt_workload(rows: Sequence[PromptSampleRow], n: int, rate_per_s: float, 
         if unknown or any(not math.isfinite(w) or w < 0 for w in family_weights.values()):
             raise ValueError("family weights must be finite, >= 0 and name families of the rows "
                              f"(unknown: {sorted(unknown)})")
-        counts: dict[str, int] = {}
-        for row in rows:
-            counts[row.family] = counts.get(row.family, 0) + 1
+        counts = Counter(row.family for row in rows)
         weights = np.array([family_weights.get(r.family, 0.0) / counts[r.family] for r in rows])
         if weights.sum() <= 0:
             raise ValueError("family weights leave no row to draw")
