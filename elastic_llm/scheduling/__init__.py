@@ -20,7 +20,7 @@ from elastic_llm.scheduling.gittins import GittinsTable
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig, LASEntryState
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
 from elastic_llm.scheduling.las_predicted import PredictedLAS, PredictedLASConfig
-from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
+from elastic_llm.scheduling.length_predictor import LengthClassifier, PromptLengthPredictor
 from elastic_llm.scheduling.mlfq import MLFQConfig, QueueEntryState, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
 from elastic_llm.scheduling.residency import (
@@ -44,6 +44,7 @@ __all__ = [
     "GuardedLAS",
     "LASConfig",
     "LASEntryState",
+    "LengthClassifier",
     "IterationOutcome",
     "KVResidencyPolicy",
     "LinearPrefillPredictor",

@@ -143,6 +143,7 @@ class GuardedLAS(PendingTokensScheduler):
         self._entries: dict[str, _Entry] = {}  # {request_id: entry}
         self._next_seq = 0
         self._last_ran: frozenset[str] = frozenset()
+        self._reserved: frozenset[str] = frozenset()  # the oldest guarded, owed half the batch now
         self._now = 0.0  # end of the last reported iteration (finish time of leavers)
         self._finished = 0  # requests removed after they sampled at least one token
         self._total_jct_s = 0.0  # sum of their completion times
@@ -309,20 +310,25 @@ class GuardedLAS(PendingTokensScheduler):
         return sorted(chosen, key=self._key)
 
     def _reserve_for_guarded(self, order: list[str], size: int) -> list[str]:
-        """The first `size` of `order`, except that guarded requests get at least half the batch
-        (rounded up) when they want it: newcomers' first tokens cannot starve them."""
+        """The first `size` of `order`, except that the oldest guarded requests get at least half
+        the batch (rounded up) when they want it: newcomers' first tokens cannot starve them."""
         best = order[:size]
-        guarded = [rid for rid in order if self._entries[rid].guarded]
-        missing = [rid for rid in guarded[: (size + 1) // 2] if rid not in best]
+        guarded = sorted((rid for rid in order if self._entries[rid].guarded),
+                         key=lambda rid: (self._entries[rid].arrival, self._entries[rid].seq))
+        reserved = guarded[: (size + 1) // 2]
+        self._reserved = frozenset(reserved)
+        missing = [rid for rid in reserved if rid not in best]
         if not missing:
             return best
-        others = [rid for rid in best if not self._entries[rid].guarded]
-        dropped = set(others[len(others) - len(missing):])
+        droppable = [rid for rid in best if rid not in reserved]  # the worst-placed go first
+        dropped = set(droppable[len(droppable) - len(missing):])
         return sorted([rid for rid in best if rid not in dropped] + missing, key=self._key)
 
     def _displaces(self, newcomer: str, incumbent: str) -> bool:
         new, old = self._entries[newcomer], self._entries[incumbent]
-        if new.guarded:  # the older guarded request first
+        if new.guarded:  # the guarded half's requests first, then the better-placed guarded one
+            if newcomer in self._reserved and incumbent not in self._reserved:
+                return True
             return not old.guarded or self._key(newcomer) < self._key(incumbent)
         if self._early(newcomer) and old.attained > 0:
             return True  # a first token; `_reserve_for_guarded` kept the guarded their half

@@ -4,15 +4,15 @@ las-adaptive is size-blind: every request is ranked by one Gittins index of one 
 lengths, so a request that will write one word and one that will write an essay look alike
 until the essay has run long. Where prompts carry information about their answers (a question
 that asks for one word, one that asks for an essay), a predictor can tell them apart on arrival.
-`PredictedLAS` takes a fitted `PromptLengthPredictor`; each request's prompt (`note_prompt`,
-called by the engine and the simulator before `add_request`) picks its length class, and the
-request is ranked by the Gittins index of *that class's* sample of true lengths at its attained
-service (the level's start, so FIFO within a level holds as before). A class of short answers
-has a high index from the first token; a class of essays has a low one until its members near
-their end; a mispredicted request that runs past its class's lengths sees its index follow the
-class's tail; past its class's longest training length it is ranked by the shared index. A
-request without a prompt note (an executor that never calls `note_prompt`) is ranked by the
-shared index, as in las-adaptive. A resumed request starts again from no attained service (as in
+`PredictedLAS` takes a fitted `PromptLengthPredictor` (any `LengthClassifier`); each request's
+prompt (`note_prompt`, called by the engine and the simulator before `add_request`) picks its
+length class, and the request is ranked by the Gittins index of *that class's* sample of true
+lengths at its attained service (the level's start, so FIFO within a level holds as before). A
+class of short answers has a high index from the first token; a class of essays has a low one
+until its members near their end; a mispredicted request that runs past its class's lengths sees
+its index follow the class's tail; past its class's longest training length it is ranked by the
+shared index. A request without a prompt note (an executor that never calls `note_prompt`) is
+ranked by the shared index, as in las-adaptive. A resumed request starts again from no attained service (as in
 every LAS policy here), so a mispredicted one may go through the express lane again.
 
 **The express lane.** Measured in the simulator, ranking alone gains little where queues are long:
@@ -21,10 +21,11 @@ does. But a request predicted short costs the others little when it goes first, 
 mean is made of such requests in a mix of one-word answers and essays. So a started request of an
 *express* class (its class's mean length at most `express_mean_fraction` of the whole sample's)
 goes ahead of the guarded ones (behind newcomers' first tokens), as a first token does in
-las-guard, until it has
-sampled its class's `express_quantile` length (a mispredicted long request leaves the lane).
-The guarded requests keep their half of the batch, so the starvation bound stands.
-`express_batch_share` caps the lane's share of the batch, trading mean JCT for P99.
+las-guard, until it has sampled its class's `express_quantile` length (a mispredicted long
+request leaves the lane). The oldest guarded requests keep their half of the batch, so the
+starvation bound stands; a guarded express request keeps its place in the lane too (the guard
+only ever promotes). `express_batch_share` caps the lane's share of the batch, trading mean JCT
+for P99.
 
 Everything else is las-adaptive's: first tokens in extra slots, hysteresis, and the guard with its
 starvation bound (the guard does not look at the prediction, so a mispredicted long request is
@@ -46,7 +47,7 @@ from elastic_llm.scheduling.base import BatchLimits
 from elastic_llm.scheduling.gittins import GittinsTable
 from elastic_llm.scheduling.las import widen_config
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
-from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
+from elastic_llm.scheduling.length_predictor import LengthClassifier
 
 if TYPE_CHECKING:
     from elastic_llm.scheduling.las import _Entry
@@ -83,7 +84,7 @@ class PredictedLAS(AdaptiveLAS):
 
     config: PredictedLASConfig
 
-    def __init__(self, predictor: PromptLengthPredictor, config: AdaptiveLASConfig | None = None) -> None:
+    def __init__(self, predictor: LengthClassifier, config: AdaptiveLASConfig | None = None) -> None:
         """`config`: a `PredictedLASConfig` (a plain `AdaptiveLASConfig` takes the express lane's
         defaults); without `prior_lengths` the shared index (for requests without a class, and
         the guard's length quantile) starts from the predictor's training lengths."""
@@ -140,9 +141,11 @@ class PredictedLAS(AdaptiveLAS):
         return super()._choose(limits)
 
     def _qualifies(self, entry: _Entry) -> bool:
-        """A started, unguarded request of an express class short of its class's exit length."""
+        """A started request of an express class short of its class's exit length. A guarded one
+        stays eligible: the guard promotes a request, it never sends one from the lane to the back
+        of the guarded queue (where a 4-token answer waited behind long ones, measured)."""
         until = self.express_until.get(entry.length_class) if entry.length_class is not None else None
-        return until is not None and 0 < entry.attained < until and not entry.guarded
+        return until is not None and 0 < entry.attained < until
 
     def _express(self, request_id: str) -> bool:
         entry = self._entries[request_id]
@@ -158,7 +161,7 @@ class PredictedLAS(AdaptiveLAS):
         return super()._key(request_id)
 
 
-def express_classes(predictor: PromptLengthPredictor, mean_fraction: float, quantile: float) -> dict[int, int]:
+def express_classes(predictor: LengthClassifier, mean_fraction: float, quantile: float) -> dict[int, int]:
     """{class: exit length} of the classes whose mean length is at most `mean_fraction` of the
     whole training sample's; a request leaves the lane at its class's `quantile` length."""
     everything = [n for lengths in predictor.class_lengths for n in lengths]

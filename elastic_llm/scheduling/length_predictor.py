@@ -22,12 +22,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy.stats import spearmanr
 
 _UNIGRAM_MULT = 2654435761  # Knuth's multiplicative hash (stable across runs, unlike hash())
 _BIGRAM_MULT = 1000003
+
+
+class LengthClassifier(Protocol):
+    """What "las-predicted" needs of a predictor: each class's sample of true output lengths, and
+    the class of a prompt. `PromptLengthPredictor` is one; a benchmark's clairvoyant stand-in,
+    told every length, is another (how much of the gap to the oracle is the predictor's)."""
+
+    @property
+    def class_lengths(self) -> tuple[tuple[int, ...], ...]:
+        """Per class, the true output lengths its training prompts ended with (each non-empty)."""
+        ...
+
+    def classify(self, prompt_token_ids: Sequence[int]) -> int:
+        """The length class of a prompt: 0 .. len(class_lengths) - 1."""
+        ...
 
 
 def prompt_features(token_ids: Sequence[int], dim: int) -> np.ndarray:

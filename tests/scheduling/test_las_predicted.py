@@ -198,6 +198,30 @@ def test_the_lane_share_caps_how_many_express_requests_go_ahead_of_guarded_ones(
         PredictedLASConfig(express_batch_share=0.0)
 
 
+def test_a_guarded_express_request_keeps_its_lane_place_and_the_oldest_guarded_their_half(
+        predictor: PromptLengthPredictor) -> None:
+    """Measured on the prompt sample: a 4-token answer that the guard marked before it could finish
+    left the lane for the back of the guarded queue and waited 85 s behind long answers. The guard
+    only ever promotes now; the half of the batch it reserves goes to the oldest guarded."""
+    limits = BatchLimits(max_batch_size=4)
+    config = PredictedLASConfig(first_token_slots=0, min_guard_s=0.5, max_guard_s=0.5, guard_slowdown=0.0)
+    scheduler = PredictedLAS(predictor, config)
+    essays, words = [f"e{i}" for i in range(4)], [f"w{i}" for i in range(4)]
+    for rid in essays:
+        scheduler.note_prompt(rid, [*FILLER, LONG])
+        scheduler.add_request(rid, 1, 0.0)
+    scheduler.schedule(0.0, limits)
+    _decode(scheduler, essays, 0.1)
+    for rid in words:
+        scheduler.note_prompt(rid, [*FILLER, SHORT])
+        scheduler.add_request(rid, 1, 0.1)
+    assert [w.request_id for w in scheduler.schedule(0.1, limits).scheduled] == words  # first tokens
+    _decode(scheduler, words, 0.2)
+    batch = [w.request_id for w in scheduler.schedule(5.0, limits).scheduled]  # long after: all guarded
+    assert all(scheduler.state(rid).guarded for rid in essays + words)
+    assert batch == ["w0", "w1", "e0", "e1"]  # two words in the lane, the two oldest essays in their half
+
+
 def test_a_delegating_wrapper_passes_prompts_on(predictor: PromptLengthPredictor) -> None:
     from elastic_llm.scheduling.base import DelegatingScheduler
 
