@@ -31,7 +31,7 @@ from elastic_llm.scheduling.base import RequestScheduler
 from elastic_llm.scheduling.fcfs import FCFS
 from elastic_llm.scheduling.las import GuardedLAS, LASConfig, widen_config
 from elastic_llm.scheduling.las_adaptive import AdaptiveLAS, AdaptiveLASConfig
-from elastic_llm.scheduling.las_predicted import PredictedLAS
+from elastic_llm.scheduling.las_predicted import PredictedLAS, PredictedLASConfig
 from elastic_llm.scheduling.length_predictor import PromptLengthPredictor
 from elastic_llm.scheduling.mlfq import MLFQConfig, SkipJoinMLFQ
 from elastic_llm.scheduling.predictor import LinearPrefillPredictor, PrefillPredictor
@@ -66,9 +66,10 @@ def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
     flag is set by the name. `predict_prefill_s`: skip-join's prefill-time predictor (None:
     `DEFAULT_PREFILL_PREDICTOR`). Raises ValueError for an unknown name or a setting the named
     policy would ignore (MLFQ settings for "fcfs", a predictor for anything but "skip-join").
-    `las`: settings of "las-guard" (None: `LASConfig()`), "las-adaptive" or "las-predicted"
-    (None: `AdaptiveLASConfig()`; a plain `LASConfig` keeps its fields and takes the adaptive
-    rules' defaults), refused by every other name; "las-guard" refuses an `AdaptiveLASConfig`.
+    `las`: settings of "las-guard" (None: `LASConfig()`), "las-adaptive" (None:
+    `AdaptiveLASConfig()`) or "las-predicted" (None: `PredictedLASConfig()`); a plain `LASConfig`
+    keeps its fields and takes the named policy's defaults for the rest. Refused by every other
+    name; "las-guard" refuses an `AdaptiveLASConfig`.
     `length_predictor`: "las-predicted"'s output-length predictor (None: the bundled one), refused
     by every other name.
     """
@@ -84,8 +85,8 @@ def make_scheduler(name: str, mlfq: MLFQConfig | None = None,
             if isinstance(las, AdaptiveLASConfig):
                 raise ValueError("scheduler 'las-guard' ignores the adaptive settings: use 'las-adaptive'")
             return GuardedLAS(las)
-        if las is not None:
-            las = widen_config(las, AdaptiveLASConfig)
+        if las is not None:  # a plain LASConfig takes the named policy's own defaults for the rest
+            las = widen_config(las, AdaptiveLASConfig if name == "las-adaptive" else PredictedLASConfig)
         if name == "las-adaptive":
             return AdaptiveLAS(las)
         if length_predictor is None:

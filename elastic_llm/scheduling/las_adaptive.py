@@ -13,6 +13,11 @@ hysteresis, the guard with its starvation bound) and changes four things, each a
   request is displaced and the iteration grows by the prefill's cost. The regular batch is
   chosen as if there were no newcomer rule. (The engine and the simulator run any batch the
   scheduler returns; the extra entries hold KV as any preempted request does.)
+- **A first-token guard** (`first_token_guard_iterations`, off by default): a newcomer that has
+  waited that many mean iterations for its first token may take an extra slot beyond
+  `first_token_slots`, up to `max_batch_size` extra entries in one iteration. A deep burst's
+  first tokens then do not queue one quarter-batch at a time. Measured on the bundled prompt
+  sample, whose prompts are long beside their answers (docs/benchmarks.md, issue 20, fifth pass).
 - **First tokens only where a queue forms** (`first_token_wait_iterations`): a newcomer gets its
   first token early only once it has waited that many mean iterations (`mean_iteration_s`);
   before, it waits its turn as under FCFS, so a short queue costs nothing.
@@ -59,6 +64,9 @@ class AdaptiveLASConfig(LASConfig):
     #: up, at least 1); 0: first tokens take a decode slot (las-guard's rule)
     first_token_slots: float = 0.25
     first_token_wait_iterations: float = 0.0  #: a newcomer's first token goes early only after this wait
+    #: a newcomer that has waited this many mean iterations for its first token may take an extra
+    #: slot beyond `first_token_slots` (at most `max_batch_size` extra entries); 0: never
+    first_token_guard_iterations: float = 0.0
     #: once this share of `max_batch_size` (at least one request) waits for its first token, the
     #: iteration holds those first tokens and the guarded requests alone; 0: never
     first_tokens_alone_at: float = 0.0
@@ -70,8 +78,10 @@ class AdaptiveLASConfig(LASConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.first_token_slots, self.first_token_wait_iterations, self.first_tokens_alone_at) < 0:
-            raise ValueError("first_token_slots, first_token_wait_iterations and first_tokens_alone_at must be >= 0")
+        if min(self.first_token_slots, self.first_token_wait_iterations, self.first_token_guard_iterations,
+               self.first_tokens_alone_at) < 0:
+            raise ValueError("first_token_slots, first_token_wait_iterations, first_token_guard_iterations and "
+                             "first_tokens_alone_at must be >= 0")
         if not self.young_guard_heavy > 0:
             raise ValueError("young_guard_heavy must be > 0")
         if not 0 <= self.tail_cv_light < self.tail_cv_heavy:
@@ -105,6 +115,7 @@ class AdaptiveLAS(GuardedLAS):
         self._due: frozenset[str] = frozenset()  # newcomers whose first token may go early
         self._extra: frozenset[str] = frozenset()  # requests in extra slots at the last `schedule`
         self._held: frozenset[str] = frozenset()  # started requests paused for first tokens alone
+        self._late = 0  # newcomers past the first-token guard at the last `schedule`
         config = config or AdaptiveLASConfig()
         self._arrivals: deque[float] = deque(maxlen=config.arrival_window)  # recent arrival times
         self._arrival_cv: float | None = None  # CV of their gaps (None: too few yet)
@@ -128,6 +139,7 @@ class AdaptiveLAS(GuardedLAS):
         wait = self.config.first_token_wait_iterations * self.mean_iteration_s()
         self._due = frozenset(rid for rid, e in self._entries.items()
                               if e.attained == 0 and now - e.arrival >= wait)
+        self._late = self._past_first_token_guard(now)
         # an extra slot is no incumbent's: nothing to shield or preempt; a request paused for
         # first tokens alone keeps its place as an incumbent
         held = self._held & self._entries.keys()
@@ -168,7 +180,7 @@ class AdaptiveLAS(GuardedLAS):
 
     def _choose(self, limits: BatchLimits) -> list[str]:
         chosen = super()._choose(limits)
-        slots = self.config.extra_slots(limits.max_batch_size)
+        slots = self._extra_slot_count(limits)
         self._extra = frozenset()
         if slots == 0 or not self.config.newcomers_first:
             return self._first_tokens_alone(chosen, limits.max_batch_size)
@@ -178,6 +190,23 @@ class AdaptiveLAS(GuardedLAS):
         self._extra = frozenset(waiting[:slots])
         chosen += waiting[:slots]
         return self._first_tokens_alone(chosen, limits.max_batch_size)
+
+    def _extra_slot_count(self, limits: BatchLimits) -> int:
+        """Extra first-token entries this iteration may add: `config.extra_slots`, or as many as
+        newcomers wait past the first-token guard (at most `max_batch_size`)."""
+        slots = self.config.extra_slots(limits.max_batch_size)
+        if slots == 0:
+            return 0
+        return max(slots, min(self._late, limits.max_batch_size))
+
+    def _past_first_token_guard(self, now: float) -> int:
+        """How many due newcomers have waited `first_token_guard_iterations` mean iterations (0
+        with the guard off or before any iteration was reported)."""
+        iterations = self.config.first_token_guard_iterations
+        if iterations == 0 or self._iterations == 0:
+            return 0
+        limit = iterations * self.mean_iteration_s()
+        return sum(1 for rid in self._due if now - self._entries[rid].arrival >= limit)
 
     def _first_tokens_alone(self, chosen: list[str], max_batch_size: int) -> list[str]:
         """`chosen` less its started, unguarded requests once enough first tokens wait

@@ -29,7 +29,9 @@ for P99.
 
 Everything else is las-adaptive's: first tokens in extra slots, hysteresis, and the guard with its
 starvation bound (the guard does not look at the prediction, so a mispredicted long request is
-still served within `max_guard_s` plus its own run time).
+still served within `max_guard_s` plus its own run time). One of las-adaptive's settings is on
+by default here: the first-token guard (`first_token_guard_iterations` = 10), which gives a
+newcomer that has waited 10 mean iterations for its first token an extra slot of its own.
 
 Pure: no clock (`now` is a parameter), no I/O.
 """
@@ -55,7 +57,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PredictedLASConfig(AdaptiveLASConfig):
-    """Settings of `PredictedLAS`: las-adaptive's plus the express lane's."""
+    """Settings of `PredictedLAS`: las-adaptive's plus the express lane's, with the first-token
+    guard on (prompts long beside their answers: docs/benchmarks.md, issue 20, fifth pass)."""
+
+    first_token_guard_iterations: float = 10.0  #: las-adaptive's setting, on here
 
     #: a class whose mean length is at most this share of the whole sample's mean is an express
     #: class (its started requests go ahead of guarded ones); 0: no express lane
@@ -85,8 +90,8 @@ class PredictedLAS(AdaptiveLAS):
     config: PredictedLASConfig
 
     def __init__(self, predictor: LengthClassifier, config: AdaptiveLASConfig | None = None) -> None:
-        """`config`: a `PredictedLASConfig` (a plain `AdaptiveLASConfig` takes the express lane's
-        defaults); without `prior_lengths` the shared index (for requests without a class, and
+        """`config`: a `PredictedLASConfig` (a plain `AdaptiveLASConfig` keeps its own fields,
+        `first_token_guard_iterations` included, and takes the express lane's defaults); without `prior_lengths` the shared index (for requests without a class, and
         the guard's length quantile) starts from the predictor's training lengths."""
         self.predictor = predictor
         self._class_tables = tuple(GittinsTable.fit(lengths) for lengths in predictor.class_lengths)

@@ -73,6 +73,24 @@ def test_first_tokens_go_early_only_once_the_newcomer_has_waited_the_gate() -> N
     assert [w.request_id for w in late.scheduled] == ["a", "b", "new"]
 
 
+@pytest.mark.parametrize(("guard", "extra_at_0_5_s", "extra_at_1_1_s"), [(0.0, 1, 1), (10.0, 1, 4)])
+def test_newcomers_past_the_first_token_guard_take_extra_slots_up_to_a_batch(
+        guard: float, extra_at_0_5_s: int, extra_at_1_1_s: int) -> None:
+    scheduler = AdaptiveLAS(AdaptiveLASConfig(first_token_guard_iterations=guard, **EQUAL))
+    limits = BatchLimits(max_batch_size=4)
+    running = ["a", "b", "c", "d"]
+    _start(scheduler, running, limits)  # mean iteration 0.1 s: the guard is 1.0 s
+    burst = [f"n{i}" for i in range(6)]
+    for rid in burst:
+        scheduler.add_request(rid, 1, 0.3)
+    for wait, extra in ((0.5, extra_at_0_5_s), (1.1, extra_at_1_1_s)):
+        decision = scheduler.schedule(0.3 + wait, limits)
+        names = [w.request_id for w in decision.scheduled]
+        assert names[:4] == running and decision.preempted == ()  # nobody running is displaced
+        assert names[4:] == burst[:extra]  # a quarter of the batch, or every late newcomer up to a batch
+    assert AdaptiveLASConfig().first_token_guard_iterations == 0  # off in las-adaptive
+
+
 def test_the_young_slack_follows_tail_and_burstiness() -> None:
     config = AdaptiveLASConfig(young_guard_factor=2.0, young_guard_heavy=6.0, tail_cv_light=2.0,
                                tail_cv_heavy=3.0, bursty_arrival_cv=2.0)
@@ -176,6 +194,7 @@ def test_on_sharegpt_shaped_bursts_extra_slots_cost_less_mean_jct_than_las_guard
 
 @pytest.mark.parametrize("kwargs", [
     {"first_token_slots": -0.1}, {"first_token_wait_iterations": -1.0}, {"first_tokens_alone_at": -0.5},
+    {"first_token_guard_iterations": -1.0},
     {"young_guard_heavy": 0.0},
     {"tail_cv_light": 3.0, "tail_cv_heavy": 2.0}, {"arrival_window": 2}, {"guard_factor": 0.0},
 ])

@@ -12,6 +12,7 @@ from elastic_llm.scheduling import (
     AdaptiveLASConfig,
     BatchLimits,
     IterationOutcome,
+    LASConfig,
     PredictedLAS,
     PredictedLASConfig,
     PromptLengthPredictor,
@@ -166,6 +167,10 @@ def test_the_factory_builds_it_with_the_bundled_predictor_and_refuses_misplaced_
     assert isinstance(mine, PredictedLAS) and mine.predictor is predictor
     with pytest.raises(ValueError, match="only 'las-predicted'"):
         make_scheduler("las-adaptive", length_predictor=predictor)
+    # las-predicted's own defaults, the first-token guard on, also under a plain LASConfig
+    plain = make_scheduler("las-predicted", las=LASConfig(guard_factor=0.5), length_predictor=predictor)
+    assert isinstance(plain, PredictedLAS) and plain.config.guard_factor == 0.5
+    assert plain.config.first_token_guard_iterations == built.config.first_token_guard_iterations == 10.0
 
 
 @pytest.mark.parametrize(("share", "words_ahead"), [(1.0, 2), (0.25, 1)])
