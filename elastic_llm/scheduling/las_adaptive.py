@@ -6,7 +6,7 @@ decode slot of the batch. Where output lengths are close to exponential (ShareGP
 work moved ahead is pure cost (6-9% of mean JCT). And its guard is one setting for every
 workload: loose enough for the 1.5x target on CV-3 tails, it breaks the P99 bound on Pareto CV 1.5.
 `AdaptiveLAS` keeps las-guard's order (Gittins index of attained tokens, FIFO within a level,
-hysteresis, the guard with its starvation bound) and changes four things, each a setting:
+hysteresis, the guard with its starvation bound) and changes five things, each a setting:
 
 - **First tokens in extra slots** (`first_token_slots`, a share of the batch): up to that many
   requests yet to sample their first token, oldest first, run their prefill + first token *beyond* `max_batch_size`; no running
@@ -58,7 +58,7 @@ from elastic_llm.scheduling.las import GuardedLAS, LASConfig
 
 @dataclass(frozen=True)
 class AdaptiveLASConfig(LASConfig):
-    """Settings of `AdaptiveLAS`: las-guard's (`LASConfig`) plus the four adaptive rules."""
+    """Settings of `AdaptiveLAS`: las-guard's (`LASConfig`) plus the five adaptive rules."""
 
     #: extra batch entries per iteration for first tokens, as a share of `max_batch_size` (rounded
     #: up, at least 1); 0: first tokens take a decode slot (las-guard's rule)
